@@ -1,0 +1,35 @@
+# Everything a fresh machine needs is installed by these targets; nothing relies on hand-installed leftovers.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: run test venv system-deps proto bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian packages the tests use (QEMU/KVM for tests/e2e). Root only; skipped quietly otherwise.
+system-deps:
+	bash scripts/install-system-deps.sh
+
+# The main job on this machine with its embedded defaults: one sample of this host.
+run: venv
+	$(VENV)/bin/eptwatch-agent sample
+
+test: venv system-deps
+	$(PY) -m pytest
+
+proto: venv
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
+		proto/eptwatch/v1/*.proto
+
+bench: venv
+	$(PY) bench/smaps_cost.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

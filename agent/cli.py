@@ -1,0 +1,88 @@
+"""eptwatch-agent command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .hostroot import HostRoot
+from .model import EraOverride, load_era_overrides
+from .report import host_report, report_to_json
+from .sampler import Sampler, SamplerConfig
+from .status import ParseError
+from .table import render_table
+
+
+def _add_root_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", metavar="DIR", help="a whole host tree shaped like / (fixtures, or a host mounted elsewhere)")
+    p.add_argument("--path.procfs", dest="procfs", metavar="DIR", help="procfs mount point (default /proc, or DIR/proc with --root)")
+    p.add_argument("--path.sysfs", dest="sysfs", metavar="DIR", help="sysfs mount point (default /sys)")
+    p.add_argument("--path.debugfs", dest="debugfs", metavar="DIR", help="debugfs mount point (default /sys/kernel/debug)")
+
+
+def host_root_from_args(args: argparse.Namespace) -> HostRoot:
+    base = HostRoot.from_root(args.root) if args.root else HostRoot()
+    return HostRoot(
+        procfs=Path(args.procfs) if args.procfs else base.procfs,
+        sysfs=Path(args.sysfs) if args.sysfs else base.sysfs,
+        debugfs=Path(args.debugfs) if args.debugfs else base.debugfs,
+    )
+
+
+def _overrides(path: str | None) -> tuple[EraOverride, ...]:
+    if not path:
+        return ()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SystemExit(f"eptwatch-agent: cannot read era override file {path}: {exc.strerror}") from None
+    try:
+        return load_era_overrides(text, path)
+    except ParseError as exc:
+        raise SystemExit(f"eptwatch-agent: {exc}") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    root = host_root_from_args(args)
+    if not root.procfs.is_dir():
+        print(f"eptwatch-agent: procfs {root.procfs} is not a directory", file=sys.stderr)
+        return 2
+    config = SamplerConfig(
+        smaps_mode=args.smaps_mode,
+        host_id=args.host_id,
+        era_overrides=_overrides(args.era_overrides),
+        use_binary_stats=not args.no_binary_stats,
+    )
+    sample = Sampler(root, config).sample()
+    if args.format == "json":
+        print(report_to_json(host_report(sample)))
+    else:
+        sys.stdout.write(render_table(sample))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eptwatch-agent", description="Estimate lost EPT/NPT huge mappings on this KVM host.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sample", help="take one sample of this host and print it")
+    _add_root_flags(p)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--smaps-mode", choices=("auto", "full", "rollup"), default="auto")
+    p.add_argument("--era-overrides", metavar="FILE", help="YAML table: kernel release pattern -> predicate era")
+    p.add_argument("--host-id", help="host identity to report (default: the host's hostname)")
+    p.add_argument("--no-binary-stats", action="store_true", help="do not read KVM_GET_STATS_FD through pidfd_getfd")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

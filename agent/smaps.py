@@ -1,0 +1,299 @@
+"""Parse /proc/PID/smaps and /proc/PID/smaps_rollup into frozen dataclasses (sizes in bytes).
+
+Pure: text in, data out. The kernel prints the same set of fields for every VMA of one file, so a
+block that lacks a field the others have is a truncated or mangled file, not a zero.
+
+Speed matters: a QEMU process can have 10,000 VMAs and the agent must add little over the kernel's
+own cost of producing the text, so each block is split with one C-level regex call rather than a
+Python loop over lines.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+from .status import ParseError
+
+KIB = 1024
+
+# "7f2778200000-7f2878200000 rw-s 00000000 00:14 262232      /dev/shm/x (deleted)"
+_HEADER = re.compile(
+    r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][-sp]) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)(?: +([^\n]*))?$",
+    re.MULTILINE,
+)
+# Every non-header line is "Key: value"; kB fields are "Key:   1234 kB".
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):[ \t]*([^\n]*)$", re.MULTILINE)
+_KB_VALUE = re.compile(r"(\d+) kB")
+
+# smaps field -> dataclass attribute. Fields added in later kernels (FilePmdMapped, 5.4) may be
+# absent from a whole file; that is None ("this kernel does not say"), never 0.
+_KB_FIELDS: dict[str, str] = {
+    "Size": "size_bytes",
+    "KernelPageSize": "kernel_page_size_bytes",
+    "Rss": "rss_bytes",
+    "AnonHugePages": "anon_huge_bytes",
+    "ShmemPmdMapped": "shmem_pmd_mapped_bytes",
+    "FilePmdMapped": "file_pmd_mapped_bytes",
+    "Shared_Hugetlb": "shared_hugetlb_bytes",
+    "Private_Hugetlb": "private_hugetlb_bytes",
+}
+_REQUIRED = ("Size", "Rss")
+
+
+@dataclass(frozen=True)
+class HugeFields:
+    """The huge-page fields shared by a VMA and a rollup, in bytes; None = not printed by this kernel."""
+
+    size_bytes: int | None = None  # Size: virtual size (rollup: not printed)
+    kernel_page_size_bytes: int | None = None  # KernelPageSize: 2 MiB / 1 GiB for hugetlbfs VMAs
+    rss_bytes: int | None = None  # Rss: resident
+    anon_huge_bytes: int | None = None  # AnonHugePages: anonymous THP
+    shmem_pmd_mapped_bytes: int | None = None  # ShmemPmdMapped: shmem THP mapped by a PMD (4.8+)
+    file_pmd_mapped_bytes: int | None = None  # FilePmdMapped: other file THP mapped by a PMD (5.4+)
+    shared_hugetlb_bytes: int | None = None  # Shared_Hugetlb: hugetlbfs, shared
+    private_hugetlb_bytes: int | None = None  # Private_Hugetlb: hugetlbfs, private
+
+    @property
+    def hugetlb_bytes(self) -> int:
+        return (self.shared_hugetlb_bytes or 0) + (self.private_hugetlb_bytes or 0)
+
+    @property
+    def pmd_mapped_bytes(self) -> int:
+        """THP bytes mapped by PMDs in this mm: the host side of what KVM may map huge."""
+        return (self.anon_huge_bytes or 0) + (self.shmem_pmd_mapped_bytes or 0) + (self.file_pmd_mapped_bytes or 0)
+
+
+@dataclass(frozen=True)
+class Vma(HugeFields):
+    start: int = 0
+    end: int = 0
+    perms: str = ""
+    offset: int = 0
+    dev: str = ""
+    inode: int = 0
+    path: str = ""  # as printed, without a trailing " (deleted)"
+    deleted: bool = False
+    thp_eligible: bool | None = None  # THPeligible (4.15+)
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SmapsRollup(HugeFields):
+    """smaps_rollup: one block summed over every VMA of the process (4.14+)."""
+
+    vma_count: int | None = None  # known only when computed from full smaps
+
+
+def _kb(text: str, name: str, body_start: int, key: str, value: str) -> int:
+    m = _KB_VALUE.fullmatch(value.strip())
+    if m is None:
+        # Line numbers cost a scan of the text: computed only on the error path.
+        line = _line_of(text, text.index(f"{key}:", body_start))
+        raise ParseError(name, f"field {key!r}: expected '<digits> kB', got {value.strip()[:40]!r}", line)
+    return int(m.group(1)) * KIB
+
+
+def _line_of(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _parse_block(text: str, name: str, body_start: int, body_end: int) -> tuple[dict[str, int], bool | None]:
+    body = text[body_start:body_end]
+    pairs = _FIELD.findall(body)
+    newlines = body.count("\n")
+    if len(pairs) != newlines:
+        # Some line is neither a header nor "Key: value": find it to name it.
+        offset = 0
+        for raw in body.split("\n")[:-1]:
+            if _FIELD.fullmatch(raw) is None:
+                raise ParseError(
+                    name, f"expected a VMA header or 'Key: value' line, got {raw[:60]!r}", _line_of(text, body_start + offset)
+                )
+            offset += len(raw) + 1
+        raise ParseError(name, "unparseable line", _line_of(text, body_start))  # pragma: no cover
+    values: dict[str, int] = {}
+    eligible: bool | None = None
+    for key, value in pairs:
+        attr = _KB_FIELDS.get(key)
+        if attr is not None:
+            if attr in values:
+                raise ParseError(name, f"field {key!r} repeated in one VMA", _line_of(text, body_start))
+            values[attr] = _kb(text, name, body_start, key, value)
+        elif key == "THPeligible":
+            v = value.strip()
+            if v not in ("0", "1"):
+                raise ParseError(name, f"THPeligible: expected 0 or 1, got {v[:20]!r}", _line_of(text, body_start))
+            eligible = v == "1"
+    return values, eligible
+
+
+def _blocks(text: str, name: str) -> list[tuple[re.Match[str], int, int]]:
+    if text and not text.endswith("\n"):
+        raise ParseError(name, "truncated: the file does not end with a newline", _line_of(text, len(text)))
+    headers = list(_HEADER.finditer(text))
+    if not headers:
+        if text.strip():
+            raise ParseError(name, f"expected a VMA header line, got {text.splitlines()[0][:60]!r}", 1)
+        return []
+    if headers[0].start() != 0:
+        raise ParseError(name, f"expected a VMA header line first, got {text.splitlines()[0][:60]!r}", 1)
+    out = []
+    for i, h in enumerate(headers):
+        body_start = h.end() + 1
+        body_end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
+        out.append((h, body_start, body_end))
+    return out
+
+
+def _check_consistent(text: str, name: str, found: list[tuple[int, frozenset[str]]]) -> None:
+    """The kernel prints one field set per file: a block missing a field was cut short."""
+    union: set[str] = set()
+    for _, keys in found:
+        union |= keys
+    for pos, keys in found:
+        missing = union - keys
+        if missing:
+            raise ParseError(
+                name, f"truncated or mangled VMA block: missing {', '.join(sorted(missing))}", _line_of(text, pos)
+            )
+
+
+def parse_smaps(text: str, name: str = "smaps") -> list[Vma]:
+    """Parse a whole /proc/PID/smaps. Raises ParseError naming `name` and the line on bad input."""
+    vmas: list[Vma] = []
+    seen: list[tuple[int, frozenset[str]]] = []
+    for h, body_start, body_end in _blocks(text, name):
+        values, eligible = _parse_block(text, name, body_start, body_end)
+        for key in _REQUIRED:
+            if _KB_FIELDS[key] not in values:
+                raise ParseError(name, f"VMA block has no {key} field", _line_of(text, h.start()))
+        start, end = int(h.group(1), 16), int(h.group(2), 16)
+        if end < start:
+            raise ParseError(name, f"VMA end {end:#x} below start {start:#x}", _line_of(text, h.start()))
+        path = (h.group(7) or "").rstrip()
+        deleted = path.endswith(" (deleted)")
+        if deleted:
+            path = path[: -len(" (deleted)")]
+        seen.append((h.start(), frozenset(values) | ({"thp"} if eligible is not None else set())))
+        vmas.append(
+            Vma(
+                start=start,
+                end=end,
+                perms=h.group(3),
+                offset=int(h.group(4), 16),
+                dev=h.group(5),
+                inode=int(h.group(6)),
+                path=path,
+                deleted=deleted,
+                thp_eligible=eligible,
+                **values,
+            )
+        )
+    _check_consistent(text, name, seen)
+    return vmas
+
+
+def parse_smaps_rollup(text: str, name: str = "smaps_rollup") -> SmapsRollup:
+    """Parse /proc/PID/smaps_rollup. An empty file (kernel thread, exited process) is an error here:
+    the caller asked about a process that has no mm to report."""
+    blocks = _blocks(text, name)
+    if len(blocks) != 1:
+        raise ParseError(name, f"expected exactly one [rollup] block, found {len(blocks)}", 1)
+    h, body_start, body_end = blocks[0]
+    values, _ = _parse_block(text, name, body_start, body_end)
+    if "rss_bytes" not in values:
+        raise ParseError(name, "rollup has no Rss field", 1)
+    return SmapsRollup(**values)
+
+
+_SUMMED = [f.name for f in fields(HugeFields)]
+
+
+def rollup_from_vmas(vmas: list[Vma]) -> SmapsRollup:
+    """What smaps_rollup would say, computed from full smaps (the fallback for kernels before 4.14)."""
+    sums: dict[str, int | None] = {}
+    for attr in _SUMMED:
+        if attr in ("size_bytes", "kernel_page_size_bytes"):
+            continue  # smaps_rollup prints neither
+        present = [getattr(v, attr) for v in vmas if getattr(v, attr) is not None]
+        sums[attr] = sum(present) if present else (0 if not vmas else None)
+    return SmapsRollup(vma_count=len(vmas), **sums)
+
+
+# --- fast path for the sampler -------------------------------------------------------------------
+#
+# A QEMU process with 10,000 VMAs yields ~7 MB of smaps; the kernel needs ~40 ms to produce it and a
+# line-by-line Python parse ten times that. Guest RAM lives only in large VMAs, so the sampler scans
+# for `Size:` lines of at least `min_bytes` with one C-level regex pass and parses just those blocks
+# (strictly), plus the first and last block so that a truncated or foreign file is still an error.
+
+_HEADER_B = re.compile(rb"\n[0-9a-f]+-[0-9a-f]+ ")
+
+
+def _block_bounds(data: bytes, size_line_start: int) -> tuple[int, int]:
+    """(start of the header line, end of the block) around the `\\nSize:` at `size_line_start`."""
+    start = data.rfind(b"\n", 0, size_line_start) + 1
+    nxt = _HEADER_B.search(data, size_line_start + 1)
+    end = nxt.start() + 1 if nxt is not None else len(data)
+    return start, end
+
+
+def _parse_slice(data: bytes, name: str, start: int, end: int) -> Vma:
+    text = data[start:end].decode("utf-8", errors="replace")
+    try:
+        vmas = parse_smaps(text, name)
+    except ParseError as exc:
+        # Re-anchor the line number from the slice to the whole file.
+        base = data.count(b"\n", 0, start)
+        raise ParseError(name, str(exc).split(": ", 1)[1].split(": ", 1)[-1], (exc.line or 1) + base) from None
+    if len(vmas) != 1:
+        raise ParseError(name, f"expected one VMA block, found {len(vmas)}", data.count(b"\n", 0, start) + 1)
+    return vmas[0]
+
+
+def scan_large_vmas(data: bytes, name: str, min_bytes: int) -> list[Vma]:
+    """The VMAs of at least `min_bytes`, parsed strictly, from a whole smaps file; smaller VMAs are
+    located but not parsed. Raises ParseError for a truncated file or one that is not smaps."""
+    if not data:
+        return []
+    if not data.endswith(b"\n"):
+        raise ParseError(name, "truncated: the file does not end with a newline", data.count(b"\n") + 1)
+    if _HEADER.match(data[: data.find(b"\n")].decode("utf-8", errors="replace")) is None:
+        raise ParseError(name, f"expected a VMA header line first, got {data[:60]!r}", 1)
+    min_kb = min_bytes // KIB
+    # Only Size lines with at least as many digits as min_kb can qualify: the regex engine drops the
+    # other ~all of them in C, which is what keeps this pass cheap.
+    big_size = re.compile(rb"\nSize:[ \t]*(\d{%d,}) kB\n" % max(1, len(str(min_kb))))
+    out: list[Vma] = []
+    seen_starts: set[int] = set()
+    for m in big_size.finditer(data):
+        if int(m.group(1)) < min_kb:
+            continue
+        start, end = _block_bounds(data, m.start())
+        seen_starts.add(start)
+        out.append(_parse_slice(data, name, start, end))
+    # First and last blocks, strictly: a cut-off tail or a file that is not smaps fails here.
+    first_end = _block_bounds(data, data.find(b"\n"))[1]
+    nxt = None
+    for nxt in _HEADER_B.finditer(data, max(0, len(data) - 65536)):
+        pass
+    last_start = nxt.start() + 1 if nxt is not None else 0
+    sample_blocks = {0: first_end, last_start: len(data)}
+    reference: frozenset[str] | None = None
+    for start, end in sample_blocks.items():
+        if start in seen_starts:
+            continue
+        vma = _parse_slice(data, name, start, end)
+        present = frozenset(f.name for f in fields(HugeFields) if getattr(vma, f.name) is not None)
+        if reference is None:
+            reference = present
+        elif present != reference:
+            raise ParseError(name, f"truncated or mangled VMA block: fields {sorted(reference ^ present)} differ from the first block",
+                             data.count(b"\n", 0, start) + 1)
+    if data.rfind(b"\nVmFlags:") > 0 and b"\nVmFlags:" not in data[last_start - 1 :]:
+        raise ParseError(name, "truncated: the last VMA block has no VmFlags line", data.count(b"\n", 0, last_start) + 1)
+    return out

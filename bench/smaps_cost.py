@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Agent sampling cost vs the kernel's own cost of producing the same files.
+
+A synthetic QEMU-like process maps N small VMAs (default 10,000; every other page of one region is
+mprotect()ed so neighbours cannot merge) plus a 1 GiB MADV_HUGEPAGE guest-RAM region, touches them, and,
+where /dev/kvm works, holds a real KVM VM fd so discovery and per-VM debugfs counters take the real path.
+
+Measured, as CPU seconds (user+system) per operation, median of --repeat runs:
+  kernel_cat      `cat` of the same files into /dev/null (child rusage), minus an empty `cat` baseline
+  kernel_read     the same bytes read in-process with os.read (no parsing)
+  agent_smaps     read + parse + guest-RAM attribution of smaps (what the agent does per VM)
+  agent_vm        the agent's whole per-VM sample (smaps, mountinfo, status, stat, counters)
+The ratios agent/kernel are what the target (<= 1.2) is about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from eptwatch.agent.discovery import discover_vms
+from eptwatch.agent.guest_ram import attribute_guest_ram
+from eptwatch.agent.hostroot import HostRoot
+from eptwatch.agent.model import Era
+from eptwatch.agent.sampler import Sampler, SamplerConfig
+from eptwatch.agent.smaps import parse_smaps, scan_large_vmas
+
+CHILD = r"""
+import ctypes, mmap, os, sys, fcntl
+n = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PAGE = 4096
+RW, R = mmap.PROT_READ | mmap.PROT_WRITE, mmap.PROT_READ
+base = libc.mmap(None, n * PAGE, RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+buf = (ctypes.c_char * (n * PAGE)).from_address(base)
+for i in range(0, n, 2):
+    buf[i * PAGE] = b"x"
+for i in range(1, n, 2):
+    libc.mprotect(base + i * PAGE, PAGE, R)
+GIB = 1 << 30
+ram = libc.mmap(None, GIB + (2 << 20), RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000, -1, 0)  # MAP_NORESERVE
+ram = (ram + (2 << 20) - 1) & ~((2 << 20) - 1)
+libc.madvise(ram, GIB, 14)  # MADV_HUGEPAGE
+ramb = (ctypes.c_char * GIB).from_address(ram)
+for off in range(0, GIB, PAGE):
+    ramb[off] = b"y"
+vmfd = -1
+try:
+    kvm = os.open("/dev/kvm", os.O_RDWR)
+    vmfd = fcntl.ioctl(kvm, 0xAE01, 0)
+except OSError:
+    pass
+print(vmfd, flush=True)
+sys.stdin.read()
+"""
+
+
+def cpu_of(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    samples = []
+    for _ in range(repeat):
+        t0 = time.thread_time()
+        fn()
+        samples.append(time.thread_time() - t0)
+    return statistics.median(samples)
+
+
+def cat_cpu(paths: list[str], repeat: int) -> float:
+    def one(args: list[str]) -> float:
+        with open(os.devnull, "wb") as null:
+            p = subprocess.Popen(args, stdout=null)
+            _, _, ru = os.wait4(p.pid, 0)
+        return ru.ru_utime + ru.ru_stime
+
+    full = statistics.median(one(["cat", *paths]) for _ in range(repeat))
+    empty = statistics.median(one(["cat", os.devnull]) for _ in range(repeat))
+    return max(full - empty, 1e-9)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vmas", type=int, default=10_000)
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.vmas)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        vmfd = int(child.stdout.readline())
+        pid = child.pid
+        root = HostRoot()
+        smaps = f"/proc/{pid}/smaps"
+        nvma = len(parse_smaps(open(smaps).read(), smaps))
+        debug_dir = Path(f"/sys/kernel/debug/kvm/{pid}-{vmfd}")
+        counter_files = [str(debug_dir / f) for f in ("pages_4k", "pages_2m", "pages_1g")] if debug_dir.is_dir() else []
+        vm_files = [smaps, f"/proc/{pid}/mountinfo", f"/proc/{pid}/status", f"/proc/{pid}/stat", f"/proc/{pid}/cmdline", *counter_files]
+
+        def raw_read(paths: list[str]) -> None:
+            for p in paths:
+                HostRoot.read_bytes(Path(p))
+
+        def agent_smaps() -> None:
+            attribute_guest_ram(scan_large_vmas(HostRoot.read_bytes(Path(smaps)), smaps, SamplerConfig().guest_ram_min_bytes))
+
+        sampler = Sampler(root, SamplerConfig(smaps_mode="full", check_other_mappers=False, use_binary_stats=False))
+        (vm,) = [v for v in discover_vms(root, [(pid, vmfd)] if counter_files else [], scan_fds=False)[0] if v.pid == pid] or [None]
+        kvm_dir = Path("/sys/kernel/debug/kvm") if counter_files else None
+
+        def agent_vm() -> None:
+            sampler._sample_vm(vm, kvm_dir, Era.HOST_PAGE_WALK)
+
+        results = {
+            "vmas": nvma,
+            "smaps_bytes": len(HostRoot.read_bytes(Path(smaps))),
+            "kernel_cat_smaps_s": cat_cpu([smaps], args.repeat),
+            "kernel_read_smaps_s": cpu_of(lambda: raw_read([smaps]), args.repeat),
+            "agent_smaps_s": cpu_of(agent_smaps, args.repeat),
+            "kernel_cat_vm_files_s": cat_cpu(vm_files, args.repeat),
+            "kernel_read_vm_files_s": cpu_of(lambda: raw_read(vm_files), args.repeat),
+            "agent_vm_s": cpu_of(agent_vm, args.repeat) if vm is not None else None,
+            "per_vm_debugfs": bool(counter_files),
+        }
+        results["ratio_smaps_vs_cat"] = results["agent_smaps_s"] / results["kernel_cat_smaps_s"]
+        results["ratio_smaps_vs_read"] = results["agent_smaps_s"] / results["kernel_read_smaps_s"]
+        if results["agent_vm_s"] is not None:
+            results["ratio_vm_vs_cat"] = results["agent_vm_s"] / results["kernel_cat_vm_files_s"]
+            results["ratio_vm_vs_read"] = results["agent_vm_s"] / results["kernel_read_vm_files_s"]
+        results["machine"] = f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, kernel {platform.release()}, Python {platform.python_version()}"
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            for k, v in results.items():
+                print(f"{k:26} {v:.6f}" if isinstance(v, float) else f"{k:26} {v}")
+    finally:
+        child.kill()
+        child.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

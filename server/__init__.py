@@ -1,0 +1,1 @@
+"""eptwatch aggregator: fleet state, rollups per kernel, regressed-kernel detection."""
