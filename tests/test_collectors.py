@@ -133,7 +133,7 @@ def test_debugfs_missing_is_unavailable_and_unknown() -> None:
 
 def test_kvm_module_not_loaded(tmp_path: Path) -> None:
     shutil.copytree(FIXTURES / "debugfs-missing", tmp_path / "h", symlinks=True)
-    (tmp_path / "h/sys/kernel/debug/tracing").mkdir()
+    (tmp_path / "h/sys/kernel/debug/tracing").mkdir(parents=True)  # git keeps no empty mount point
     s = sample(tmp_path / "h")
     d = [x for x in s.statuses if x.source == "kvm_debugfs"][0]
     assert "kvm module not loaded" in d.reason
