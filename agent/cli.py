@@ -62,6 +62,45 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+AGENT_SECRET_PATHS = ("token_file", "tls_ca", "tls_cert", "tls_key")
+RUN_FLAGS = {
+    "server": ("--server", "HOST:PORT", "the aggregator"),
+    "interval_seconds": ("--interval", "SECONDS", "sampling interval (default 30, jittered)"),
+    "metrics_listen": ("--metrics-listen", "HOST:PORT", "local Prometheus endpoint (default 127.0.0.1:9860; '' disables)"),
+    "spool_path": ("--spool", "FILE", "durable spool (SQLite)"),
+    "host_id": ("--host-id", "ID", "host identity (default: hostname)"),
+    "labels_file": ("--labels-file", "FILE", "host labels, key=\"value\" per line (Kubernetes downward API format)"),
+    "token_file": ("--token-file", "FILE", "bearer token for the aggregator"),
+    "tls_ca": ("--tls-ca", "FILE", "CA that signed the aggregator's certificate"),
+    "tls_cert": ("--tls-cert", "FILE", "client certificate (mutual TLS)"),
+    "tls_key": ("--tls-key", "FILE", "client key (mutual TLS)"),
+    "tls_server_name": ("--tls-server-name", "NAME", "expected name in the aggregator's certificate"),
+    "era_overrides_file": ("--era-overrides", "FILE", "YAML table: kernel release pattern -> predicate era"),
+}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .config import ConfigError, environ, load_config
+    from .daemon import AgentConfig, AgentDaemon
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {k: getattr(args, k) for k in RUN_FLAGS}
+    flags.update(root=args.root, procfs=args.procfs, sysfs=args.sysfs, debugfs=args.debugfs, insecure_plaintext=args.insecure_plaintext)
+    if flags["interval_seconds"] is not None:
+        flags["interval_seconds"] = float(flags["interval_seconds"])
+    try:
+        cfg = load_config(AgentConfig, Path(args.config) if args.config else None, env=environ(), flags=flags,
+                          secret_paths=AGENT_SECRET_PATHS)
+        daemon = AgentDaemon(cfg)
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"eptwatch-agent: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(daemon.run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eptwatch-agent", description="Estimate lost EPT/NPT huge mappings on this KVM host.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-id", help="host identity to report (default: the host's hostname)")
     p.add_argument("--no-binary-stats", action="store_true", help="do not read KVM_GET_STATS_FD through pidfd_getfd")
     p.set_defaults(func=cmd_sample)
+
+    r = sub.add_parser("run", help="sample every interval and stream reports to the aggregator")
+    _add_root_flags(r)
+    r.add_argument("--config", metavar="FILE", help="YAML configuration (see docs/configuration.md)")
+    for key, (flag, metavar, help_text) in RUN_FLAGS.items():
+        r.add_argument(flag, dest=key, metavar=metavar, help=help_text)
+    r.add_argument("--insecure-plaintext", action="store_const", const=True, help="no TLS (loopback demos and tests only)")
+    r.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    r.set_defaults(func=cmd_run)
     return parser
 
 

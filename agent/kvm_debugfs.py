@@ -33,6 +33,7 @@ class CounterScope(enum.Enum):
     PER_VM_DEBUGFS = "per_vm_debugfs"
     BINARY_STATS = "binary_stats"
     GLOBAL_DEBUGFS = "global_debugfs"
+    QMP_QUERY_STATS = "qmp_query_stats"  # QEMU's QMP query-stats: the same binary stats, read by QEMU itself
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import kvm_binary_stats
+from . import kvm_binary_stats, kvm_qmp
 from .discovery import DiscoveredVm, discover_vms, parse_stat, parse_status_thp_enabled
 from .guest_ram import DEFAULT_GUEST_RAM_MIN_BYTES, Backing, GuestRamMapping, attribute_guest_ram
 from .hostroot import HostReadError, HostRoot
@@ -42,6 +42,10 @@ class SamplerConfig:
     max_skip_intervals: int = 8
     scan_vm_fds: bool = True
     use_binary_stats: bool = True
+    # Last resort for per-VM counters (live host only): QEMU's QMP query-stats over a monitor socket
+    # named on its command line. A busy monitor costs up to qmp_timeout_seconds per VM and sample.
+    use_qmp: bool = True
+    qmp_timeout_seconds: float = kvm_qmp.DEFAULT_TIMEOUT_SECONDS
     check_other_mappers: bool = True
     host_id: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -380,7 +384,16 @@ class Sampler:
                     statuses.append(SourceStatus("kvm_binary_stats", SourceState.OK, f"pid {vm.pid} fd {fd}"))
                     return counters
                 statuses.append(SourceStatus("kvm_binary_stats", SourceState.UNAVAILABLE, f"pid {vm.pid} fd {fd}: no pages_2m or lpages stat"))
-        if not any(s.source.startswith(("kvm_debugfs.vm", "kvm_binary_stats")) for s in statuses):
+        if self.config.use_qmp and self.root.is_live and vm.identity.is_qemu:
+            # KVM refuses KVM_GET_STATS_FD on a VM fd from outside QEMU; QEMU itself can read it for us.
+            try:
+                counters, notes = kvm_qmp.read_qmp_counters(self.root, vm.pid, self.config.qmp_timeout_seconds)
+            except kvm_qmp.QmpUnavailable as exc:
+                statuses.append(SourceStatus("kvm_qmp", SourceState.UNAVAILABLE, str(exc)))
+            else:
+                statuses.append(SourceStatus("kvm_qmp", SourceState.OK, "; ".join(notes), counters.path))
+                return counters
+        if not any(s.source.startswith(("kvm_debugfs.vm", "kvm_binary_stats", "kvm_qmp")) for s in statuses):
             why = "; ".join(problems) or "no per-VM counters (no per-VM debugfs directory, no readable VM fd)"
             statuses.append(SourceStatus("kvm_counters.vm", SourceState.UNAVAILABLE, why))
         return None

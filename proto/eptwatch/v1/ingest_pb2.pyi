@@ -1,5 +1,6 @@
 from eptwatch.v1 import report_pb2 as _report_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,23 +8,38 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AckStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACK_STATUS_UNSPECIFIED: _ClassVar[AckStatus]
+    ACK_STATUS_APPLIED: _ClassVar[AckStatus]
+    ACK_STATUS_DUPLICATE: _ClassVar[AckStatus]
+    ACK_STATUS_REJECTED: _ClassVar[AckStatus]
+ACK_STATUS_UNSPECIFIED: AckStatus
+ACK_STATUS_APPLIED: AckStatus
+ACK_STATUS_DUPLICATE: AckStatus
+ACK_STATUS_REJECTED: AckStatus
+
 class AgentMessage(_message.Message):
-    __slots__ = ("reports",)
+    __slots__ = ("reports", "spool_dropped_total")
     REPORTS_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_DROPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     reports: _containers.RepeatedCompositeFieldContainer[_report_pb2.HostReport]
-    def __init__(self, reports: _Optional[_Iterable[_Union[_report_pb2.HostReport, _Mapping]]] = ...) -> None: ...
+    spool_dropped_total: int
+    def __init__(self, reports: _Optional[_Iterable[_Union[_report_pb2.HostReport, _Mapping]]] = ..., spool_dropped_total: _Optional[int] = ...) -> None: ...
 
 class ReportAck(_message.Message):
-    __slots__ = ("host_id", "agent_instance", "sequence", "duplicate")
+    __slots__ = ("host_id", "agent_instance", "sequence", "status", "reason")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
-    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     agent_instance: str
     sequence: int
-    duplicate: bool
-    def __init__(self, host_id: _Optional[str] = ..., agent_instance: _Optional[str] = ..., sequence: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    status: AckStatus
+    reason: str
+    def __init__(self, host_id: _Optional[str] = ..., agent_instance: _Optional[str] = ..., sequence: _Optional[int] = ..., status: _Optional[_Union[AckStatus, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("acks",)

@@ -48,6 +48,7 @@ class CounterScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COUNTER_SCOPE_PER_VM_DEBUGFS: _ClassVar[CounterScope]
     COUNTER_SCOPE_BINARY_STATS: _ClassVar[CounterScope]
     COUNTER_SCOPE_GLOBAL_DEBUGFS: _ClassVar[CounterScope]
+    COUNTER_SCOPE_QMP_QUERY_STATS: _ClassVar[CounterScope]
 
 class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -84,6 +85,7 @@ COUNTER_SCOPE_UNSPECIFIED: CounterScope
 COUNTER_SCOPE_PER_VM_DEBUGFS: CounterScope
 COUNTER_SCOPE_BINARY_STATS: CounterScope
 COUNTER_SCOPE_GLOBAL_DEBUGFS: CounterScope
+COUNTER_SCOPE_QMP_QUERY_STATS: CounterScope
 CAUSE_UNSPECIFIED: Cause
 CAUSE_HEALTHY: Cause
 CAUSE_KNOWN_PAGE_CACHE_THP_BUG: Cause

@@ -1,0 +1,206 @@
+"""`eptwatch-agent run`: sample every interval, spool, stream to the aggregator, serve /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .delivery import Delivery, DeliveryConfig, channel_options
+from .hostroot import HostRoot
+from .httpserve import HttpServer
+from .labels import parse_labels_file
+from .metrics import AgentCollector, AgentState
+from .model import EraOverride, load_era_overrides
+from .report import host_report
+from .sampler import Sampler, SamplerConfig
+from .spool import Spool
+from .status import ParseError
+
+log = logging.getLogger("eptwatch.agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str = ""
+    interval_seconds: float = 30.0
+    # Each interval is stretched or shrunk by up to this fraction so a fleet does not sample in lockstep.
+    jitter_ratio: float = 0.2
+    spool_path: str = "/var/lib/eptwatch/agent-spool.sqlite3"
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_max_age_seconds: float = 7 * 24 * 3600.0
+    metrics_listen: str = "127.0.0.1:9860"
+    host_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    labels_file: str = ""
+    token_file: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
+    insecure_plaintext: bool = False
+    root: str = ""
+    procfs: str = ""
+    sysfs: str = ""
+    debugfs: str = ""
+    era_overrides_file: str = ""
+    smaps_budget_seconds: float = 0.25
+    guest_ram_min_bytes: int = 64 * 1024 * 1024
+    batch_max_reports: int = 50
+    max_message_bytes: int = 16 * 1024 * 1024
+    stream_max_age_seconds: float = 600.0
+    backoff_initial_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+    shutdown_flush_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.server:
+            raise ValueError("server: the aggregator's HOST:PORT is required")
+        if not self.tls_ca and not self.insecure_plaintext:
+            raise ValueError("no TLS configured: give tls_ca (and tls_cert/tls_key for mutual TLS), or insecure_plaintext: true")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if not 0 <= self.jitter_ratio < 1:
+            raise ValueError(f"jitter_ratio: expected 0 <= x < 1, got {self.jitter_ratio}")
+        for name in ("interval_seconds", "spool_max_age_seconds", "stream_max_age_seconds", "backoff_initial_seconds",
+                     "backoff_max_seconds", "spool_max_bytes", "batch_max_reports", "max_message_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number")
+
+    def host_root(self) -> HostRoot:
+        base = HostRoot.from_root(self.root) if self.root else HostRoot()
+        return HostRoot(Path(self.procfs) if self.procfs else base.procfs, Path(self.sysfs) if self.sysfs else base.sysfs,
+                        Path(self.debugfs) if self.debugfs else base.debugfs)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
+def make_channel_factory(cfg: AgentConfig) -> tuple[object, tuple[tuple[str, str], ...]]:
+    dcfg = delivery_config(cfg)
+    opts = channel_options(dcfg, cfg.tls_server_name or None)
+    metadata: tuple[tuple[str, str], ...] = ()
+    if cfg.token_file:
+        token = _read(cfg.token_file, "token").decode().strip()
+        if not token:
+            raise ValueError(f"{cfg.token_file}: token file is empty")
+        metadata = (("authorization", f"Bearer {token}"),)
+    if cfg.insecure_plaintext and not cfg.tls_ca:
+        return (lambda: grpc.aio.insecure_channel(cfg.server, options=opts)), metadata
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(cfg.tls_ca, "TLS CA"),
+        private_key=_read(cfg.tls_key, "TLS key") if cfg.tls_key else None,
+        certificate_chain=_read(cfg.tls_cert, "TLS certificate") if cfg.tls_cert else None,
+    )
+    return (lambda: grpc.aio.secure_channel(cfg.server, creds, options=opts)), metadata
+
+
+def delivery_config(cfg: AgentConfig) -> DeliveryConfig:
+    return DeliveryConfig(cfg.server, cfg.batch_max_reports, cfg.max_message_bytes, stream_max_age_seconds=cfg.stream_max_age_seconds,
+                          backoff_initial_seconds=cfg.backoff_initial_seconds, backoff_max_seconds=cfg.backoff_max_seconds)
+
+
+def load_labels(cfg: AgentConfig) -> dict[str, str]:
+    labels = dict(cfg.labels)
+    if cfg.labels_file:
+        labels.update(parse_labels_file(_read(cfg.labels_file, "labels file").decode("utf-8", "replace"), cfg.labels_file))
+    return labels
+
+
+def load_overrides(cfg: AgentConfig) -> tuple[EraOverride, ...]:
+    if not cfg.era_overrides_file:
+        return ()
+    return load_era_overrides(_read(cfg.era_overrides_file, "era overrides").decode("utf-8", "replace"), cfg.era_overrides_file)
+
+
+class AgentDaemon:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        try:
+            labels = load_labels(cfg)
+            overrides = load_overrides(cfg)
+        except ParseError as exc:
+            raise ValueError(str(exc)) from None
+        self.labels = labels
+        self.sampler = Sampler(cfg.host_root(), SamplerConfig(
+            smaps_budget_seconds=cfg.smaps_budget_seconds, guest_ram_min_bytes=cfg.guest_ram_min_bytes,
+            host_id=cfg.host_id or None, era_overrides=overrides))
+        self.spool = Spool(Path(cfg.spool_path), cfg.spool_max_bytes, cfg.spool_max_age_seconds)
+        factory, metadata = make_channel_factory(cfg)
+        self.delivery = Delivery(delivery_config(cfg), self.spool, factory, metadata)  # type: ignore[arg-type]
+        self.state = AgentState(delivery=self.delivery.counters, spool=self.spool)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(self.state))
+        self.http = HttpServer(cfg.metrics_listen, self._route) if cfg.metrics_listen else None
+
+    def _route(self, path: str, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == "/healthz":
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+        if path == "/readyz":
+            ready = self.state.samples_total > 0
+            return (200 if ready else 503), "text/plain; charset=utf-8", b"ready\n" if ready else b"no sample yet\n"
+        return 404, "text/plain; charset=utf-8", b"not found\n"
+
+    def _sample_once(self) -> None:
+        t0 = time.monotonic()
+        sample = self.sampler.sample()
+        self.state.sample_duration_seconds = time.monotonic() - t0
+        self.state.sample = sample
+        self.state.samples_total += 1
+
+        def build(seq: int) -> bytes:
+            return host_report(sample, sequence=seq, agent_instance=self.spool.agent_instance, labels=self.labels).SerializeToString()
+
+        self.spool.append(build)
+
+    async def _sampling(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                await asyncio.to_thread(self._sample_once)
+                self.delivery.notify()
+            except Exception:  # noqa: BLE001 - a sampler bug must not stop delivery of what is spooled
+                self.state.sample_failures_total += 1
+                log.exception("sample failed")
+            delay = self.cfg.interval_seconds * (1 + random.uniform(-self.cfg.jitter_ratio, self.cfg.jitter_ratio))
+            try:
+                await asyncio.wait_for(stopping.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run(self) -> int:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        if self.http is not None:
+            self.http.start()
+            log.info("metrics on %s", self.cfg.metrics_listen)
+        log.info("agent instance %s streaming to %s every %.0f s", self.spool.agent_instance, self.cfg.server, self.cfg.interval_seconds)
+        sampling = asyncio.create_task(self._sampling(stopping))
+        delivering = asyncio.create_task(self.delivery.run(stopping))
+        await stopping.wait()
+        log.info("stopping: no more samples; flushing the spool for up to %.0f s", self.cfg.shutdown_flush_seconds)
+        await asyncio.gather(sampling, return_exceptions=True)
+        self.delivery.notify()
+        try:
+            await asyncio.wait_for(delivering, self.cfg.shutdown_flush_seconds)
+        except asyncio.TimeoutError:
+            log.info("flush incomplete: %d report(s) stay spooled for the next start", self.spool.stats().depth)
+        if self.http is not None:
+            self.http.stop()
+        self.spool.close()
+        return 0

@@ -1,0 +1,172 @@
+"""Assembles the aggregator: store, fleet state, gRPC (ingest, health, reflection), HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
+
+from .auth import TlsFiles, TokenTable
+from .fleet import FleetState, summarise
+from .http import HttpServer
+from .ingest import IngestServicer
+from .store import Store
+
+log = logging.getLogger("eptwatch.server")
+
+INGEST_SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name
+_HOSTPORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):(\d{1,5})")
+
+
+def check_hostport(value: str, key: str) -> str:
+    m = _HOSTPORT.fullmatch(value)
+    if m is None or int(m.group(2)) > 65535:
+        raise ValueError(f"{key}: expected HOST:PORT, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:9861"
+    http: str = "127.0.0.1:9862"
+    state_dir: str = "/var/lib/eptwatch"
+    tokens_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Both must be said out loud: an aggregator is never accidentally open.
+    insecure_plaintext: bool = False
+    insecure_no_auth: bool = False
+    max_concurrent_streams: int = 20000
+    stream_idle_timeout_seconds: float = 300.0
+    max_message_bytes: int = 16 * 1024 * 1024
+    sqlite_synchronous: str = "FULL"
+    shutdown_grace_seconds: float = 10.0
+    # Fleet view (rollups, staleness)
+    report_interval_seconds: float = 30.0
+    stale_after_intervals: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_hostport(self.listen, "listen")
+        check_hostport(self.http, "http")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if not self.tls_cert and not self.insecure_plaintext:
+            raise ValueError("no TLS configured: give tls_cert and tls_key, or insecure_plaintext: true (loopback demos and tests only)")
+        if not self.tokens_file and not self.insecure_no_auth:
+            raise ValueError("no tokens_file: agents must authenticate; give tokens_file, or insecure_no_auth: true (loopback demos and tests only)")
+        for name in ("max_concurrent_streams", "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: expected a positive integer")
+        for name in ("stream_idle_timeout_seconds", "report_interval_seconds", "stale_after_intervals"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number")
+        if self.sqlite_synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"sqlite_synchronous: expected FULL, NORMAL or EXTRA, got {self.sqlite_synchronous!r}")
+
+
+def grpc_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        # Oversized messages are refused by gRPC itself with RESOURCE_EXHAUSTED.
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        # Agents keep idle streams alive with pings every 30 s; allow that, refuse anything faster.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Detect dead agents (half-open TCP) within a minute.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Several aggregator processes on one host may share the port (one per core).
+        ("grpc.so_reuseport", 1),
+    ]
+
+
+class Aggregator:
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.store = Store(Path(cfg.state_dir), synchronous=cfg.sqlite_synchronous)
+        self.fleet = FleetState()
+        tokens = TokenTable.from_file(Path(cfg.tokens_file)) if cfg.tokens_file else None
+        self.ingest = IngestServicer(self.store, self.fleet, tokens, cfg.stream_idle_timeout_seconds)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.http: HttpServer | None = None
+        self.grpc_port = 0
+        self.ready = False
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.server = grpc.aio.server(options=grpc_server_options(cfg), maximum_concurrent_rpcs=cfg.max_concurrent_streams,
+                                      compression=grpc.Compression.Gzip)
+        ingest_pb2_grpc.add_IngestServicer_to_server(self.ingest, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for svc in ("", INGEST_SERVICE):
+            await _set_health(self.health, svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (INGEST_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
+        )
+        if cfg.tls_cert and cfg.tls_key:
+            cert, key, ca = TlsFiles(Path(cfg.tls_cert), Path(cfg.tls_key), Path(cfg.tls_client_ca) if cfg.tls_client_ca else None).read()
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+            self.grpc_port = self.server.add_secure_port(cfg.listen, creds)
+        else:
+            self.grpc_port = self.server.add_insecure_port(cfg.listen)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {cfg.listen}")
+        self.http = HttpServer(cfg.http, self)
+        self.http.start()
+        await self.server.start()
+        # Load durable state before declaring readiness: an agent acknowledged earlier must find its
+        # high-water mark, and the fleet view must not start empty after a restart.
+        await asyncio.get_running_loop().run_in_executor(None, self._load)
+        self.store.start()
+        for svc in ("", INGEST_SERVICE):
+            await _set_health(self.health, svc, health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
+        log.info("serving gRPC on %s (port %d), HTTP on %s, %d hosts loaded", cfg.listen, self.grpc_port, cfg.http, len(self.fleet))
+
+    def _load(self) -> None:
+        for h in self.store.load_hosts():
+            self.fleet.put(summarise(h.report, h.received))
+
+    async def stop(self) -> None:
+        self.ready = False
+        if hasattr(self.health, "enter_graceful_shutdown"):
+            res = self.health.enter_graceful_shutdown()
+            if asyncio.iscoroutine(res):
+                await res
+        if self.server is not None:
+            await self.server.stop(self.cfg.shutdown_grace_seconds)
+        if self.http is not None:
+            self.http.stop()
+        self.store.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining streams for up to %.0f s", self.cfg.shutdown_grace_seconds)
+        await self.stop()
+
+
+async def _set_health(h: object, service: str, status: int) -> None:
+    res = h.set(service, status)  # type: ignore[attr-defined]
+    if asyncio.iscoroutine(res):
+        await res

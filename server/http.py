@@ -1,0 +1,44 @@
+"""The aggregator's HTTP routes: health, readiness, /metrics (the fleet API and page join here)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from eptwatch.agent.httpserve import HttpServer as _HttpServer
+
+from .metrics import AggregatorCollector
+
+if TYPE_CHECKING:
+    from .app import Aggregator
+
+TEXT = "text/plain; charset=utf-8"
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+class HttpServer(_HttpServer):
+    def __init__(self, address: str, agg: Aggregator) -> None:
+        self.agg = agg
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AggregatorCollector(agg))
+        super().__init__(address, self.route)
+
+    def route(self, path: str, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            return 200, TEXT, b"ok\n"
+        if path == "/readyz":
+            return (200, TEXT, b"ready\n") if self.agg.ready else (503, TEXT, b"loading\n")
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        extra = getattr(self.agg, "http_routes", None)
+        if extra is not None:
+            found = extra(path, query)
+            if found is not None:
+                return found  # type: ignore[no-any-return]
+        return 404, "application/json", json_bytes({"error": f"no such path {path}"})

@@ -1,0 +1,235 @@
+"""Durable aggregator state: SQLite in WAL mode, written by one thread with group commit.
+
+Exactly-once application: an agent instance numbers its reports 1, 2, 3, ... and sends them in order
+(resending from its oldest unacknowledged one after a reconnect), so a per-(host, instance) high-water
+mark decides "new" versus "duplicate". The mark, the applied count and the host's latest report are
+updated in one transaction, and a report is acknowledged only after that transaction commits: an
+acknowledged report survives a SIGKILL, and a report that was not acknowledged is sent again and
+applied then.
+
+Group commit: stream handlers enqueue batches; the writer thread takes everything queued, applies it
+in one transaction and one fsync, then wakes every waiter. Under load, batches grow and the fsync cost
+is shared; idle, a lone report commits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from eptwatch.v1 import ingest_pb2, report_pb2
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    host_id TEXT NOT NULL,
+    agent_instance TEXT NOT NULL,
+    last_sequence INTEGER NOT NULL,
+    applied_total INTEGER NOT NULL,
+    spool_dropped_total INTEGER NOT NULL DEFAULT 0,
+    last_seen REAL NOT NULL,
+    PRIMARY KEY (host_id, agent_instance)
+);
+CREATE TABLE IF NOT EXISTS hosts (
+    host_id TEXT PRIMARY KEY,
+    agent_instance TEXT NOT NULL,
+    sequence INTEGER NOT NULL,
+    sample_time REAL NOT NULL,
+    received REAL NOT NULL,
+    report BLOB NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    report: report_pb2.HostReport
+    payload: bytes  # the report serialised, as stored
+    spool_dropped_total: int = 0
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    host_id: str
+    agent_instance: str
+    last_sequence: int
+    applied_total: int
+    spool_dropped_total: int
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class StoredHost:
+    host_id: str
+    agent_instance: str
+    sequence: int
+    sample_time: float
+    received: float
+    report: report_pb2.HostReport
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    status: int  # ingest_pb2.AckStatus
+    became_latest: bool  # this report is now the host's latest state
+
+
+def sample_seconds(report: report_pb2.HostReport) -> float:
+    return report.sample_time.seconds + report.sample_time.nanos / 1e9
+
+
+class Store:
+    """Owns the SQLite file. `apply` is awaited from the event loop; all SQL runs on the writer thread."""
+
+    def __init__(self, state_dir: Path, synchronous: str = "FULL", max_batch: int = 2000) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "eptwatch.sqlite3"
+        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous: expected FULL, NORMAL or EXTRA, got {synchronous!r}")
+        self._synchronous = synchronous
+        self._max_batch = max_batch
+        self._queue: queue.Queue[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]] | None] = queue.Queue()
+        self._marks: dict[tuple[str, str], int] = {}
+        self._thread: threading.Thread | None = None
+        self._conn = self._connect()
+        self.commits_total = 0
+        self.reports_committed_total = 0
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed transaction survives power loss, not just a process kill.
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path}: schema version {row[0]}, this aggregator understands {SCHEMA_VERSION}")
+        return conn
+
+    # --- loading (before serving) ---
+
+    def load_hosts(self) -> list[StoredHost]:
+        out = []
+        for host_id, inst, seq, st, rcv, blob in self._conn.execute(
+            "SELECT host_id, agent_instance, sequence, sample_time, received, report FROM hosts"
+        ):
+            r = report_pb2.HostReport()
+            r.ParseFromString(blob)
+            out.append(StoredHost(host_id, inst, seq, st, rcv, r))
+        return out
+
+    def load_agents(self) -> list[AgentRecord]:
+        rows = self._conn.execute(
+            "SELECT host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen FROM agents"
+        ).fetchall()
+        return [AgentRecord(*r) for r in rows]
+
+    # --- the writer thread ---
+
+    def start(self) -> None:
+        for host_id, inst, last in self._conn.execute("SELECT host_id, agent_instance, last_sequence FROM agents"):
+            self._marks[(host_id, inst)] = last
+        self._thread = threading.Thread(target=self._run, name="eptwatch-store-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._conn.close()
+
+    async def apply(self, items: Sequence[Incoming]) -> list[ApplyResult]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[ApplyResult]] = loop.create_future()
+        self._queue.put((list(items), loop, fut))
+        return await fut
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            count = len(first[0])
+            stop = False
+            while count < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+                count += len(nxt[0])
+            try:
+                results = self._commit([j[0] for j in jobs])
+            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
+                for _, loop, fut in jobs:
+                    loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                for (_, loop, fut), res in zip(jobs, results):
+                    loop.call_soon_threadsafe(_set_result, fut, res)
+            if stop:
+                return
+
+    def _commit(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
+        now = time.time()
+        marks = dict(self._marks)  # applied only if the transaction commits
+        results: list[list[ApplyResult]] = []
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for batch in batches:
+                res: list[ApplyResult] = []
+                for item in batch:
+                    r = item.report
+                    key = (r.host_id, r.agent_instance)
+                    last = marks.get(key, 0)
+                    if r.sequence <= last:
+                        res.append(ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False))
+                        continue
+                    marks[key] = r.sequence
+                    c.execute(
+                        "INSERT INTO agents VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(host_id, agent_instance) DO UPDATE SET "
+                        "last_sequence=excluded.last_sequence, applied_total=applied_total+1, "
+                        "spool_dropped_total=max(spool_dropped_total, excluded.spool_dropped_total), last_seen=excluded.last_seen",
+                        (r.host_id, r.agent_instance, r.sequence, item.spool_dropped_total, now),
+                    )
+                    st = sample_seconds(r)
+                    cur = c.execute(
+                        "INSERT INTO hosts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET "
+                        "agent_instance=excluded.agent_instance, sequence=excluded.sequence, sample_time=excluded.sample_time, "
+                        "received=excluded.received, report=excluded.report WHERE excluded.sample_time >= hosts.sample_time",
+                        (r.host_id, r.agent_instance, r.sequence, st, now, item.payload),
+                    )
+                    res.append(ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, cur.rowcount > 0))
+                results.append(res)
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        self._marks = marks
+        self.commits_total += 1
+        self.reports_committed_total += sum(len(b) for b in batches)
+        return results
+
+
+def _set_result(fut: asyncio.Future[list[ApplyResult]], value: list[ApplyResult]) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[list[ApplyResult]], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,308 @@
+"""Agent -> aggregator streaming with real processes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from eptwatch.agent.hostroot import HostRoot
+from eptwatch.agent.report import host_report
+from eptwatch.agent.sampler import Sampler
+from eptwatch.server.auth import hash_token
+from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
+
+from .procs import FIXTURES, Aggregator, Proc, agent_args, http_get, spool_state
+
+INSECURE = ["--insecure-plaintext", "--insecure-no-auth"]
+FAST_BACKOFF = "backoff_initial_seconds: 0.05\nbackoff_max_seconds: 0.5\n"
+
+
+def fast_agent_config(tmp_path: Path, extra: str = "") -> Path:
+    p = tmp_path / "agent.yaml"
+    p.write_text(FAST_BACKOFF + extra)
+    return p
+
+
+def start_agent(tmp_path: Path, name: str, server: str, extra: list[str] | None = None) -> tuple[Proc, Path]:
+    spool = tmp_path / name / "spool.sqlite3"
+    cfg = fast_agent_config(tmp_path)
+    args = agent_args(server, spool, name, extra=["--insecure-plaintext", "--config", str(cfg), *(extra or [])])
+    return Proc(args, tmp_path / name / "agent.log").start(), spool
+
+
+def assert_exactly_once(agg: Aggregator, spools: dict[str, Path]) -> None:
+    applied = agg.applied()
+    for host, spool in spools.items():
+        instance, created, depth = spool_state(spool)
+        assert depth == 0, f"{host}: {depth} reports still spooled"
+        assert created > 0
+        # Every sequence 1..created applied, and applied once: the high-water mark is `created` and the
+        # count of applications is `created` (a duplicate would push the count above, a loss below).
+        assert applied[(host, instance)] == (created, created), (host, applied[(host, instance)], created)
+
+
+def test_sigkill_aggregator_repeatedly_every_report_applied_exactly_once(tmp_path: Path) -> None:
+    agg = Aggregator(tmp_path / "agg", INSECURE).start()
+    agents = {f"hv-kill-{i}": start_agent(tmp_path, f"hv-kill-{i}", agg.target) for i in range(3)}
+    try:
+        for _ in range(4):
+            time.sleep(1.0)
+            agg.proc.kill9()  # type: ignore[union-attr]
+            time.sleep(0.4)  # an outage: agents keep sampling into their spools
+            agg.start()
+        time.sleep(1.5)
+        for name, (proc, _) in agents.items():
+            assert proc.term() == 0, proc.output()
+        assert_exactly_once(agg, {n: s for n, (_, s) in agents.items()})
+        assert agg.starts == 5
+    finally:
+        for proc, _ in agents.values():
+            proc.kill9()
+        agg.proc.kill9()  # type: ignore[union-attr]
+
+
+def test_agent_sigkilled_during_outage_delivers_its_spool_after_restart(tmp_path: Path) -> None:
+    agg = Aggregator(tmp_path / "agg", INSECURE)  # not started: the outage
+    proc, spool = start_agent(tmp_path, "hv-outage", agg.target)
+    try:
+        time.sleep(1.5)
+        proc.kill9()
+        _, created_before, depth = spool_state(spool)
+        assert created_before > 5 and depth == created_before  # nothing could be delivered
+        proc, _ = start_agent(tmp_path, "hv-outage", agg.target)  # same spool
+        time.sleep(0.5)
+        agg.start()
+        time.sleep(1.5)
+        assert proc.term() == 0
+        assert_exactly_once(agg, {"hv-outage": spool})
+        instance, created, _ = spool_state(spool)
+        assert created > created_before  # numbering continued across the restart
+    finally:
+        proc.kill9()
+        if agg.proc:
+            agg.proc.kill9()
+
+
+def test_sigterm_flushes_and_exits_zero(tmp_path: Path) -> None:
+    agg = Aggregator(tmp_path / "agg", INSECURE).start()
+    proc, spool = start_agent(tmp_path, "hv-term", agg.target)
+    try:
+        time.sleep(1.0)
+        assert proc.term() == 0
+        assert spool_state(spool)[2] == 0
+        assert agg.proc.term() == 0  # type: ignore[union-attr]
+        assert "shutting down" in agg.proc.output()  # type: ignore[union-attr]
+    finally:
+        proc.kill9()
+        agg.proc.kill9()  # type: ignore[union-attr]
+
+
+# --- direct clients: auth, validation, overload ---
+
+def report(seq: int, host: str = "hv-a-1", instance: str = "inst-1", fixture: str = "linux-5.3-unfixed"):  # type: ignore[no-untyped-def]
+    sample = Sampler(HostRoot.from_root(FIXTURES / fixture)).sample()
+    r = host_report(sample, sequence=seq, agent_instance=instance)
+    r.host_id = host
+    return r
+
+
+async def exchange(target: str, messages: list[ingest_pb2.AgentMessage], metadata: tuple[tuple[str, str], ...] = (),
+                   creds: grpc.ChannelCredentials | None = None, options: list | None = None) -> list[ingest_pb2.ServerMessage]:
+    channel = grpc.aio.secure_channel(target, creds, options=options) if creds else grpc.aio.insecure_channel(target)
+    async with channel:
+        call = ingest_pb2_grpc.IngestStub(channel).Stream(metadata=metadata, timeout=15)
+        out = []
+        for m in messages:
+            await call.write(m)
+            out.append(await call.read())
+        await call.done_writing()
+        return out
+
+
+@pytest.fixture
+def authed(tmp_path: Path):  # type: ignore[no-untyped-def]
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f"tokens:\n  - name: rack-a\n    sha256: {hash_token('secret-token-a')}\n    hosts: ['hv-a-*']\n")
+    agg = Aggregator(tmp_path / "agg", ["--insecure-plaintext", "--tokens-file", str(tokens)]).start()
+    yield agg
+    agg.proc.kill9()  # type: ignore[union-attr]
+
+
+def test_unauthenticated_and_wrong_scope_are_refused(authed: Aggregator) -> None:
+    good = (("authorization", "Bearer secret-token-a"),)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(exchange(authed.target, [ingest_pb2.AgentMessage(reports=[report(1)])]))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(exchange(authed.target, [ingest_pb2.AgentMessage(reports=[report(1)])], (("authorization", "Bearer wrong"),)))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(exchange(authed.target, [ingest_pb2.AgentMessage(reports=[report(1, host="hv-b-1")])], good))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    (reply,) = asyncio.run(exchange(authed.target, [ingest_pb2.AgentMessage(reports=[report(1)])], good))
+    assert reply.acks[0].status == ingest_pb2.ACK_STATUS_APPLIED
+    (reply,) = asyncio.run(exchange(authed.target, [ingest_pb2.AgentMessage(reports=[report(1)])], good))
+    assert reply.acks[0].status == ingest_pb2.ACK_STATUS_DUPLICATE
+    metrics = http_get(authed.http + "/metrics")
+    assert 'eptwatch_server_streams_refused_total{code="UNAUTHENTICATED"} 2.0' in metrics
+    assert 'eptwatch_server_streams_refused_total{code="PERMISSION_DENIED"} 1.0' in metrics
+    assert "secret-token-a" not in authed.proc.output()  # type: ignore[union-attr]
+    assert "rack-a" in authed.proc.output()  # type: ignore[union-attr]
+
+
+def test_agent_with_token_file_streams(authed: Aggregator, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret-token-a\n")
+    proc, spool = start_agent(tmp_path, "hv-a-7", authed.target, ["--token-file", str(token)])
+    try:
+        time.sleep(1.0)
+        assert proc.term() == 0
+        assert_exactly_once(authed, {"hv-a-7": spool})
+        assert "secret-token-a" not in proc.output()
+    finally:
+        proc.kill9()
+
+
+def test_health_and_reflection(tmp_path: Path) -> None:
+    agg = Aggregator(tmp_path / "agg", INSECURE).start()
+    try:
+        with grpc.insecure_channel(agg.target) as ch:
+            h = health_pb2_grpc.HealthStub(ch)
+            for svc in ("", "eptwatch.v1.Ingest"):
+                assert h.Check(health_pb2.HealthCheckRequest(service=svc)).status == health_pb2.HealthCheckResponse.SERVING
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            (resp,) = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            names = {s.name for s in resp.list_services_response.service}
+            assert {"eptwatch.v1.Ingest", "grpc.health.v1.Health"} <= names
+    finally:
+        agg.proc.kill9()  # type: ignore[union-attr]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(d: Path, name: str) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}-ca", "-keyout", f"{name}-ca.key", "-out", f"{name}-ca.crt", cwd=d)
+    for leaf, san in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "subjectAltName=DNS:hv-a-1")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={leaf}", "-keyout", f"{name}-{leaf}.key", "-out", f"{name}-{leaf}.csr", cwd=d)
+        (d / f"{leaf}.ext").write_text(san + "\n")
+        _openssl("x509", "-req", "-in", f"{name}-{leaf}.csr", "-CA", f"{name}-ca.crt", "-CAkey", f"{name}-ca.key", "-CAcreateserial",
+                 "-days", "2", "-out", f"{name}-{leaf}.crt", "-extfile", f"{leaf}.ext", cwd=d)
+
+
+def test_mutual_tls(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    make_pki(pki, "good")
+    make_pki(pki, "rogue")
+    agg = Aggregator(tmp_path / "agg", ["--insecure-no-auth", "--tls-cert", str(pki / "good-server.crt"), "--tls-key", str(pki / "good-server.key"),
+                                        "--tls-client-ca", str(pki / "good-ca.crt")]).start()
+    msg = [ingest_pb2.AgentMessage(reports=[report(1)])]
+
+    def creds(ca: str, client: str | None) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials((pki / f"{ca}-ca.crt").read_bytes(),
+                                            (pki / f"{client}-client.key").read_bytes() if client else None,
+                                            (pki / f"{client}-client.crt").read_bytes() if client else None)
+
+    try:
+        (reply,) = asyncio.run(exchange(agg.target, msg, creds=creds("good", "good")))
+        assert reply.acks[0].status == ingest_pb2.ACK_STATUS_APPLIED
+        for bad in (creds("good", None), creds("good", "rogue"), creds("rogue", "good")):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                asyncio.run(exchange(agg.target, msg, creds=bad))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError):
+            asyncio.run(exchange(agg.target, msg))  # plaintext against TLS
+        # The real agent with the same material.
+        spool = tmp_path / "a" / "spool.sqlite3"
+        proc = Proc(agent_args(agg.target, spool, "hv-a-1", extra=["--config", str(fast_agent_config(tmp_path)), "--tls-ca", str(pki / "good-ca.crt"),
+                    "--tls-cert", str(pki / "good-client.crt"), "--tls-key", str(pki / "good-client.key"), "--tls-server-name", "localhost"]),
+                    tmp_path / "a" / "agent.log").start()
+        time.sleep(1.0)
+        assert proc.term() == 0, proc.output()
+        assert spool_state(spool)[2] == 0
+    finally:
+        agg.proc.kill9()  # type: ignore[union-attr]
+
+
+def test_server_refuses_to_start_open(tmp_path: Path) -> None:
+    from .procs import BIN
+
+    out = subprocess.run([str(BIN / "eptwatch-server"), "--state", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2 and "no TLS configured" in out.stderr
+    out = subprocess.run([str(BIN / "eptwatch-server"), "--state", str(tmp_path), "--insecure-plaintext"], capture_output=True, text=True)
+    assert out.returncode == 2 and "tokens_file" in out.stderr
+
+
+@pytest.fixture
+def tight(tmp_path: Path):  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text("max_message_bytes: 200000\nstream_idle_timeout_seconds: 1.0\nmax_concurrent_streams: 40\n")
+    agg = Aggregator(tmp_path / "agg", INSECURE + ["--config", str(cfg)]).start()
+    yield agg
+    agg.proc.kill9()  # type: ignore[union-attr]
+
+
+def test_impossible_reports_are_rejected_with_a_reason(tight: Aggregator) -> None:
+    bad = []
+    r = report(1, instance="bad")
+    r.estimates[0].lost_ratio = math.nan
+    bad.append((r, "lost_ratio"))
+    r = report(2, instance="bad")
+    r.sample_time.seconds = int(time.time()) + 86400
+    bad.append((r, "future"))
+    r = report(3, instance="bad")
+    r.kernel.era = 42  # type: ignore[assignment]
+    bad.append((r, "unknown value 42"))
+    r = report(4, instance="bad")
+    r.host_id = ""
+    bad.append((r, "empty host_id"))
+    r = report(5, instance="bad")
+    r.estimates[0].host_huge_capacity_2m = 3  # capacity below observed, yet a loss claimed
+    bad.append((r, "lost_huge_2m"))
+    replies = asyncio.run(exchange(tight.target, [ingest_pb2.AgentMessage(reports=[b for b, _ in bad] + [report(6, instance="bad")])]))
+    acks = replies[0].acks
+    for ack, (_, needle) in zip(acks, bad):
+        assert ack.status == ingest_pb2.ACK_STATUS_REJECTED and needle in ack.reason, ack
+    assert acks[-1].status == ingest_pb2.ACK_STATUS_APPLIED  # the good one in the same message still lands
+
+
+def test_oversized_message_is_refused(tight: Aggregator) -> None:
+    big = ingest_pb2.AgentMessage(reports=[report(i, instance="big") for i in range(1, 200)])
+    assert big.ByteSize() > 200000
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(exchange(tight.target, [big]))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_silent_streams_are_closed_and_stream_count_is_bounded(tight: Aggregator) -> None:
+    async def scenario() -> tuple[list[grpc.StatusCode], float, int]:
+        async with grpc.aio.insecure_channel(tight.target) as ch:
+            stub = ingest_pb2_grpc.IngestStub(ch)
+            silent = [stub.Stream(timeout=20) for _ in range(60)]  # more than max_concurrent_streams (40)
+            t0 = time.monotonic()
+            codes = []
+            for call in silent:
+                try:
+                    await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+            waited = time.monotonic() - t0
+        # Everyone else is still served.
+        (reply,) = await exchange(tight.target, [ingest_pb2.AgentMessage(reports=[report(1, instance="after")])])
+        return codes, waited, reply.acks[0].status
+
+    codes, waited, status = asyncio.run(scenario())
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 20  # past the bound: refused at once
+    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= 1  # silent ones closed by the idle timeout
+    assert len(codes) == 60 and waited < 10
+    assert status == ingest_pb2.ACK_STATUS_APPLIED
