@@ -60,6 +60,7 @@ class AgentConfig:
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
     shutdown_flush_seconds: float = 5.0
+    load_balancing: str = "pick_first"  # round_robin over a headless Service's replicas
 
     def __post_init__(self) -> None:
         if not self.server:
@@ -68,6 +69,8 @@ class AgentConfig:
             raise ValueError("no TLS configured: give tls_ca (and tls_cert/tls_key for mutual TLS), or insecure_plaintext: true")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key go together")
+        if self.load_balancing not in ("pick_first", "round_robin"):
+            raise ValueError(f"load_balancing: expected pick_first or round_robin, got {self.load_balancing!r}")
         if not 0 <= self.jitter_ratio < 1:
             raise ValueError(f"jitter_ratio: expected 0 <= x < 1, got {self.jitter_ratio}")
         for name in ("interval_seconds", "spool_max_age_seconds", "stream_max_age_seconds", "backoff_initial_seconds",
@@ -109,7 +112,8 @@ def make_channel_factory(cfg: AgentConfig) -> tuple[object, tuple[tuple[str, str
 
 def delivery_config(cfg: AgentConfig) -> DeliveryConfig:
     return DeliveryConfig(cfg.server, cfg.batch_max_reports, cfg.max_message_bytes, stream_max_age_seconds=cfg.stream_max_age_seconds,
-                          backoff_initial_seconds=cfg.backoff_initial_seconds, backoff_max_seconds=cfg.backoff_max_seconds)
+                          backoff_initial_seconds=cfg.backoff_initial_seconds, backoff_max_seconds=cfg.backoff_max_seconds,
+                          load_balancing=cfg.load_balancing)
 
 
 def load_labels(cfg: AgentConfig) -> dict[str, str]:

@@ -39,6 +39,9 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+DEPARTING_MESSAGE = b"\x18\x01"  # AgentMessage{departing: true}
+
+
 def encode_agent_message(payloads: list[bytes], spool_dropped_total: int) -> bytes:
     """AgentMessage{reports: payloads, spool_dropped_total} without re-encoding the reports."""
     parts = [b"\x0a" + _varint(len(p)) + p for p in payloads]
@@ -68,6 +71,9 @@ class DeliveryConfig:
     stream_max_age_seconds: float = 600.0
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
+    # round_robin spreads streams over every address a name resolves to (a headless Service's
+    # replicas); pick_first sticks to one.
+    load_balancing: str = "pick_first"
 
 
 def channel_options(cfg: DeliveryConfig, server_name: str | None = None) -> list[tuple[str, object]]:
@@ -84,6 +90,8 @@ def channel_options(cfg: DeliveryConfig, server_name: str | None = None) -> list
         ("grpc.max_reconnect_backoff_ms", 5_000),
         ("grpc.enable_retries", 0),
     ]
+    if cfg.load_balancing != "pick_first":
+        opts.append(("grpc.lb_policy_name", cfg.load_balancing))
     if server_name:
         opts.append(("grpc.ssl_target_name_override", server_name))
     return opts
@@ -98,6 +106,10 @@ class Delivery:
         self.metadata = metadata
         self.counters = DeliveryCounters()
         self.wake = asyncio.Event()  # set when a new report is spooled or acks free the window
+        # The newest report the aggregator acknowledged: sent first on every new stream when the
+        # spool is empty, so a replica the agent rotates to holds this host at once (a duplicate
+        # where it already does).
+        self.last_acked: tuple[int, bytes] | None = None
 
     def notify(self) -> None:
         self.wake.set()
@@ -145,10 +157,14 @@ class Delivery:
                 STREAM_METHOD, request_serializer=lambda b: b, response_deserializer=ingest_pb2.ServerMessage.FromString
             )(metadata=self.metadata, compression=grpc.Compression.Gzip, timeout=self.cfg.stream_max_age_seconds + 60)
             in_flight: set[int] = set()
+            sent_payloads: dict[int, bytes] = {}  # newest report of each batch, to remember once acked
             started = time.monotonic()
 
             async def sender() -> None:
                 cursor = 0
+                if self.last_acked is not None and not await asyncio.to_thread(self.spool.pending, 0, 1, 1 << 30):
+                    await call.write(encode_agent_message([self.last_acked[1]], self.spool.dropped_total))
+                    in_flight.add(self.last_acked[0])
                 while True:
                     self.wake.clear()
                     rotating = time.monotonic() - started > self.cfg.stream_max_age_seconds and not stopping.is_set()
@@ -158,15 +174,18 @@ class Delivery:
                         self.spool.pending, cursor, min(self.cfg.batch_max_reports, window), self.cfg.max_message_bytes // 2
                     ) if window > 0 and not rotating else []
                     if batch:
+                        newest = batch[-1]
                         body = encode_agent_message([p for _, p in batch], self.spool.dropped_total)
                         await call.write(body)
                         cursor = batch[-1][0]
                         in_flight.update(s for s, _ in batch)
                         self.counters.reports_sent_total += len(batch)
+                        sent_payloads[newest[0]] = newest[1]
                         continue
                     if closing and not in_flight:
                         # Shutting down with nothing outstanding, or rotating the stream so agents
-                        # rebalance across aggregator replicas: close our side cleanly.
+                        # rebalance across aggregator replicas: say so, then close our side cleanly.
+                        await call.write(DEPARTING_MESSAGE)
                         await call.done_writing()
                         return
                     try:
@@ -189,6 +208,10 @@ class Delivery:
                             self.counters.reports_duplicate_total += 1
                     await asyncio.to_thread(self.spool.ack, done)
                     self.counters.reports_acked_total += len(done)
+                    for seq in sorted(done):
+                        payload = sent_payloads.pop(seq, None)
+                        if payload is not None and (self.last_acked is None or seq > self.last_acked[0]):
+                            self.last_acked = (seq, payload)
                     in_flight.difference_update(done)
                     self.wake.set()
 

@@ -190,10 +190,11 @@ def _opts(parts: list[str], implied: str | None = None) -> dict[str, str]:
 def find_qmp_sockets(argv: Sequence[str]) -> tuple[list[QmpSocket], list[str]]:
     """The QMP server sockets QEMU's argv names, in command-line order, and notes on monitors that
     cannot be reached by path (client-mode sockets, fd-passed chardevs, non-unix transports). Pure."""
-    found: list[QmpSocket] = []
+    found: list[tuple[int, QmpSocket]] = []  # (argv position, socket): command-line order at the end
     notes: list[str] = []
+    # QEMU creates all chardevs before the monitors, so a -chardev may follow the -mon that uses it.
     chardevs: dict[str, dict[str, str]] = {}  # id -> options of socket chardevs
-    monitors: list[str] = []  # chardev ids of -mon ...,mode=control
+    monitors: list[tuple[int, str]] = []  # (argv position, chardev id) of -mon ...,mode=control
     i = 1
     while i < len(argv):
         arg = argv[i]
@@ -202,7 +203,7 @@ def find_qmp_sockets(argv: Sequence[str]) -> tuple[list[QmpSocket], list[str]]:
         if value is None or opt not in ("-qmp", "-qmp-pretty", "-chardev", "-mon"):
             i += 1
             continue
-        i += 2
+        pos, i = i, i + 2
         if opt in ("-qmp", "-qmp-pretty"):
             if not value.startswith("unix:"):
                 notes.append(f"{opt} {value.split(',', 1)[0]}: not a unix socket")
@@ -216,7 +217,7 @@ def find_qmp_sockets(argv: Sequence[str]) -> tuple[list[QmpSocket], list[str]]:
             elif _flag(o, "abstract"):
                 notes.append(f"{opt} unix:{parts[0]}: abstract socket not supported")
             else:
-                found.append(QmpSocket(parts[0], opt))
+                found.append((pos, QmpSocket(parts[0], opt)))
         elif opt == "-chardev":
             parts = split_qemu_opts(value)
             if parts[0] == "socket":
@@ -226,21 +227,21 @@ def find_qmp_sockets(argv: Sequence[str]) -> tuple[list[QmpSocket], list[str]]:
         else:  # -mon [chardev=]X[,mode=control]
             o = _opts(split_qemu_opts(value), implied="chardev")
             if o.get("mode") == "control" and "chardev" in o:
-                monitors.append(o["chardev"])
-    for cid in monitors:
-        o = chardevs.get(cid)
-        if o is None:
+                monitors.append((pos, o["chardev"]))
+    for pos, cid in monitors:
+        dev = chardevs.get(cid)
+        if dev is None:
             notes.append(f"-mon chardev={cid}: not a socket chardev on the command line")
-        elif "path" not in o:
-            how = f"fd={o['fd']} (passed by the parent, e.g. libvirt)" if "fd" in o else "no path"
+        elif "path" not in dev:
+            how = f"fd={dev['fd']} (passed by the parent, e.g. libvirt)" if "fd" in dev else "no path"
             notes.append(f"QMP monitor chardev {cid}: {how}: not reachable by path")
-        elif not _flag(o, "server"):
+        elif not _flag(dev, "server"):
             notes.append(f"QMP monitor chardev {cid}: QEMU is the client (no server=on)")
-        elif _flag(o, "abstract"):
+        elif _flag(dev, "abstract"):
             notes.append(f"QMP monitor chardev {cid}: abstract socket not supported")
         else:
-            found.append(QmpSocket(o["path"], f"-chardev id={cid} -mon mode=control"))
-    return found, notes
+            found.append((pos, QmpSocket(dev["path"], f"-chardev id={cid} -mon mode=control")))
+    return [sock for _, sock in sorted(found, key=lambda f: f[0])], notes
 
 
 # --- one conversation ------------------------------------------------------------------------------
@@ -326,7 +327,7 @@ def _peer_pid(sock: socket.socket) -> int | None:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
         return None
-    pid, _uid, _gid = struct.unpack("3i", raw)
+    pid: int = struct.unpack("3i", raw)[0]
     return pid
 
 

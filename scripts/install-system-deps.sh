@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite drives for real. Idempotent and quiet when all present.
 set -euo pipefail
-packages=(qemu-system-x86 seabios binutils openssl)
+packages=(qemu-system-x86 seabios binutils openssl prometheus chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

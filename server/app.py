@@ -14,17 +14,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
+from google.protobuf import json_format
+
+from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc, query_pb2, query_pb2_grpc
 
 from .auth import TlsFiles, TokenTable
-from .fleet import FleetState, summarise
-from .http import HttpServer
-from .ingest import IngestServicer
+from .fleet import FleetConfig, FleetState, summarise
+from .http import HttpServer, json_bytes
+from .presence import TrackingIngestServicer
+from .page import render_fleet_page
+from .query import QueryError, QueryServicer, ReportReader, fleet_pb, host_detail, list_hosts, list_kernels
 from .store import Store
 
 log = logging.getLogger("eptwatch.server")
 
 INGEST_SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name
+QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["Query"].full_name
 _HOSTPORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):(\d{1,5})")
 
 
@@ -55,6 +60,12 @@ class ServerConfig:
     # Fleet view (rollups, staleness)
     report_interval_seconds: float = 30.0
     stale_after_intervals: float = 4.0
+    rollup_labels: tuple[str, ...] = ()  # host label keys rolled up on /metrics (bounded cardinality)
+    top_n_worst_hosts: int = 10
+    regression_min_hosts: int = 3
+    regression_unexplained_ratio: float = 0.05
+    regression_margin_vs_best: float = 0.05
+    page_title: str = "eptwatch fleet"
 
     def __post_init__(self) -> None:
         check_hostport(self.listen, "listen")
@@ -73,6 +84,11 @@ class ServerConfig:
         for name in ("stream_idle_timeout_seconds", "report_interval_seconds", "stale_after_intervals"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number")
+        if self.top_n_worst_hosts < 0 or self.regression_min_hosts < 1:
+            raise ValueError("top_n_worst_hosts must be >= 0 and regression_min_hosts >= 1")
+        for name in ("regression_unexplained_ratio", "regression_margin_vs_best"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: expected a ratio between 0 and 1")
         if self.sqlite_synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"sqlite_synchronous: expected FULL, NORMAL or EXTRA, got {self.sqlite_synchronous!r}")
 
@@ -98,9 +114,10 @@ class Aggregator:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.store = Store(Path(cfg.state_dir), synchronous=cfg.sqlite_synchronous)
-        self.fleet = FleetState()
+        self.fleet = FleetState(self.fleet_config())
+        self.reader = ReportReader(self.store.path)
         tokens = TokenTable.from_file(Path(cfg.tokens_file)) if cfg.tokens_file else None
-        self.ingest = IngestServicer(self.store, self.fleet, tokens, cfg.stream_idle_timeout_seconds)
+        self.ingest = TrackingIngestServicer(self.store, self.fleet, tokens, cfg.stream_idle_timeout_seconds)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.http: HttpServer | None = None
@@ -108,16 +125,55 @@ class Aggregator:
         self.ready = False
         self.started_at = time.time()
 
+    def fleet_config(self) -> FleetConfig:
+        c = self.cfg
+        return FleetConfig(stale_after_seconds=c.report_interval_seconds * c.stale_after_intervals, rollup_labels=c.rollup_labels,
+                           top_n=c.top_n_worst_hosts, min_hosts=c.regression_min_hosts,
+                           unexplained_ratio_threshold=c.regression_unexplained_ratio, margin_vs_best=c.regression_margin_vs_best)
+
+    def http_routes(self, path: str, query: dict[str, list[str]]) -> tuple[int, str, bytes] | None:
+        """The fleet page and the JSON API: the same messages as the gRPC Query service."""
+        def one(name: str) -> str:
+            return query.get(name, [""])[-1]
+
+        def js(msg: object) -> tuple[int, str, bytes]:
+            return 200, "application/json", json_bytes(json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))  # type: ignore[arg-type]
+
+        try:
+            if path == "/":
+                return 200, "text/html; charset=utf-8", render_fleet_page(self.fleet.view(), title=self.cfg.page_title).encode()
+            if path == "/api/v1/fleet":
+                return js(fleet_pb(self.fleet.view()))
+            if path == "/api/v1/kernels":
+                return js(list_kernels(self.fleet.view(), query_pb2.ListKernelsRequest(era=one("era"), verdict=one("verdict"))))
+            if path == "/api/v1/hosts":
+                limit, offset = one("limit") or "0", one("offset") or "0"
+                if not limit.isdigit() or not offset.isdigit():
+                    raise QueryError("limit and offset: expected non-negative integers")
+                req = query_pb2.ListHostsRequest(kernel_release=one("kernel"), labels=query.get("label", []), status=one("status"),
+                                                 cause=one("cause"), limit=int(limit), offset=int(offset))
+                return js(list_hosts(self.fleet.view(), req))
+            if path.startswith("/api/v1/hosts/"):
+                host_id = path.removeprefix("/api/v1/hosts/")
+                d = host_detail(self.fleet.view(), self.reader, host_id)
+                if d is None:
+                    return 404, "application/json", json_bytes({"error": f"no host {host_id[:80]!r}"})
+                return js(d)
+        except QueryError as exc:
+            return 400, "application/json", json_bytes({"error": str(exc)})
+        return None
+
     async def start(self) -> None:
         cfg = self.cfg
         self.server = grpc.aio.server(options=grpc_server_options(cfg), maximum_concurrent_rpcs=cfg.max_concurrent_streams,
                                       compression=grpc.Compression.Gzip)
         ingest_pb2_grpc.add_IngestServicer_to_server(self.ingest, self.server)
+        query_pb2_grpc.add_QueryServicer_to_server(QueryServicer(self.fleet.view, self.reader), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for svc in ("", INGEST_SERVICE):
             await _set_health(self.health, svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection(
-            (INGEST_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
+            (INGEST_SERVICE, QUERY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
         )
         if cfg.tls_cert and cfg.tls_key:
             cert, key, ca = TlsFiles(Path(cfg.tls_cert), Path(cfg.tls_key), Path(cfg.tls_client_ca) if cfg.tls_client_ca else None).read()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
+from eptwatch.v1 import report_pb2 as pb
 
 from .auth import Principal, TokenTable
 from .fleet import FleetState, summarise
@@ -63,10 +64,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
             it = request_iterator.__aiter__()
             while True:
                 try:
-                    msg = await asyncio.wait_for(it.__anext__(), self.idle_timeout)
+                    # asyncio.timeout, not wait_for: no extra task per message
+                    async with asyncio.timeout(self.idle_timeout):
+                        msg = await it.__anext__()
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       f"no message for {self.idle_timeout:.0f} s: stream closed")
                     return
@@ -92,18 +95,23 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                                                  status=ingest_pb2.ACK_STATUS_REJECTED, reason=reason))
                 continue
             acks.append(None)
-            accepted.append((i, Incoming(r, r.SerializeToString(), msg.spool_dropped_total)))
+            # No payload: the store serialises only the reports it keeps as a host's latest.
+            accepted.append((i, Incoming(r, None, msg.spool_dropped_total)))
         if accepted:
             results = await self.store.apply([inc for _, inc in accepted])
             received = self._clock()  # type: ignore[operator]
+            latest: dict[str, pb.HostReport] = {}
             for (i, inc), res in zip(accepted, results):
                 r = inc.report
                 if res.status == ingest_pb2.ACK_STATUS_APPLIED:
                     self.counters.reports_applied_total += 1
                     if res.became_latest:
-                        self.fleet.put(summarise(r, received))
+                        latest[r.host_id] = r  # a later one of the same host in this message supersedes it
                 else:
                     self.counters.reports_duplicate_total += 1
                 acks[i] = ingest_pb2.ReportAck(host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
                                                status=res.status)  # type: ignore[arg-type]
+            # Summarised once per host per message: a replayed backlog of 50 costs one summary, not 50.
+            for r in latest.values():
+                self.fleet.put(summarise(r, received))
         return ingest_pb2.ServerMessage(acks=[a for a in acks if a is not None])

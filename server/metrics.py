@@ -26,6 +26,28 @@ METRICS: dict[str, str] = {
     "eptwatch_server_streams_refused_total": "Agent streams refused, by gRPC status code",
     "eptwatch_server_reports_total": "Reports received, by result (applied, duplicate, rejected)",
     "eptwatch_server_store_commits_total": "SQLite transactions committed (each acknowledges a batch)",
+    # Fleet rollups: counts and sums only (never ratios), so replicas add up in PromQL. Hosts that went
+    # stale have left these. Labels: kernel_release, era.
+    "eptwatch_fleet_hosts": "Fresh hosts, by kernel release and predicate era",
+    "eptwatch_fleet_vms": "VMs on fresh hosts, by kernel release and predicate era",
+    "eptwatch_fleet_host_huge_capacity_2m": "Sum of host huge capacity (2 MiB units) of VMs with a loss estimate",
+    "eptwatch_fleet_observed_huge_2m": "Sum of huge EPT mappings (2 MiB units) of VMs with a loss estimate",
+    "eptwatch_fleet_lost_huge_2m": "Sum of lost huge mappings (2 MiB units)",
+    "eptwatch_fleet_lost_explained_2m": "Lost huge mappings the predicate model explains (known bug, NX split, false negative)",
+    "eptwatch_fleet_lost_unexplained_2m": "Lost huge mappings the predicate model does not explain",
+    "eptwatch_fleet_vms_by_cause": "VMs on fresh hosts by their estimate's cause",
+    # The same sums per configured host label (rollup_labels), labels: label, value.
+    "eptwatch_fleet_label_hosts": "Fresh hosts per value of a configured host label",
+    "eptwatch_fleet_label_host_huge_capacity_2m": "Host huge capacity per value of a configured host label",
+    "eptwatch_fleet_label_lost_huge_2m": "Lost huge mappings per value of a configured host label",
+    "eptwatch_fleet_label_lost_unexplained_2m": "Unexplained lost huge mappings per value of a configured host label",
+    "eptwatch_fleet_hosts_stale": "Hosts whose agent has been silent longer than the staleness bound",
+    "eptwatch_fleet_agent_spool_dropped": "Reports fresh hosts' agents dropped from their spools (latest count)",
+    # Verdicts, with their evidence on the API.
+    "eptwatch_kernel_regressed": "1 for a kernel release the detector judges regressed (label: compared_to)",
+    "eptwatch_kernel_known_bad_hosts": "Fresh hosts running a kernel the model predicts to have the page-cache THP bug",
+    "eptwatch_fleet_worst_host_lost_ratio": "Top-N hosts by lost / capacity (labels: host_id, kernel_release)",
+    "eptwatch_fleet_worst_host_lost_huge_2m": "Top-N hosts' lost huge mappings (labels: host_id, kernel_release)",
 }
 
 
@@ -35,10 +57,11 @@ class AggregatorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # Each section is guarded: one failing section must not sink the whole scrape.
-        try:
-            yield from self._ingest()
-        except Exception:  # noqa: BLE001
-            log.exception("ingest metrics failed")
+        for section in (self._ingest, self._fleet):
+            try:
+                yield from section()
+            except Exception:  # noqa: BLE001
+                log.exception("metrics section %s failed", section.__name__)
 
     def _ingest(self) -> Iterator[Metric]:
         c = self.agg.ingest.counters
@@ -57,3 +80,52 @@ class AggregatorCollector(Collector):
         yield reports
         yield CounterMetricFamily("eptwatch_server_store_commits", METRICS["eptwatch_server_store_commits_total"],
                                   value=self.agg.store.commits_total)
+
+    def _fleet(self) -> Iterator[Metric]:
+        from .fleet import CAUSE_NAMES, ERA_NAMES
+
+        v = self.agg.fleet.view()
+        kl = ["kernel_release", "era"]
+        fams = {
+            "eptwatch_fleet_hosts": (lambda r: r.hosts),
+            "eptwatch_fleet_vms": (lambda r: r.vms),
+            "eptwatch_fleet_host_huge_capacity_2m": (lambda r: r.capacity_2m),
+            "eptwatch_fleet_observed_huge_2m": (lambda r: r.observed_2m),
+            "eptwatch_fleet_lost_huge_2m": (lambda r: r.lost_2m),
+            "eptwatch_fleet_lost_explained_2m": (lambda r: r.lost_explained_2m),
+            "eptwatch_fleet_lost_unexplained_2m": (lambda r: r.lost_unexplained_2m),
+        }
+        for name, get in fams.items():
+            g = GaugeMetricFamily(name, METRICS[name], labels=kl)
+            for k in v.kernels:
+                g.add_metric([k.kernel_release, ERA_NAMES.get(k.era, str(k.era))], get(k))
+            yield g
+        by_cause = GaugeMetricFamily("eptwatch_fleet_vms_by_cause", METRICS["eptwatch_fleet_vms_by_cause"], labels=["cause"])
+        for c, n in sorted(v.total.causes.items()):
+            by_cause.add_metric([CAUSE_NAMES.get(c, str(c))], n)
+        yield by_cause
+        for name, get in (("eptwatch_fleet_label_hosts", lambda r: r.hosts),
+                          ("eptwatch_fleet_label_host_huge_capacity_2m", lambda r: r.capacity_2m),
+                          ("eptwatch_fleet_label_lost_huge_2m", lambda r: r.lost_2m),
+                          ("eptwatch_fleet_label_lost_unexplained_2m", lambda r: r.lost_unexplained_2m)):
+            g = GaugeMetricFamily(name, METRICS[name], labels=["label", "value"])
+            for (lk, lv), r in sorted(v.labels.items()):
+                g.add_metric([lk, lv], get(r))
+            yield g
+        yield GaugeMetricFamily("eptwatch_fleet_hosts_stale", METRICS["eptwatch_fleet_hosts_stale"], value=v.hosts_stale)
+        yield GaugeMetricFamily("eptwatch_fleet_agent_spool_dropped", METRICS["eptwatch_fleet_agent_spool_dropped"], value=v.total.spool_dropped)
+        reg = GaugeMetricFamily("eptwatch_kernel_regressed", METRICS["eptwatch_kernel_regressed"], labels=["kernel_release", "compared_to"])
+        bad = GaugeMetricFamily("eptwatch_kernel_known_bad_hosts", METRICS["eptwatch_kernel_known_bad_hosts"], labels=["kernel_release"])
+        for k in v.kernels:
+            reg.add_metric([k.kernel_release, k.compared_to], 1 if k.regressed else 0)
+            if k.known_bad:
+                bad.add_metric([k.kernel_release], k.hosts)
+        yield reg
+        yield bad
+        ratio = GaugeMetricFamily("eptwatch_fleet_worst_host_lost_ratio", METRICS["eptwatch_fleet_worst_host_lost_ratio"], labels=["host_id", "kernel_release"])
+        lost = GaugeMetricFamily("eptwatch_fleet_worst_host_lost_huge_2m", METRICS["eptwatch_fleet_worst_host_lost_huge_2m"], labels=["host_id", "kernel_release"])
+        for h in v.worst_hosts:
+            ratio.add_metric([h.host_id, h.kernel_release], h.lost_ratio or 0.0)
+            lost.add_metric([h.host_id, h.kernel_release], h.lost_2m)
+        yield ratio
+        yield lost

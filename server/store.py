@@ -19,9 +19,10 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from eptwatch.v1 import ingest_pb2, report_pb2
 
@@ -51,7 +52,9 @@ CREATE TABLE IF NOT EXISTS hosts (
 @dataclass(frozen=True)
 class Incoming:
     report: report_pb2.HostReport
-    payload: bytes  # the report serialised, as stored
+    # The report serialised, as stored. None: the writer serialises it, and only if it becomes the
+    # host's stored latest report (in a replayed backlog, most are superseded within the transaction).
+    payload: bytes | None = None
     spool_dropped_total: int = 0
 
 
@@ -97,6 +100,7 @@ class Store:
         self._max_batch = max_batch
         self._queue: queue.Queue[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]] | None] = queue.Queue()
         self._marks: dict[tuple[str, str], int] = {}
+        self._latest: dict[str, float] = {}  # host -> sample_time of its stored report (writer thread)
         self._thread: threading.Thread | None = None
         self._conn = self._connect()
         self.commits_total = 0
@@ -138,6 +142,8 @@ class Store:
     def start(self) -> None:
         for host_id, inst, last in self._conn.execute("SELECT host_id, agent_instance, last_sequence FROM agents"):
             self._marks[(host_id, inst)] = last
+        for host_id, st in self._conn.execute("SELECT host_id, sample_time FROM hosts"):
+            self._latest[host_id] = st
         self._thread = threading.Thread(target=self._run, name="eptwatch-store-writer", daemon=True)
         self._thread.start()
 
@@ -175,54 +181,109 @@ class Store:
             try:
                 results = self._commit([j[0] for j in jobs])
             except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
-                for _, loop, fut in jobs:
-                    loop.call_soon_threadsafe(_set_exception, fut, exc)
+                _wake(jobs, [exc] * len(jobs), _set_exception)
             else:
-                for (_, loop, fut), res in zip(jobs, results):
-                    loop.call_soon_threadsafe(_set_result, fut, res)
+                _wake(jobs, results, _set_result)
             if stop:
                 return
 
     def _commit(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
+        """One transaction for everything queued. Per (host, instance) one agents row and per host one
+        hosts row are written, however many of its reports the transaction holds; the results are the
+        same as applying the reports one by one in order."""
         now = time.time()
-        marks = dict(self._marks)  # applied only if the transaction commits
+        marks: dict[tuple[str, str], int] = {}  # changes to self._marks, kept only if the transaction commits
+        latest: dict[str, float] = {}  # likewise for self._latest
+        agents: dict[tuple[str, str], list[int]] = {}  # key -> [last_sequence, applied, spool_dropped_total]
+        hosts: dict[str, tuple[Incoming, float]] = {}  # host -> the report to store and its sample time
+        known_marks, known_latest = self._marks, self._latest
+        applied = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
+        applied_latest = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)
+        duplicate = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False)
         results: list[list[ApplyResult]] = []
+        for batch in batches:
+            res: list[ApplyResult] = []
+            for item in batch:
+                r = item.report
+                host, seq = r.host_id, r.sequence
+                key = (host, r.agent_instance)
+                last = marks.get(key)
+                if last is None:
+                    last = known_marks.get(key, 0)
+                if seq <= last:
+                    res.append(duplicate)
+                    continue
+                marks[key] = seq
+                a = agents.get(key)
+                if a is None:
+                    agents[key] = [seq, 1, item.spool_dropped_total]
+                else:
+                    a[0] = seq
+                    a[1] += 1
+                    if item.spool_dropped_total > a[2]:
+                        a[2] = item.spool_dropped_total
+                st = sample_seconds(r)
+                cur = latest.get(host)
+                if cur is None:
+                    cur = known_latest.get(host)
+                # The hosts row keeps the report with the newest sample time (ties: the later one).
+                if cur is None or st >= cur:
+                    latest[host] = st
+                    hosts[host] = (item, st)
+                    res.append(applied_latest)
+                else:
+                    res.append(applied)
+            results.append(res)
+        if not agents:
+            return results  # duplicates only: nothing to write
+        host_rows = []
+        for host, (item, st) in hosts.items():
+            r = item.report
+            payload = item.payload if item.payload is not None else r.SerializeToString()
+            host_rows.append((host, r.agent_instance, r.sequence, st, now, payload))
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            for batch in batches:
-                res: list[ApplyResult] = []
-                for item in batch:
-                    r = item.report
-                    key = (r.host_id, r.agent_instance)
-                    last = marks.get(key, 0)
-                    if r.sequence <= last:
-                        res.append(ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False))
-                        continue
-                    marks[key] = r.sequence
-                    c.execute(
-                        "INSERT INTO agents VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(host_id, agent_instance) DO UPDATE SET "
-                        "last_sequence=excluded.last_sequence, applied_total=applied_total+1, "
-                        "spool_dropped_total=max(spool_dropped_total, excluded.spool_dropped_total), last_seen=excluded.last_seen",
-                        (r.host_id, r.agent_instance, r.sequence, item.spool_dropped_total, now),
-                    )
-                    st = sample_seconds(r)
-                    cur = c.execute(
-                        "INSERT INTO hosts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET "
-                        "agent_instance=excluded.agent_instance, sequence=excluded.sequence, sample_time=excluded.sample_time, "
-                        "received=excluded.received, report=excluded.report WHERE excluded.sample_time >= hosts.sample_time",
-                        (r.host_id, r.agent_instance, r.sequence, st, now, item.payload),
-                    )
-                    res.append(ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, cur.rowcount > 0))
-                results.append(res)
+            c.executemany(
+                "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(host_id, agent_instance) DO UPDATE SET "
+                "last_sequence=excluded.last_sequence, applied_total=applied_total+excluded.applied_total, "
+                "spool_dropped_total=max(spool_dropped_total, excluded.spool_dropped_total), last_seen=excluded.last_seen",
+                [(h, i, seq, n, dropped, now) for (h, i), (seq, n, dropped) in agents.items()],
+            )
+            c.executemany(
+                "INSERT INTO hosts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(host_id) DO UPDATE SET "
+                "agent_instance=excluded.agent_instance, sequence=excluded.sequence, sample_time=excluded.sample_time, "
+                "received=excluded.received, report=excluded.report WHERE excluded.sample_time >= hosts.sample_time",
+                host_rows,
+            )
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        self._marks = marks
+        known_marks.update(marks)
+        known_latest.update(latest)
         self.commits_total += 1
         self.reports_committed_total += sum(len(b) for b in batches)
         return results
+
+
+def _wake(jobs: list[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]]],
+          values: list, setter: Callable[[asyncio.Future[list[ApplyResult]], Any], None]) -> None:
+    """Resolve every job's future on its own loop: one wake-up per loop, not one per job."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[list[ApplyResult]], Any]]] = {}
+    for (_, loop, fut), value in zip(jobs, values):
+        by_loop.setdefault(loop, []).append((fut, value))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, pairs, setter)
+        except RuntimeError:
+            pass  # that loop is closed: nobody is waiting any more
+
+
+def _resolve(pairs: list[tuple[asyncio.Future[list[ApplyResult]], Any]],
+             setter: Callable[[asyncio.Future[list[ApplyResult]], Any], None]) -> None:
+    for fut, value in pairs:
+        setter(fut, value)
 
 
 def _set_result(fut: asyncio.Future[list[ApplyResult]], value: list[ApplyResult]) -> None:

@@ -38,6 +38,18 @@ def start_agent(tmp_path: Path, name: str, server: str, extra: list[str] | None 
     return Proc(args, tmp_path / name / "agent.log").start(), spool
 
 
+def wait_for(cond, timeout: float, proc: Proc | None = None) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except Exception:  # noqa: BLE001 - the spool may be mid-creation
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"condition not met in {timeout} s" + (f"; log: {proc.output()[-1500:]}" if proc else ""))
+
+
 def assert_exactly_once(agg: Aggregator, spools: dict[str, Path]) -> None:
     applied = agg.applied()
     for host, spool in spools.items():
@@ -73,7 +85,7 @@ def test_agent_sigkilled_during_outage_delivers_its_spool_after_restart(tmp_path
     agg = Aggregator(tmp_path / "agg", INSECURE)  # not started: the outage
     proc, spool = start_agent(tmp_path, "hv-outage", agg.target)
     try:
-        time.sleep(1.5)
+        wait_for(lambda: spool.exists() and spool_state(spool)[1] > 5, 30, proc)
         proc.kill9()
         _, created_before, depth = spool_state(spool)
         assert created_before > 5 and depth == created_before  # nothing could be delivered

@@ -20,12 +20,14 @@ ACK_STATUS_DUPLICATE: AckStatus
 ACK_STATUS_REJECTED: AckStatus
 
 class AgentMessage(_message.Message):
-    __slots__ = ("reports", "spool_dropped_total")
+    __slots__ = ("reports", "spool_dropped_total", "departing")
     REPORTS_FIELD_NUMBER: _ClassVar[int]
     SPOOL_DROPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DEPARTING_FIELD_NUMBER: _ClassVar[int]
     reports: _containers.RepeatedCompositeFieldContainer[_report_pb2.HostReport]
     spool_dropped_total: int
-    def __init__(self, reports: _Optional[_Iterable[_Union[_report_pb2.HostReport, _Mapping]]] = ..., spool_dropped_total: _Optional[int] = ...) -> None: ...
+    departing: bool
+    def __init__(self, reports: _Optional[_Iterable[_Union[_report_pb2.HostReport, _Mapping]]] = ..., spool_dropped_total: _Optional[int] = ..., departing: _Optional[bool] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ("host_id", "agent_instance", "sequence", "status", "reason")

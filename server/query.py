@@ -1,0 +1,192 @@
+"""The read side: FleetView -> query messages, filters, and the gRPC Query servicer.
+
+HTTP JSON and gRPC answer from the same functions, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from eptwatch.v1 import query_pb2 as q
+from eptwatch.v1 import query_pb2_grpc
+from eptwatch.v1 import report_pb2 as pb
+
+from .fleet import CAUSE_NAMES, ERA_NAMES, FleetView, HostSummary, KernelRollup, Rollup
+
+VERDICTS = {"ok": q.KERNEL_VERDICT_OK, "regressed": q.KERNEL_VERDICT_REGRESSED, "known_bad": q.KERNEL_VERDICT_KNOWN_BAD,
+            "insufficient_hosts": q.KERNEL_VERDICT_INSUFFICIENT_HOSTS}
+ERA_BY_NAME = {v: k for k, v in ERA_NAMES.items() if v != "unspecified"}
+CAUSE_BY_NAME = {v: k for k, v in CAUSE_NAMES.items() if v != "unspecified"}
+MAX_LIMIT = 10000
+
+
+class QueryError(ValueError):
+    """A bad filter: answered with 400 / INVALID_ARGUMENT, naming the parameter."""
+
+
+def _ts(seconds: float | None) -> Timestamp:
+    t = Timestamp()
+    if seconds is not None:
+        t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def rollup_pb(r: Rollup) -> q.Rollup:
+    msg = q.Rollup(hosts=r.hosts, vms=r.vms, host_huge_capacity_2m=r.capacity_2m, observed_huge_2m=r.observed_2m,
+                   lost_huge_2m=r.lost_2m, lost_explained_2m=r.lost_explained_2m, lost_unexplained_2m=r.lost_unexplained_2m,
+                   known_bug_vms=r.known_bug_vms, vms_by_cause={CAUSE_NAMES[c]: n for c, n in r.causes.items() if c in CAUSE_NAMES})
+    if r.lost_ratio is not None:
+        msg.lost_ratio = r.lost_ratio
+    return msg
+
+
+def kernel_pb(k: KernelRollup) -> q.KernelRollup:
+    msg = q.KernelRollup(kernel_release=k.kernel_release, era=k.era, rollup=rollup_pb(k), verdict=VERDICTS[k.verdict],  # type: ignore[arg-type]
+                         regressed=k.regressed, known_bad=k.known_bad, compared_to=k.compared_to, evidence=k.evidence)
+    if k.compared_ratio is not None:
+        msg.compared_lost_ratio = k.compared_ratio
+    return msg
+
+
+def host_pb(h: HostSummary, stale: bool) -> q.HostSummary:
+    msg = q.HostSummary(
+        host_id=h.host_id, kernel_release=h.kernel_release, era=h.era, labels=dict(h.labels), stale=stale,  # type: ignore[arg-type]
+        sample_time=_ts(h.sample_time), received=_ts(h.received), vms=h.vms, host_huge_capacity_2m=h.capacity_2m,
+        observed_huge_2m=h.observed_2m, lost_huge_2m=h.lost_2m, lost_unexplained_2m=h.lost_unexplained_2m,
+        vms_by_cause={CAUSE_NAMES[c]: n for c, n in h.causes if c in CAUSE_NAMES}, agent_version=h.agent_version,
+        agent_instance=h.agent_instance, sequence=h.sequence,
+    )
+    if h.lost_ratio is not None:
+        msg.lost_ratio = h.lost_ratio
+    return msg
+
+
+def fleet_pb(v: FleetView) -> q.FleetSummary:
+    return q.FleetSummary(
+        generated_at=_ts(v.generated_at), total=rollup_pb(v.total), hosts_stale=v.hosts_stale, hosts_departed=v.hosts_departed,
+        kernels=[kernel_pb(k) for k in v.kernels],
+        labels=[q.LabelRollup(label=k, value=val, rollup=rollup_pb(r)) for (k, val), r in sorted(v.labels.items())],
+        worst_hosts=[host_pb(h, False) for h in v.worst_hosts], newest_report=_ts(v.newest_received),
+        oldest_fresh_report=_ts(v.oldest_fresh_received), stale_after_seconds=v.config.stale_after_seconds,
+    )
+
+
+def list_kernels(v: FleetView, req: q.ListKernelsRequest) -> q.ListKernelsResponse:
+    if req.era and req.era not in ERA_BY_NAME:
+        raise QueryError(f"era: expected one of {', '.join(sorted(ERA_BY_NAME))}, got {req.era!r}")
+    if req.verdict and req.verdict not in VERDICTS:
+        raise QueryError(f"verdict: expected one of {', '.join(sorted(VERDICTS))}, got {req.verdict!r}")
+    out = [k for k in v.kernels if (not req.era or k.era == ERA_BY_NAME[req.era]) and (not req.verdict or k.verdict == req.verdict)]
+    return q.ListKernelsResponse(kernels=[kernel_pb(k) for k in out])
+
+
+def list_hosts(v: FleetView, req: q.ListHostsRequest) -> q.ListHostsResponse:
+    status = req.status or "fresh"
+    if status not in ("fresh", "stale", "all"):
+        raise QueryError(f"status: expected fresh, stale or all, got {status!r}")
+    wanted_labels: list[tuple[str, str]] = []
+    for raw in req.labels:
+        key, sep, value = raw.partition("=")
+        if not sep or not key:
+            raise QueryError(f"label: expected key=value, got {raw!r}")
+        wanted_labels.append((key, value))
+    cause = None
+    if req.cause:
+        if req.cause not in CAUSE_BY_NAME:
+            raise QueryError(f"cause: expected one of {', '.join(sorted(CAUSE_BY_NAME))}, got {req.cause!r}")
+        cause = CAUSE_BY_NAME[req.cause]
+    limit = req.limit or 100
+    if limit > MAX_LIMIT:
+        raise QueryError(f"limit: at most {MAX_LIMIT}, got {limit}")
+    pools: list[tuple[dict[str, HostSummary], bool]] = []
+    if status in ("fresh", "all"):
+        pools.append((v.fresh, False))
+    if status in ("stale", "all"):
+        pools.append((v.stale, True))
+    rows: list[tuple[HostSummary, bool]] = []
+    for pool, stale in pools:
+        for h in pool.values():
+            if req.kernel_release and h.kernel_release != req.kernel_release:
+                continue
+            if any(h.label(k) != val for k, val in wanted_labels):
+                continue
+            if cause is not None and not any(c == cause and n for c, n in h.causes):
+                continue
+            rows.append((h, stale))
+    rows.sort(key=lambda r: r[0].host_id)
+    page = rows[req.offset: req.offset + limit]
+    return q.ListHostsResponse(hosts=[host_pb(h, s) for h, s in page], total=len(rows))
+
+
+class ReportReader:
+    """Reads a host's latest full report from the durable store: per-VM detail is not kept in memory.
+    SQLite in WAL mode lets this read-only connection run beside the writer."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self._local = threading.local()
+
+    def _conn(self) -> sqlite3.Connection:
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False)
+            self._local.conn = c
+        return c
+
+    def latest(self, host_id: str) -> pb.HostReport | None:
+        row = self._conn().execute("SELECT report FROM hosts WHERE host_id=?", (host_id,)).fetchone()
+        if row is None:
+            return None
+        r = pb.HostReport()
+        r.ParseFromString(row[0])
+        return r
+
+
+def host_detail(v: FleetView, reader: ReportReader, host_id: str) -> q.HostDetail | None:
+    h = v.fresh.get(host_id)
+    stale = False
+    if h is None:
+        h, stale = v.stale.get(host_id), True
+    if h is None:
+        return None
+    detail = q.HostDetail(summary=host_pb(h, stale))
+    report = reader.latest(host_id)
+    if report is not None:
+        detail.latest_report.CopyFrom(report)
+    return detail
+
+
+class QueryServicer(query_pb2_grpc.QueryServicer):
+    def __init__(self, view: Callable[[], FleetView], reader: ReportReader) -> None:
+        self._view = view
+        self._reader = reader
+
+    async def GetFleet(self, request: q.GetFleetRequest, context: grpc.aio.ServicerContext) -> q.FleetSummary:
+        return fleet_pb(self._view())
+
+    async def ListKernels(self, request: q.ListKernelsRequest, context: grpc.aio.ServicerContext) -> q.ListKernelsResponse:
+        try:
+            return list_kernels(self._view(), request)
+        except QueryError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # unreachable: abort raises
+
+    async def ListHosts(self, request: q.ListHostsRequest, context: grpc.aio.ServicerContext) -> q.ListHostsResponse:
+        try:
+            return list_hosts(self._view(), request)
+        except QueryError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+
+    async def GetHost(self, request: q.GetHostRequest, context: grpc.aio.ServicerContext) -> q.HostDetail:
+        d = host_detail(self._view(), self._reader, request.host_id)
+        if d is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no host {request.host_id[:80]!r}")
+        assert d is not None
+        return d

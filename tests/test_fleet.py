@@ -1,0 +1,100 @@
+"""Fleet rollups, staleness, replica hand-over and kernel verdicts (pure domain code)."""
+
+from __future__ import annotations
+
+import pytest
+
+from eptwatch.server.fleet import (VERDICT_INSUFFICIENT, VERDICT_KNOWN_BAD, VERDICT_OK, VERDICT_REGRESSED, FleetConfig,
+                                   FleetState, build_view, summarise)
+from eptwatch.server.simulate import SimHost, SimulatedFleet, load_templates
+from eptwatch.v1 import report_pb2 as pb
+
+from .conftest import FIXTURES
+
+NAMES = ["linux-5.3-unfixed", "linux-5.4-fixed", "linux-6.6-pages2m", "anon-thp", "linux-5.10-hostwalk", "global-only-two-vms"]
+
+
+@pytest.fixture(scope="module")
+def templates() -> dict[str, pb.HostReport]:
+    return load_templates(FIXTURES, NAMES)
+
+
+def summaries(templates: dict[str, pb.HostReport], counts: dict[str, int], now: float = 1000.0):  # type: ignore[no-untyped-def]
+    fleet = SimulatedFleet(templates, 0)
+    i = 0  # deterministic allocation: exactly `counts` hosts per template
+    for name, n in counts.items():
+        for _ in range(n):
+            fleet.hosts.append(SimHost(f"h{i:03d}", name, (("zone", "z1" if i % 2 else "z2"),), f"i{i}"))
+            i += 1
+    return [summarise(fleet.report(h, now), received=now) for h in fleet.hosts]
+
+
+def test_summary_of_the_seed(templates: dict[str, pb.HostReport]) -> None:
+    (s,) = summaries(templates, {"linux-5.3-unfixed": 1})
+    assert (s.capacity_2m, s.observed_2m, s.lost_2m, s.lost_explained_2m, s.lost_unexplained_2m) == (283, 12, 271, 271, 0)
+    assert s.known_bug_vms == 1 and s.era == pb.PREDICATE_ERA_COMPOUND_MAP_UNFIXED
+
+
+def test_host_estimate_is_used_when_only_a_global_counter_exists(templates: dict[str, pb.HostReport]) -> None:
+    (s,) = summaries(templates, {"global-only-two-vms": 1})
+    assert s.vms == 2 and (s.capacity_2m, s.observed_2m, s.lost_2m) == (1536, 1530, 6)
+
+
+def test_rollups_and_verdicts(templates: dict[str, pb.HostReport]) -> None:
+    hosts = summaries(templates, {"linux-5.3-unfixed": 4, "linux-5.4-fixed": 4, "linux-6.6-pages2m": 4, "anon-thp": 2, "linux-5.10-hostwalk": 5})
+    v = build_view(hosts, set(), 1000.0, FleetConfig(rollup_labels=("zone",), top_n=3))
+    assert v.total.hosts == 19
+    k = {x.kernel_release: x for x in v.kernels}
+    assert k["5.3.0"].verdict == VERDICT_KNOWN_BAD and k["5.3.0"].known_bad and not k["5.3.0"].regressed
+    assert "4 host(s) still run it" in k["5.3.0"].evidence
+    assert k["6.6.15"].verdict == VERDICT_REGRESSED and "unexplained loss" in k["6.6.15"].evidence
+    # 6.6.15 vs 5.10 (same era, healthy): the margin comparison names its peer.
+    assert k["6.6.15"].compared_to == "5.10.0-28-amd64"
+    assert k["5.4.0"].verdict == VERDICT_OK
+    assert k["5.15.0-91-generic"].verdict == VERDICT_INSUFFICIENT  # 2 hosts < min_hosts 3
+    assert k["5.3.0"].lost_2m == 4 * 271 and k["5.3.0"].capacity_2m == 4 * 283
+    assert {key for key in v.labels} == {("zone", "z1"), ("zone", "z2")}
+    assert sum(r.hosts for r in v.labels.values()) == 19
+    assert [h.kernel_release for h in v.worst_hosts] == ["5.3.0"] * 3  # 95.8% beats 6.6's 25%
+
+
+def test_margin_alone_flags_a_kernel(templates: dict[str, pb.HostReport]) -> None:
+    hosts = summaries(templates, {"linux-6.6-pages2m": 3, "linux-5.10-hostwalk": 3})
+    cfg = FleetConfig(unexplained_ratio_threshold=1.0, margin_vs_best=0.05)  # only the peer comparison can decide
+    k = {x.kernel_release: x for x in build_view(hosts, set(), 1000.0, cfg).kernels}
+    assert k["6.6.15"].regressed and "worse by more than" in k["6.6.15"].evidence
+    cfg = FleetConfig(unexplained_ratio_threshold=1.0, margin_vs_best=0.5)
+    assert not {x.kernel_release: x for x in build_view(hosts, set(), 1000.0, cfg).kernels}["6.6.15"].regressed
+
+
+def test_staleness_removes_silent_hosts_from_rollups(templates: dict[str, pb.HostReport]) -> None:
+    hosts = summaries(templates, {"linux-5.4-fixed": 3}, now=1000.0)
+    v = build_view(hosts, set(), 1000.0 + 121, FleetConfig(stale_after_seconds=120))
+    assert v.total.hosts == 0 and v.hosts_stale == 3 and v.kernels == []
+
+
+def test_clean_stream_end_hands_a_host_over_at_once(templates: dict[str, pb.HostReport]) -> None:
+    now = [1000.0]
+    state = FleetState(FleetConfig(stale_after_seconds=120), clock=lambda: now[0], max_view_age=0)
+    (h,) = summaries(templates, {"linux-5.4-fixed": 1})
+    state.stream_carries(h.host_id)
+    state.put(h)
+    assert state.view().total.hosts == 1
+    state.stream_ended([h.host_id], clean=False)  # broken: probably coming back, stays until stale
+    assert state.view().total.hosts == 1
+    state.stream_carries(h.host_id)
+    state.stream_ended([h.host_id], clean=True)  # the agent rotated to another replica
+    v = state.view()
+    assert v.total.hosts == 0 and v.hosts_departed == 1
+    state.stream_carries(h.host_id)  # ... and came back
+    assert state.view().total.hosts == 1
+
+
+def test_older_report_does_not_replace_newer(templates: dict[str, pb.HostReport]) -> None:
+    state = FleetState()
+    a, = summaries(templates, {"linux-5.4-fixed": 1}, now=2000.0)
+    b, = summaries(templates, {"linux-5.3-unfixed": 1}, now=1000.0)
+    object.__setattr__(b, "host_id", a.host_id)
+    state.put(a)
+    state.put(b)
+    assert state.get(a.host_id).kernel_release == "5.4.0"  # type: ignore[union-attr]
