@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run test venv system-deps proto bench clean
+.PHONY: run sample test venv system-deps proto bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ venv: $(VENV)/.installed
 system-deps:
 	bash scripts/install-system-deps.sh
 
-# The main job on this machine with its embedded defaults: one sample of this host.
+# The main job on this machine with its embedded defaults: the aggregator, the real agent on this
+# host and a simulated fleet of 300 hosts, until Ctrl-C.
 run: venv
+	$(VENV)/bin/eptwatch-demo
+
+# One sample of this host, printed as a table.
+sample: venv
 	$(VENV)/bin/eptwatch-agent sample
 
 test: venv system-deps

@@ -53,6 +53,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         host_id=args.host_id,
         era_overrides=_overrides(args.era_overrides),
         use_binary_stats=not args.no_binary_stats,
+        use_qmp=not args.no_qmp,
     )
     sample = Sampler(root, config).sample()
     if args.format == "json":
@@ -62,6 +63,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+NO_QMP_HELP = "never connect to QEMU's QMP monitor sockets for query-stats (the counters' last resort without debugfs)"
 AGENT_SECRET_PATHS = ("token_file", "tls_ca", "tls_cert", "tls_key")
 RUN_FLAGS = {
     "server": ("--server", "HOST:PORT", "the aggregator"),
@@ -88,7 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {k: getattr(args, k) for k in RUN_FLAGS}
-    flags.update(root=args.root, procfs=args.procfs, sysfs=args.sysfs, debugfs=args.debugfs, insecure_plaintext=args.insecure_plaintext)
+    flags.update(root=args.root, procfs=args.procfs, sysfs=args.sysfs, debugfs=args.debugfs, insecure_plaintext=args.insecure_plaintext,
+                 use_qmp=args.use_qmp)
     if flags["interval_seconds"] is not None:
         flags["interval_seconds"] = float(flags["interval_seconds"])
     try:
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--era-overrides", metavar="FILE", help="YAML table: kernel release pattern -> predicate era")
     p.add_argument("--host-id", help="host identity to report (default: the host's hostname)")
     p.add_argument("--no-binary-stats", action="store_true", help="do not read KVM_GET_STATS_FD through pidfd_getfd")
+    p.add_argument("--no-qmp", action="store_true", help=NO_QMP_HELP)
     p.set_defaults(func=cmd_sample)
 
     r = sub.add_parser("run", help="sample every interval and stream reports to the aggregator")
@@ -119,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     for key, (flag, metavar, help_text) in RUN_FLAGS.items():
         r.add_argument(flag, dest=key, metavar=metavar, help=help_text)
     r.add_argument("--insecure-plaintext", action="store_const", const=True, help="no TLS (loopback demos and tests only)")
+    # Only when given: otherwise use_qmp comes from --config (default true).
+    r.add_argument("--no-qmp", dest="use_qmp", action="store_const", const=False, help=NO_QMP_HELP)
     r.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     r.set_defaults(func=cmd_run)
     return parser

@@ -53,6 +53,8 @@ class AgentConfig:
     debugfs: str = ""
     era_overrides_file: str = ""
     smaps_budget_seconds: float = 0.25
+    # Ask QEMU's QMP monitor (query-stats) for a VM's counters when debugfs has none (kvm_qmp.py).
+    use_qmp: bool = True
     guest_ram_min_bytes: int = 64 * 1024 * 1024
     batch_max_reports: int = 50
     max_message_bytes: int = 16 * 1024 * 1024
@@ -140,7 +142,7 @@ class AgentDaemon:
         self.labels = labels
         self.sampler = Sampler(cfg.host_root(), SamplerConfig(
             smaps_budget_seconds=cfg.smaps_budget_seconds, guest_ram_min_bytes=cfg.guest_ram_min_bytes,
-            host_id=cfg.host_id or None, era_overrides=overrides))
+            host_id=cfg.host_id or None, era_overrides=overrides, use_qmp=cfg.use_qmp))
         self.spool = Spool(Path(cfg.spool_path), cfg.spool_max_bytes, cfg.spool_max_age_seconds)
         factory, metadata = make_channel_factory(cfg)
         self.delivery = Delivery(delivery_config(cfg), self.spool, factory, metadata)  # type: ignore[arg-type]

@@ -51,8 +51,10 @@ from .kvm_debugfs import CounterScope, KvmCounterValues
 from .status import ParseError
 
 __all__ = [
+    "DEFAULT_BACKOFF_MAX_INTERVALS",
     "DEFAULT_TIMEOUT_SECONDS",
     "STAT_NAMES",
+    "QmpBackoff",
     "QmpSocket",
     "QmpUnavailable",
     "find_qmp_sockets",
@@ -64,6 +66,8 @@ __all__ = [
 # The stats eptwatch needs. lpages is 5.14's combined 2M+1G count; the others are >= 5.15.
 STAT_NAMES: tuple[str, ...] = ("pages_4k", "pages_2m", "pages_1g", "nx_lpage_splits", "lpages")
 DEFAULT_TIMEOUT_SECONDS = 1.0
+# A VM whose monitor failed is not asked again for 1, 2, 4, ... sampling intervals, at most this many.
+DEFAULT_BACKOFF_MAX_INTERVALS = 32
 # QMP replies here are ~1 KiB; anything near this is not a reply we asked for.
 _MAX_REPLY_BYTES = 1024 * 1024
 _U64_MAX = 2**64 - 1
@@ -419,6 +423,49 @@ def _error_text(reply: dict[str, Any]) -> str:
 
 
 # --- for the sampler -------------------------------------------------------------------------------
+
+
+@dataclass
+class QmpBackoff:
+    """Per-VM backoff for QMP: after a failed attempt the VM's monitors are left alone for 1, 2, 4, ...
+    sampling intervals (at most ``max_intervals``); a successful attempt resets it.
+
+    A busy monitor (libvirt holds it) costs up to ``timeout`` per attempt and stays busy; asking every
+    interval would spend that on every sample, and every abandoned connect stays queued in QEMU's listen
+    backlog. The sampler keeps one per (pid, start time), so a new process behind a reused pid starts
+    afresh. ``max_intervals=0`` disables the backoff.
+    """
+
+    max_intervals: int = DEFAULT_BACKOFF_MAX_INTERVALS
+    failures: int = 0  # consecutive failed attempts
+    skip_left: int = 0  # intervals still to skip
+    last_failure: str = ""
+
+    def skip(self) -> bool:
+        """True (and one interval used up) when this interval is to be skipped."""
+        if self.skip_left > 0:
+            self.skip_left -= 1
+            return True
+        return False
+
+    def failed(self, why: str) -> int:
+        """Record a failed attempt; returns how many intervals are skipped next."""
+        self.failures += 1
+        self.last_failure = why
+        self.skip_left = min(self.max_intervals, 1 << min(self.failures - 1, 30))
+        return self.skip_left
+
+    def succeeded(self) -> None:
+        self.failures, self.skip_left, self.last_failure = 0, 0, ""
+
+    def failure_note(self) -> str:
+        if self.skip_left == 0:
+            return ""
+        return f"backing off: QMP not asked for the next {self.skip_left} interval(s) ({self.failures} failure(s) in a row)"
+
+    def skip_note(self) -> str:
+        return (f"backing off after {self.failures} failure(s) in a row: QMP not asked this interval "
+                f"({self.skip_left} more interval(s) to skip); last failure: {self.last_failure}")
 
 
 def read_qmp_counters(

@@ -46,6 +46,9 @@ class SamplerConfig:
     # named on its command line. A busy monitor costs up to qmp_timeout_seconds per VM and sample.
     use_qmp: bool = True
     qmp_timeout_seconds: float = kvm_qmp.DEFAULT_TIMEOUT_SECONDS
+    # After a failed QMP attempt, leave that VM's monitors alone for 1, 2, 4, ... intervals, at most this
+    # many (0: ask every interval); a success resets it (kvm_qmp.QmpBackoff).
+    qmp_backoff_max_intervals: int = kvm_qmp.DEFAULT_BACKOFF_MAX_INTERVALS
     check_other_mappers: bool = True
     host_id: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -89,6 +92,7 @@ class _Budget:
     skip_left: int = 0
     since_full: int = 0
     last: VmSample | None = None
+    qmp: kvm_qmp.QmpBackoff = field(default_factory=kvm_qmp.QmpBackoff)
 
 
 def _status_from_read_error(source: str, exc: HostReadError) -> SourceStatus:
@@ -191,8 +195,10 @@ class Sampler:
     def _sample_vm(self, vm: DiscoveredVm, kvm_dir: Path | None, era: Era) -> VmSample:
         statuses: list[SourceStatus] = []
         key = (vm.pid, vm.start_time_ticks)
-        budget = self._budgets.setdefault(key, _Budget())
-        counters = self._read_vm_counters(vm, kvm_dir, statuses)
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = _Budget(qmp=kvm_qmp.QmpBackoff(self.config.qmp_backoff_max_intervals))
+        counters = self._read_vm_counters(vm, kvm_dir, statuses, budget.qmp)
         thp_enabled = self._read_thp_enabled(vm, statuses)
 
         if budget.skip_left > 0 and budget.last is not None:
@@ -355,7 +361,8 @@ class Sampler:
                     found[(parts[3], int(parts[4]))].add(other)
         return [replace(m, other_mapper_pids=tuple(sorted(found.get((m.dev, m.inode), ())))) if (m.dev, m.inode) in found else m for m in mappings]
 
-    def _read_vm_counters(self, vm: DiscoveredVm, kvm_dir: Path | None, statuses: list[SourceStatus]) -> KvmCounterValues | None:
+    def _read_vm_counters(self, vm: DiscoveredVm, kvm_dir: Path | None, statuses: list[SourceStatus],
+                          qmp_backoff: kvm_qmp.QmpBackoff | None = None) -> KvmCounterValues | None:
         problems: list[str] = []
         if kvm_dir is not None:
             for fd in vm.vm_fds:
@@ -386,13 +393,21 @@ class Sampler:
                 statuses.append(SourceStatus("kvm_binary_stats", SourceState.UNAVAILABLE, f"pid {vm.pid} fd {fd}: no pages_2m or lpages stat"))
         if self.config.use_qmp and self.root.is_live and vm.identity.is_qemu:
             # KVM refuses KVM_GET_STATS_FD on a VM fd from outside QEMU; QEMU itself can read it for us.
-            try:
-                counters, notes = kvm_qmp.read_qmp_counters(self.root, vm.pid, self.config.qmp_timeout_seconds)
-            except kvm_qmp.QmpUnavailable as exc:
-                statuses.append(SourceStatus("kvm_qmp", SourceState.UNAVAILABLE, str(exc)))
+            # A monitor that failed (busy, unreachable) is left alone for a growing number of intervals.
+            backoff = qmp_backoff if qmp_backoff is not None else kvm_qmp.QmpBackoff(0)
+            if backoff.skip():
+                statuses.append(SourceStatus("kvm_qmp", SourceState.UNAVAILABLE, backoff.skip_note()))
             else:
-                statuses.append(SourceStatus("kvm_qmp", SourceState.OK, "; ".join(notes), counters.path))
-                return counters
+                try:
+                    counters, notes = kvm_qmp.read_qmp_counters(self.root, vm.pid, self.config.qmp_timeout_seconds)
+                except kvm_qmp.QmpUnavailable as exc:
+                    backoff.failed(str(exc))
+                    why = "; ".join(x for x in (str(exc), backoff.failure_note()) if x)
+                    statuses.append(SourceStatus("kvm_qmp", SourceState.UNAVAILABLE, why))
+                else:
+                    backoff.succeeded()
+                    statuses.append(SourceStatus("kvm_qmp", SourceState.OK, "; ".join(notes), counters.path))
+                    return counters
         if not any(s.source.startswith(("kvm_debugfs.vm", "kvm_binary_stats", "kvm_qmp")) for s in statuses):
             why = "; ".join(problems) or "no per-VM counters (no per-VM debugfs directory, no readable VM fd)"
             statuses.append(SourceStatus("kvm_counters.vm", SourceState.UNAVAILABLE, why))

@@ -64,7 +64,7 @@ class ServerConfig:
     top_n_worst_hosts: int = 10
     regression_min_hosts: int = 3
     regression_unexplained_ratio: float = 0.05
-    regression_margin_vs_best: float = 0.05
+    regression_margin_vs_best: float = 0.02
     page_title: str = "eptwatch fleet"
 
     def __post_init__(self) -> None:

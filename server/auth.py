@@ -70,6 +70,8 @@ class TokenTable:
                 raise ConfigError(f"{where}.name: expected a non-empty string")
             if n in names:
                 raise ConfigError(f"{where}.name: {n!r} appears twice")
+            if isinstance(digest, (int, float)):
+                raise ConfigError(f"{where}.sha256: YAML read the digest as a number; put it in quotes")
             if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
                 raise ConfigError(f"{where}.sha256: expected 64 lowercase hex digits (the token's SHA-256, not the token)")
             if digest in entries:

@@ -95,7 +95,7 @@ class FleetConfig:
     # Regressed-kernel detection.
     min_hosts: int = 3  # evidence from fewer hosts is noise
     unexplained_ratio_threshold: float = 0.05  # unexplained loss / capacity
-    margin_vs_best: float = 0.05  # loss ratio worse than the best comparable kernel by this much
+    margin_vs_best: float = 0.02  # unexplained loss worse than the best comparable kernel by this much
     min_capacity_2m: int = 1  # hosts with less capacity do not enter ratios or the worst-hosts list
 
 
@@ -173,14 +173,16 @@ class FleetView:
 
 
 def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
-    """Regressed: across >= min_hosts hosts, unexplained loss above the threshold, or a loss ratio
-    worse than the best comparable kernel (same predicate era, itself with >= min_hosts) by the margin.
+    """Regressed: across >= min_hosts hosts, loss the model does not explain exceeds the threshold, or
+    exceeds that of the best comparable kernel (same predicate era, itself with >= min_hosts) by the
+    margin. Loss the model explains (the known bug, NX splits, the fix's false negatives) never makes a
+    kernel regressed: the bug makes it known-bad, NX splits are host configuration.
     Known-bad: the model predicts the page-cache THP bug for this kernel's era. Both keep evidence."""
     best: dict[int, KernelRollup] = {}
     for k in kernels:
-        if k.hosts >= cfg.min_hosts and k.lost_ratio is not None:
+        if k.hosts >= cfg.min_hosts and k.unexplained_ratio is not None:
             b = best.get(k.era)
-            if b is None or k.lost_ratio < (b.lost_ratio or 0.0):
+            if b is None or k.unexplained_ratio < (b.unexplained_ratio or 0.0):
                 best[k.era] = k
     for k in kernels:
         k.known_bad = k.era == pb.PREDICATE_ERA_COMPOUND_MAP_UNFIXED
@@ -190,11 +192,10 @@ def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
             if ur > cfg.unexplained_ratio_threshold:
                 reasons.append(f"unexplained loss {ur:.1%} of capacity over {k.hosts} hosts > {cfg.unexplained_ratio_threshold:.1%}")
             b = best.get(k.era)
-            if b is not None and b is not k and k.lost_ratio is not None and b.lost_ratio is not None:
-                if k.lost_ratio - b.lost_ratio > cfg.margin_vs_best:
-                    reasons.append(f"loss ratio {k.lost_ratio:.1%} vs {b.lost_ratio:.1%} on {b.kernel_release} "
-                                   f"({b.hosts} hosts, same era): worse by more than {cfg.margin_vs_best:.1%}")
-                    k.compared_to, k.compared_ratio = b.kernel_release, b.lost_ratio
+            if b is not None and b is not k and b.unexplained_ratio is not None and ur - b.unexplained_ratio > cfg.margin_vs_best:
+                reasons.append(f"unexplained loss {ur:.1%} vs {b.unexplained_ratio:.1%} on {b.kernel_release} "
+                               f"({b.hosts} hosts, same era): worse by more than {cfg.margin_vs_best:.1%}")
+                k.compared_to, k.compared_ratio = b.kernel_release, b.unexplained_ratio
         k.regressed = bool(reasons)
         if k.regressed:
             k.verdict = VERDICT_REGRESSED
@@ -209,7 +210,8 @@ def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
                            f"{k.known_bug_vms} VM(s) losing huge mappings to the bug")
         if not reasons:
             ratio = "n/a" if k.lost_ratio is None else f"{k.lost_ratio:.1%}"
-            reasons.append(f"{k.hosts} host(s), loss ratio {ratio}, unexplained {(k.unexplained_ratio or 0.0):.1%}")
+            explained = f", explained {k.lost_explained_2m / k.capacity_2m:.1%}" if k.capacity_2m and k.lost_explained_2m else ""
+            reasons.append(f"{k.hosts} host(s), loss ratio {ratio}{explained}, unexplained {(k.unexplained_ratio or 0.0):.1%}")
         k.evidence = "; ".join(reasons)
 
 

@@ -59,6 +59,10 @@ class SimHost:
 
 
 class SimulatedFleet:
+    @staticmethod
+    def default_mix() -> dict[str, int]:
+        return dict(DEFAULT_MIX)
+
     def __init__(self, templates: dict[str, pb.HostReport], n_hosts: int, mix: dict[str, int] | None = None, seed: int = 7) -> None:
         mix = {k: v for k, v in (mix or DEFAULT_MIX).items() if k in templates} or {k: 1 for k in templates}
         rng = random.Random(seed)

@@ -56,3 +56,58 @@ def test_console_script_installed() -> None:
     exe = Path(sys.executable).parent / "eptwatch-agent"
     out = subprocess.run([str(exe), "sample", "--format", "json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["host_id"]
+
+
+def test_no_qmp_flag_reaches_the_sampler(monkeypatch: pytest.MonkeyPatch, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from eptwatch.agent import cli
+
+    seen = []
+    real = cli.Sampler
+
+    def capture(root, config):  # type: ignore[no-untyped-def]
+        seen.append(config)
+        return real(root, config)
+
+    monkeypatch.setattr(cli, "Sampler", capture)
+    root = str(fixtures_dir / "linux-5.3-unfixed")
+    assert main(["sample", "--root", root]) == 0
+    assert main(["sample", "--root", root, "--no-qmp"]) == 0
+    assert [c.use_qmp for c in seen] == [True, False]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "--no-qmp" in capsys.readouterr().out
+
+
+def test_run_no_qmp_flag_and_config_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from eptwatch.agent import daemon
+    from eptwatch.agent.cli import build_parser
+
+    assert build_parser().parse_args(["run", "--no-qmp"]).use_qmp is False
+    assert build_parser().parse_args(["run"]).use_qmp is None  # not given: the config file decides
+
+    configs: list[daemon.AgentConfig] = []
+
+    class FakeDaemon:
+        def __init__(self, cfg: daemon.AgentConfig) -> None:
+            configs.append(cfg)
+
+        async def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(daemon, "AgentDaemon", FakeDaemon)
+    base = ["run", "--server", "127.0.0.1:1", "--insecure-plaintext", "--spool", str(tmp_path / "spool"), "--metrics-listen", ""]
+    cfg_off = tmp_path / "agent.yaml"
+    cfg_off.write_text("use_qmp: false\n")
+    assert main(base) == 0
+    assert main([*base, "--no-qmp"]) == 0
+    assert main([*base, "--config", str(cfg_off)]) == 0
+    assert [c.use_qmp for c in configs] == [True, False, False]
+
+    monkeypatch.undo()
+    real = daemon.AgentDaemon(daemon.AgentConfig(server="127.0.0.1:1", insecure_plaintext=True, spool_path=str(tmp_path / "s.sqlite3"),
+                                                 metrics_listen="", use_qmp=False))
+    try:
+        assert real.sampler.config.use_qmp is False
+    finally:
+        real.spool.close()

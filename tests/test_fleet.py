@@ -98,3 +98,21 @@ def test_older_report_does_not_replace_newer(templates: dict[str, pb.HostReport]
     state.put(a)
     state.put(b)
     assert state.get(a.host_id).kernel_release == "5.4.0"  # type: ignore[union-attr]
+
+
+def test_explained_loss_never_makes_a_kernel_regressed(templates: dict[str, pb.HostReport]) -> None:
+    more = load_templates(FIXTURES, ["nx-splits", "linux-4.19.84-backport"])
+    hosts = summaries({**templates, **more}, {"nx-splits": 3, "linux-4.19.84-backport": 3, "linux-5.4-fixed": 3})
+    k = {x.kernel_release: x for x in build_view(hosts, set(), 1000.0, FleetConfig()).kernels}
+    nx = k["5.4.0-150-generic"]
+    assert nx.lost_ratio is not None and nx.lost_ratio > 0.1  # 14.6% lost, all of it NX splits
+    assert not nx.regressed and nx.verdict == VERDICT_OK and "explained 14.6%" in nx.evidence
+
+
+def test_small_unexplained_loss_is_flagged_against_its_peers() -> None:
+    from eptwatch.server.fleet import KernelRollup, judge_kernels
+
+    a = KernelRollup(kernel_release="a", era=pb.PREDICATE_ERA_HOST_PAGE_WALK, hosts=5, capacity_2m=10000, lost_2m=300, lost_unexplained_2m=300)
+    b = KernelRollup(kernel_release="b", era=pb.PREDICATE_ERA_HOST_PAGE_WALK, hosts=5, capacity_2m=10000, lost_2m=10, lost_unexplained_2m=10)
+    judge_kernels([a, b], FleetConfig())  # 3% is under the 5% threshold, but 2.9 points worse than its peer
+    assert a.regressed and a.compared_to == "b" and not b.regressed

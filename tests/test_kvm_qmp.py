@@ -1,4 +1,5 @@
-"""eptwatch.agent.kvm_qmp: the query-stats parser, the QMP socket finder, and the client.
+"""eptwatch.agent.kvm_qmp: the query-stats parser, the QMP socket finder, the client, and the sampler's
+per-VM backoff.
 
 The client runs against a small in-process QMP server (a thread on a unix socket) that replays what
 QEMU 7.2 sends; the real QEMU is exercised in tests/e2e/test_agent_e2e.py.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -32,8 +34,11 @@ from eptwatch.agent.kvm_qmp import (
     read_qmp_counters,
 )
 from eptwatch.agent.report import counters_to_pb
-from eptwatch.agent.status import ParseError
+from eptwatch.agent.sampler import Sampler, SamplerConfig
+from eptwatch.agent.status import ParseError, SourceState
 from eptwatch.v1 import report_pb2 as pb
+
+from .conftest import FIXTURES
 
 # What QEMU 7.2.22 answered on the development host for a 512 MiB guest on tmpfs huge=always.
 REAL_REPLY: list[dict[str, Any]] = [
@@ -494,3 +499,130 @@ def test_scope_reaches_the_wire() -> None:
     msg = counters_to_pb(KvmCounterValues("pages_Nx", CounterScope.QMP_QUERY_STATS, pages_2m=3, path="/run/q.sock"))
     assert msg.scope == pb.COUNTER_SCOPE_QMP_QUERY_STATS == 4
     assert pb.CounterScope.Name(msg.scope) == "COUNTER_SCOPE_QMP_QUERY_STATS"
+
+
+# --- per-VM backoff: a busy or unreachable monitor is not asked every interval ----------------------
+
+
+def test_backoff_doubles_up_to_the_cap_and_resets_on_success() -> None:
+    b = kvm_qmp.QmpBackoff(max_intervals=32)
+    assert not b.skip() and b.failure_note() == ""
+    skips = []
+    for i in range(8):
+        skips.append(b.failed(f"failure {i}"))
+        assert f"last failure: failure {i}" in b.skip_note()
+        n = 0
+        while b.skip():
+            n += 1
+        assert n == skips[-1]
+    assert skips == [1, 2, 4, 8, 16, 32, 32, 32]
+    b.failed("again")
+    assert "next 32 interval(s)" in b.failure_note() and "9 failure(s) in a row" in b.failure_note()
+    b.succeeded()
+    assert (b.failures, b.skip_left, b.last_failure) == (0, 0, "") and not b.skip()
+    assert b.failed("after a success") == 1  # starts over
+    off = kvm_qmp.QmpBackoff(max_intervals=0)
+    assert off.failed("x") == 0 and not off.skip() and off.failure_note() == ""
+
+
+def _qmp_vm_root(tmp_path: Path, sock: Path) -> tuple[HostRoot, Path]:
+    """The debugfs-missing fixture host with its QEMU moved to this test's pid (the fake QMP servers'
+    listener is this process, and query_vm_stats checks the listener's pid) and given ``-qmp sock``."""
+    host = tmp_path / "host"
+    shutil.copytree(FIXTURES / "debugfs-missing", host, symlinks=True)
+    me = host / "proc" / str(os.getpid())
+    (host / "proc" / "9500").rename(me)
+    stat = (me / "stat").read_text()
+    (me / "stat").write_text(f"{os.getpid()}{stat[stat.index(' '):]}")
+    argv = (me / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    argv += [b"-qmp", f"unix:{sock},server=on,wait=off".encode()]
+    (me / "cmdline").write_bytes(b"\0".join(argv) + b"\0")
+    (me / "root").symlink_to("/")
+    (host / "proc" / "self").symlink_to("/proc/self")
+    return HostRoot.from_root(host), me
+
+
+def _qmp_status(sample: Any) -> Any:
+    (vs,) = sample.vms
+    found = [s for s in vs.statuses if s.source == "kvm_qmp"]
+    assert len(found) == 1, vs.statuses
+    return found[0]
+
+
+def test_sampler_backs_off_a_busy_monitor_per_vm_and_resets_on_success(
+    tmp_path: Path, sockdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = sockdir / "q.sock"
+    root, me = _qmp_vm_root(tmp_path, sock)
+    monkeypatch.setattr(HostRoot, "is_live", property(lambda self: True))  # the QMP path only runs live
+    attempts: list[int] = []
+    real = kvm_qmp.read_qmp_counters
+
+    def counting(root: HostRoot, pid: int, timeout: float = 1.0) -> Any:
+        attempts.append(n)
+        return real(root, pid, timeout)
+
+    monkeypatch.setattr(kvm_qmp, "read_qmp_counters", counting)
+    sampler = Sampler(root, SamplerConfig(use_binary_stats=False, qmp_timeout_seconds=0.2, qmp_backoff_max_intervals=4))
+    # Like a QEMU monitor with another client: connects queue in the backlog, no greeting ever comes.
+    busy = FakeQmp(sock, None, accept=False)
+    reasons = {}
+    try:
+        for n in range(1, 11):
+            t0 = time.monotonic()
+            s = sampler.sample()
+            st = _qmp_status(s)
+            reasons[n] = st.reason
+            assert st.state is SourceState.UNAVAILABLE and s.vms[0].counters is None
+            if n not in attempts:
+                assert time.monotonic() - t0 < 0.15, "a skipped interval must not touch the socket"
+    finally:
+        busy.sock.close()
+    # attempts after 0, 1, 2, 4, 4 skipped intervals (the cap)
+    assert attempts == [1, 3, 6]
+    assert kvm_qmp.REASON_BUSY in reasons[1] and "backing off: QMP not asked for the next 1 interval(s)" in reasons[1]
+    assert reasons[2].startswith("backing off after 1 failure(s) in a row: QMP not asked this interval (0 more")
+    assert kvm_qmp.REASON_BUSY in reasons[2] and str(sock) in reasons[2]  # the last failure, named
+    assert "next 2 interval(s) (2 failure(s) in a row)" in reasons[3]
+    assert "next 4 interval(s) (3 failure(s) in a row)" in reasons[6]
+    assert "(3 more interval(s) to skip)" in reasons[7]
+
+    # The monitor is free again: the next attempt (after the skips) succeeds and resets the backoff.
+    sock.unlink()
+    for n in range(11, 14):
+        good = FakeQmp(sock, qemu_like())  # answers one connection, like a fresh monitor
+        try:
+            s = sampler.sample()
+        finally:
+            good.close()
+            sock.unlink()
+        st = _qmp_status(s)
+        assert st.state is SourceState.OK and st.path == str(sock), st
+        assert s.vms[0].counters is not None and s.vms[0].counters.pages_2m == 252
+        assert s.estimates[0].observed_huge_2m == 252
+    assert attempts == [1, 3, 6, 11, 12, 13]  # after a success: every interval again
+
+
+def test_sampler_backoff_is_per_process_and_can_be_disabled(tmp_path: Path, sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = sockdir / "missing.sock"  # unreachable: nothing at that path
+    root, me = _qmp_vm_root(tmp_path, sock)
+    monkeypatch.setattr(HostRoot, "is_live", property(lambda self: True))
+    sampler = Sampler(root, SamplerConfig(use_binary_stats=False, qmp_timeout_seconds=0.2))
+    first = _qmp_status(sampler.sample())
+    assert kvm_qmp.REASON_SOCKET_MISSING in first.reason and "backing off" in first.reason
+    assert "backing off after 1 failure(s)" in _qmp_status(sampler.sample()).reason
+    # The pid now belongs to another process (new start time): it is asked at once.
+    stat = (me / "stat").read_text().split(" ")
+    stat[21] = str(int(stat[21]) + 1)
+    (me / "stat").write_text(" ".join(stat))
+    again = _qmp_status(sampler.sample())
+    assert kvm_qmp.REASON_SOCKET_MISSING in again.reason and "next 1 interval(s) (1 failure(s) in a row)" in again.reason
+    # qmp_backoff_max_intervals=0: asked every interval
+    every = Sampler(root, SamplerConfig(use_binary_stats=False, qmp_timeout_seconds=0.2, qmp_backoff_max_intervals=0))
+    for _ in range(3):
+        st = _qmp_status(every.sample())
+        assert kvm_qmp.REASON_SOCKET_MISSING in st.reason and "backing off" not in st.reason
+    # use_qmp=False: QMP is not tried at all
+    off = Sampler(root, SamplerConfig(use_binary_stats=False, use_qmp=False)).sample()
+    assert not any(s.source == "kvm_qmp" for s in off.vms[0].statuses)
+    assert off.vms[0].counters is None

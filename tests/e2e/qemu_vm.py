@@ -302,7 +302,7 @@ def kvm_debugfs_dir(pid: int, root: Path = DEBUGFS_ROOT) -> Path | None:
 
 def read_kvm_page_counts(vm_dir: Path) -> dict[str, int]:
     """``pages_4k``/``pages_2m``/``pages_1g`` from a per-VM debugfs dir
-    (the only files there that are readable on the target hosts)."""
+    (readable, like the other mode-0444 stats there; see README.md)."""
     out: dict[str, int] = {}
     for name in ("pages_4k", "pages_2m", "pages_1g"):
         with contextlib.suppress(OSError, ValueError):
