@@ -27,6 +27,8 @@ METRICS: dict[str, str] = {
     "eptwatch_vm_cause": "1 for the VM's current cause",
     "eptwatch_agent_source_success": "1 if the source was read (ok or partial), 0 if not",
     "eptwatch_agent_sample_duration_seconds": "Wall time of the last sample",
+    "eptwatch_agent_collector_duration_seconds": "Wall seconds a collector took in the last sample (summed over VMs)",
+    "eptwatch_agent_collector_success": "1 if every source of the collector was read or is absent here, 0 if one failed",
     "eptwatch_agent_smaps_read_cost_seconds": "CPU seconds the last smaps read of the VM cost",
     "eptwatch_agent_samples_total": "Samples taken",
     "eptwatch_agent_sample_failures_total": "Samples that raised (a bug: the sampler reports failures as data)",
@@ -38,6 +40,15 @@ METRICS: dict[str, str] = {
     "eptwatch_agent_reports_rejected_total": "Reports the aggregator rejected as invalid",
     "eptwatch_agent_reconnects_total": "Streams re-established after an error or rotation",
     "eptwatch_agent_connected": "1 while a stream to the aggregator is up",
+}
+
+
+# Which sources' statuses belong to which timed collector.
+_COLLECTOR_SOURCES: dict[str, tuple[str, ...]] = {
+    "kvm_counters": ("kvm_debugfs.vm", "kvm_binary_stats", "kvm_qmp", "kvm_counters"),
+    "kvm_debugfs": ("kvm_debugfs", "kvm_debugfs.global"),
+    "smaps": ("smaps", "mountinfo"),
+    "process": ("process",),
 }
 
 
@@ -108,6 +119,17 @@ class AgentCollector(Collector):
                 seen.add(key)
                 fam.add_metric([st.source, vm_id], 1 if st.usable else 0)
         yield fam
+        if s is not None:
+            dur = _g("eptwatch_agent_collector_duration_seconds", ["collector"])
+            ok = _g("eptwatch_agent_collector_success", ["collector"])
+            every = list(s.statuses) + [st for v in s.vms for st in v.statuses]
+            for collector, seconds in s.collector_seconds:
+                dur.add_metric([collector], seconds)
+                prefixes = _COLLECTOR_SOURCES.get(collector, (collector,))
+                failed = any(st.state is SourceState.ERROR for st in every if st.source.startswith(prefixes))
+                ok.add_metric([collector], 0 if failed else 1)
+            yield dur
+            yield ok
         yield _c("eptwatch_agent_samples_total", self.state.samples_total)
         yield _c("eptwatch_agent_sample_failures_total", self.state.sample_failures_total)
 

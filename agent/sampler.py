@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -84,6 +86,9 @@ class HostSample:
     global_counters: KvmCounterValues | None
     host_estimate: Estimate | None
     statuses: tuple[SourceStatus, ...]
+    # Wall seconds each collector took in this sample, summed over VMs (node_exporter's
+    # scrape_collector_duration_seconds): kernel, thp, kvm_debugfs, discovery, smaps, kvm_counters, process.
+    collector_seconds: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -106,6 +111,15 @@ class Sampler:
         self.config = config
         self.clock = clock
         self._budgets: dict[tuple[int, int], _Budget] = {}
+        self._timings: dict[str, float] = {}
+
+    @contextmanager
+    def _timed(self, collector: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timings[collector] = self._timings.get(collector, 0.0) + time.perf_counter() - t0
 
     # --- host-level sources ---
 
@@ -119,24 +133,29 @@ class Sampler:
 
     def sample(self) -> HostSample:
         statuses: list[SourceStatus] = []
-        kernel, kstatus = read_kernel_identity(self.root)
+        self._timings = {}
+        with self._timed("kernel"):
+            kernel, kstatus = read_kernel_identity(self.root)
         statuses.append(kstatus)
         era = (
             era_for(kernel.release, kernel.machine, self.config.era_overrides)
             if kernel is not None
             else EraDecision(Era.UNKNOWN, "kernel release unreadable")
         )
-        thp, thp_statuses = read_thp_settings(self.root)
+        with self._timed("thp"):
+            thp, thp_statuses = read_thp_settings(self.root)
         statuses.extend(thp_statuses)
-        kvm_dir, dstatus = debugfs_kvm_dir(self.root)
-        statuses.append(dstatus)
         global_counters: KvmCounterValues | None = None
         vm_dirs: list[tuple[int, int]] = []
-        if kvm_dir is not None:
-            global_counters, gstatus = read_counters(self.root, kvm_dir, CounterScope.GLOBAL_DEBUGFS, "kvm_debugfs.global")
-            statuses.append(gstatus)
-            vm_dirs = list_vm_dirs(self.root, kvm_dir)
-        vms, notes = discover_vms(self.root, vm_dirs, scan_fds=self.config.scan_vm_fds)
+        with self._timed("kvm_debugfs"):
+            kvm_dir, dstatus = debugfs_kvm_dir(self.root)
+            statuses.append(dstatus)
+            if kvm_dir is not None:
+                global_counters, gstatus = read_counters(self.root, kvm_dir, CounterScope.GLOBAL_DEBUGFS, "kvm_debugfs.global")
+                statuses.append(gstatus)
+                vm_dirs = list_vm_dirs(self.root, kvm_dir)
+        with self._timed("discovery"):
+            vms, notes = discover_vms(self.root, vm_dirs, scan_fds=self.config.scan_vm_fds)
         statuses.append(SourceStatus("discovery", SourceState.PARTIAL if notes else SourceState.OK, "; ".join(notes)))
 
         samples = [self._sample_vm(vm, kvm_dir, era.era) for vm in vms]
@@ -165,7 +184,8 @@ class Sampler:
             for s in samples
         )
         host_estimate = self._host_estimate(samples, global_counters, era.era, thp)
-        return HostSample(self._host_id(), self.clock(), kernel, era, thp, tuple(samples), estimates, global_counters, host_estimate, tuple(statuses))
+        return HostSample(self._host_id(), self.clock(), kernel, era, thp, tuple(samples), estimates, global_counters, host_estimate,
+                          tuple(statuses), collector_seconds=tuple(sorted(self._timings.items())))
 
     def _fill_global_counters(self, samples: list[VmSample], global_counters: KvmCounterValues | None) -> list[VmSample]:
         # With a single VM on the host, the host-wide counter is that VM's.
@@ -198,8 +218,10 @@ class Sampler:
         budget = self._budgets.get(key)
         if budget is None:
             budget = self._budgets[key] = _Budget(qmp=kvm_qmp.QmpBackoff(self.config.qmp_backoff_max_intervals))
-        counters = self._read_vm_counters(vm, kvm_dir, statuses, budget.qmp)
-        thp_enabled = self._read_thp_enabled(vm, statuses)
+        with self._timed("kvm_counters"):
+            counters = self._read_vm_counters(vm, kvm_dir, statuses, budget.qmp)
+        with self._timed("process"):
+            thp_enabled = self._read_thp_enabled(vm, statuses)
 
         if budget.skip_left > 0 and budget.last is not None:
             budget.skip_left -= 1
@@ -214,6 +236,7 @@ class Sampler:
         whole_process = False
         cost: float | None = None
         t0 = time.thread_time()
+        wall0 = time.perf_counter()
         if mode == SMAPS_ROLLUP:
             host_huge, read_ok = self._read_rollup(vm, statuses)
             whole_process = host_huge is not None
@@ -225,8 +248,11 @@ class Sampler:
                 mappings = tuple(mappings_list)
                 host_huge = HostHuge.from_mappings(mappings)
         cost = time.thread_time() - t0
+        self._timings["smaps"] = self._timings.get("smaps", 0.0) + time.perf_counter() - wall0
 
-        if not self._same_process(vm, statuses):
+        with self._timed("process"):
+            same = self._same_process(vm, statuses)
+        if not same:
             host_huge, mappings, whole_process, counters = None, (), False, None
 
         self._adapt(budget, mode, cost, statuses)

@@ -39,11 +39,11 @@ def render_table(sample: HostSample) -> str:
     if sample.host_estimate is not None:
         h = sample.host_estimate
         lines.append(f"{'host (all VMs)':<24} {'':>7} {'':<6} {_n(h.host_huge_capacity_2m):>8} {_n(h.observed_huge_2m):>8} {_n(h.allowed_huge_2m):>8} {_n(h.lost_huge_2m):>8}        {h.cause.value}")
-    problems = [s for s in sample.statuses if s.state.value in ("error", "partial")]
+    problems = [st for st in sample.statuses if st.state.value in ("error", "partial")]
     problems += [st for v in sample.vms for st in v.statuses if st.state.value in ("error", "partial")]
-    unavailable = [s for s in sample.statuses if s.state.value == "unavailable"]
+    unavailable = [st for st in sample.statuses if st.state.value == "unavailable"]
     if problems or unavailable:
         lines.append("")
-        for s in problems + unavailable:
-            lines.append(f"  [{s.state.value}] {s.source}: {s.reason}")
+        for st in problems + unavailable:
+            lines.append(f"  [{st.state.value}] {st.source}: {st.reason}")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,10 @@
 """Fleet state and the fleet view: latest state per host, staleness, rollups, verdicts. Domain only.
 
-Memory: a host is kept as one compact summary with its per-host totals precomputed at ingest, so a
-rollup walks hosts, not VMs (100,000 hosts x 20 VMs must fit well under a GiB and scrape in under a
-second). Per-VM detail lives in the durable store and on the agents' own /metrics.
+Memory: a host is kept as one compact summary with its per-host totals precomputed at ingest (values
+hosts share, such as kernel release and labels, held once), and the rollups are running sums updated
+as each report arrives, so a view walks neither VMs nor, for its sums, hosts (100,000 hosts x 20 VMs
+must fit well under a GiB and scrape in under a second: bench/fleet_scale.py). Per-VM detail lives in
+the durable store and on the agents' own /metrics.
 
 Counting a host exactly once across replicas: a host counts on the replica that holds its live stream.
 When its stream ends cleanly (the agent rotating to another replica, or shutting down) it leaves the
@@ -12,16 +14,20 @@ because the agent is most likely coming back here.
 
 from __future__ import annotations
 
+import heapq
+import operator
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from eptwatch.v1 import report_pb2 as pb
 
 EXPLAINED_CAUSES = frozenset({pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, pb.CAUSE_EXPECTED_FALSE_NEGATIVE, pb.CAUSE_NX_SPLIT})
 CAUSE_NAMES = {v: pb.Cause.Name(v).removeprefix("CAUSE_").lower() for v in pb.Cause.values()}
+T = TypeVar("T")
 ERA_NAMES = {v: pb.PredicateEra.Name(v).removeprefix("PREDICATE_ERA_").lower() for v in pb.PredicateEra.values()}
 
 
@@ -79,12 +85,28 @@ def summarise(r: pb.HostReport, received: float, spool_dropped_total: int = 0) -
     return HostSummary(
         host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
         sample_time=r.sample_time.seconds + r.sample_time.nanos / 1e9, received=received,
-        kernel_release=r.kernel.release or "unknown", era=int(r.kernel.era), labels=tuple(sorted(r.labels.items())),
-        agent_version=r.agent_version, vms=len(estimates), vms_estimated=estimated if loss_rows is estimates else len(estimates),
+        kernel_release=_shared(r.kernel.release or "unknown"), era=int(r.kernel.era), labels=_shared(tuple(sorted(r.labels.items()))),
+        agent_version=_shared(r.agent_version), vms=len(estimates), vms_estimated=estimated if loss_rows is estimates else len(estimates),
         capacity_2m=cap, observed_2m=obs, lost_2m=lost, lost_explained_2m=explained, lost_unexplained_2m=unexplained,
-        known_bug_vms=causes.get(pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, 0), causes=tuple(sorted(causes.items())),
+        known_bug_vms=causes.get(pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, 0), causes=_shared(tuple(sorted(causes.items()))),
         spool_dropped_total=spool_dropped_total,
     )
+
+
+_SHARED: dict[object, object] = {}
+_SHARED_MAX = 1 << 16
+
+
+def _shared(value: T) -> T:
+    """One copy of a value many hosts have in common (kernel release, labels, agent version, causes):
+    100,000 summaries then hold references, not 100,000 equal tuples and strings. Bounded: past
+    _SHARED_MAX distinct values the table starts over (sharing saves memory, correctness never needs it)."""
+    v = _SHARED.get(value)
+    if v is None:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.clear()
+        v = _SHARED[value] = value
+    return v  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -112,18 +134,30 @@ class Rollup:
     spool_dropped: int = 0
     causes: Counter[int] = field(default_factory=Counter)
 
-    def add(self, h: HostSummary) -> None:
-        self.hosts += 1
-        self.vms += h.vms
-        self.capacity_2m += h.capacity_2m
-        self.observed_2m += h.observed_2m
-        self.lost_2m += h.lost_2m
-        self.lost_explained_2m += h.lost_explained_2m
-        self.lost_unexplained_2m += h.lost_unexplained_2m
-        self.known_bug_vms += h.known_bug_vms
-        self.spool_dropped += h.spool_dropped_total
+    def add(self, h: HostSummary, sign: int = 1) -> None:
+        """Adds a host's totals (sign -1: takes them away again; a cause count reaching 0 is dropped)."""
+        self.hosts += sign
+        self.vms += sign * h.vms
+        self.capacity_2m += sign * h.capacity_2m
+        self.observed_2m += sign * h.observed_2m
+        self.lost_2m += sign * h.lost_2m
+        self.lost_explained_2m += sign * h.lost_explained_2m
+        self.lost_unexplained_2m += sign * h.lost_unexplained_2m
+        self.known_bug_vms += sign * h.known_bug_vms
+        self.spool_dropped += sign * h.spool_dropped_total
+        causes = self.causes
         for c, n in h.causes:
-            self.causes[c] += n
+            m = causes[c] + sign * n
+            if m:
+                causes[c] = m
+            else:
+                del causes[c]
+
+    def values(self) -> dict[str, object]:
+        """The sums as constructor arguments (the causes copied): a snapshot of a running rollup."""
+        return {"hosts": self.hosts, "vms": self.vms, "capacity_2m": self.capacity_2m, "observed_2m": self.observed_2m,
+                "lost_2m": self.lost_2m, "lost_explained_2m": self.lost_explained_2m, "lost_unexplained_2m": self.lost_unexplained_2m,
+                "known_bug_vms": self.known_bug_vms, "spool_dropped": self.spool_dropped, "causes": Counter(self.causes)}
 
     @property
     def lost_ratio(self) -> float | None:
@@ -167,6 +201,9 @@ class FleetView:
     stale: dict[str, HostSummary]
     newest_received: float | None
     oldest_fresh_received: float | None
+    # Indexes the read side derives from this view (hosts sorted by id, per kernel), built at most once
+    # per view by whichever request needs them first.
+    memo: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
 
     def kernel(self, release: str) -> KernelRollup | None:
         return next((k for k in self.kernels if k.kernel_release == release), None)
@@ -215,7 +252,77 @@ def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
         k.evidence = "; ".join(reasons)
 
 
+_Snapshot = tuple[Rollup, list[KernelRollup], dict[int, Rollup], dict[tuple[str, str], Rollup]]
+
+
+class Rollups:
+    """Running sums over a set of hosts: the fleet total and per kernel, era and configured label value.
+    Hosts are added and taken away one at a time, so a view never has to walk the whole fleet."""
+
+    def __init__(self, rollup_labels: tuple[str, ...]) -> None:
+        self.rollup_labels = rollup_labels
+        self.total = Rollup()
+        self.kernels: dict[tuple[str, int], Rollup] = {}
+        self.eras: dict[int, Rollup] = {}
+        self.labels: dict[tuple[str, str], Rollup] = {}
+
+    def add(self, h: HostSummary, sign: int = 1) -> None:
+        self.total.add(h, sign)
+        _add_to(self.kernels, (h.kernel_release, h.era), h, sign)
+        _add_to(self.eras, h.era, h, sign)
+        if self.rollup_labels:
+            labels = self.labels
+            for lk in self.rollup_labels:
+                v = h.label(lk)
+                if v is not None:
+                    _add_to(labels, (lk, v), h, sign)
+
+    def snapshot(self) -> _Snapshot:
+        """Copies for a view: kernels sorted by (release, era) and not yet judged."""
+        kernels = [KernelRollup(kernel_release=rel, era=era, **r.values()) for (rel, era), r in sorted(self.kernels.items())]  # type: ignore[arg-type]
+        return (Rollup(**self.total.values()), kernels,  # type: ignore[arg-type]
+                {k: Rollup(**r.values()) for k, r in self.eras.items()},  # type: ignore[arg-type]
+                {k: Rollup(**r.values()) for k, r in self.labels.items()})  # type: ignore[arg-type]
+
+
+def _add_to(rollups: dict, key: object, h: HostSummary, sign: int) -> None:  # type: ignore[type-arg]
+    r = rollups.get(key)
+    if r is None:
+        r = rollups[key] = Rollup()
+    r.add(h, sign)
+    if not r.hosts:
+        del rollups[key]  # no host left: the key leaves the rollups, as if never seen
+
+
+def _rank(h: HostSummary) -> tuple[float, int, str]:
+    return (-(h.lost_ratio or 0.0), -h.lost_2m, h.host_id)
+
+
+def worst_hosts(hosts: Iterable[HostSummary], cfg: FleetConfig) -> list[HostSummary]:
+    """Top-N hosts by loss ratio, then lost mappings, then host id: a bounded heap (the same order as a
+    full sort, without sorting the fleet)."""
+    min_cap = cfg.min_capacity_2m
+    return heapq.nsmallest(cfg.top_n, (h for h in hosts if h.lost_2m > 0 and h.capacity_2m >= min_cap), key=_rank)
+
+
+def _finish_view(now: float, cfg: FleetConfig, snapshot: _Snapshot, fresh: dict[str, HostSummary], stale: dict[str, HostSummary],
+                 n_departed: int) -> FleetView:
+    total, kernels, eras, labels = snapshot
+    judge_kernels(kernels, cfg)
+    newest = oldest = None
+    if fresh:
+        received = list(map(_RECEIVED, fresh.values()))
+        newest, oldest = max(received), min(received)
+    return FleetView(now, cfg, total, len(stale), n_departed, kernels, eras, labels, worst_hosts(fresh.values(), cfg), fresh, stale,
+                     newest, oldest)
+
+
+_RECEIVED = operator.attrgetter("received")
+
+
 def build_view(hosts: Iterable[HostSummary], departed: set[str], now: float, cfg: FleetConfig) -> FleetView:
+    """The view of a set of hosts from scratch (FleetState keeps the same sums up to date as reports
+    arrive instead)."""
     fresh: dict[str, HostSummary] = {}
     stale: dict[str, HostSummary] = {}
     n_departed = 0
@@ -226,58 +333,72 @@ def build_view(hosts: Iterable[HostSummary], departed: set[str], now: float, cfg
             stale[h.host_id] = h
         else:
             fresh[h.host_id] = h
-    total = Rollup()
-    kernels: dict[tuple[str, int], KernelRollup] = {}
-    eras: dict[int, Rollup] = {}
-    labels: dict[tuple[str, str], Rollup] = {}
+    rollups = Rollups(cfg.rollup_labels)
     for h in fresh.values():
-        total.add(h)
-        key = (h.kernel_release, h.era)
-        k = kernels.get(key)
-        if k is None:
-            k = kernels[key] = KernelRollup(kernel_release=h.kernel_release, era=h.era)
-        k.add(h)
-        eras.setdefault(h.era, Rollup()).add(h)
-        for lk in cfg.rollup_labels:
-            v = h.label(lk)
-            if v is not None:
-                labels.setdefault((lk, v), Rollup()).add(h)
-    klist = sorted(kernels.values(), key=lambda k: (k.kernel_release, k.era))
-    judge_kernels(klist, cfg)
-    ranked = [h for h in fresh.values() if h.capacity_2m >= cfg.min_capacity_2m and h.lost_2m > 0]
-    ranked.sort(key=lambda h: (-(h.lost_ratio or 0.0), -h.lost_2m, h.host_id))
-    received = [h.received for h in fresh.values()]
-    return FleetView(now, cfg, total, len(stale), n_departed, klist, eras, labels, ranked[: cfg.top_n], fresh, stale,
-                     max(received, default=None), min(received, default=None))
+        rollups.add(h)
+    return _finish_view(now, cfg, rollups.snapshot(), fresh, stale, n_departed)
 
 
 class FleetState:
     """Latest summary per host plus which hosts hold a live stream. Written from the event loop, read
     from HTTP threads: readers get immutable summaries and a view that is rebuilt at most every
-    `max_view_age` seconds."""
+    `max_view_age` seconds.
+
+    The rollups are kept up to date as reports arrive: a host counts while it is neither departed nor
+    stale, and leaves (or re-enters) the sums as that changes. Staleness is judged when a view is built:
+    a heap of (received, host) finds the hosts that went silent since the last view without walking the
+    fleet. A view then costs copies of the rollups and of the host table, and a bounded top-N pass."""
 
     def __init__(self, cfg: FleetConfig = FleetConfig(), clock: Callable[[], float] = time.time, max_view_age: float = 1.0) -> None:
         self.cfg = cfg
         self._clock = clock
         self._hosts: dict[str, HostSummary] = {}
         self._departed: set[str] = set()
+        self._stale: set[str] = set()  # judged stale at the last view (never departed ones)
         self._streams: dict[str, int] = {}  # host -> live streams carrying it
+        self._rollups = Rollups(cfg.rollup_labels)  # over counted hosts: neither departed nor stale
+        self._by_received: list[tuple[float, str]] = []  # heap; entries of replaced reports are dropped lazily
+        self._last_now: float | None = None
         self._lock = threading.Lock()
         self._view: FleetView | None = None
         self._max_view_age = max_view_age
 
+    def _counted(self, host_id: str) -> bool:
+        return host_id in self._hosts and host_id not in self._departed and host_id not in self._stale
+
+    def _count(self, h: HostSummary) -> None:
+        """Enter a host into the sums; it stays until a view finds it stale (or its stream departs)."""
+        self._rollups.add(h)
+        heapq.heappush(self._by_received, (h.received, h.host_id))
+        if len(self._by_received) > 2 * len(self._hosts) + 1024:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._by_received = [(h.received, k) for k, h in self._hosts.items() if self._counted(k)]
+        heapq.heapify(self._by_received)
+
     def put(self, summary: HostSummary) -> None:
         with self._lock:
-            current = self._hosts.get(summary.host_id)
+            host_id = summary.host_id
+            current = self._hosts.get(host_id)
+            if current is not None and self._counted(host_id):
+                self._rollups.add(current, -1)
             if current is None or summary.sample_time >= current.sample_time:
-                self._hosts[summary.host_id] = summary
-            self._departed.discard(summary.host_id)
+                current = self._hosts[host_id] = summary
+            self._departed.discard(host_id)
+            self._stale.discard(host_id)  # judged again at the next view, on the kept report's receive time
+            self._count(current)
             self._view = None
 
     def stream_carries(self, host_id: str) -> None:
         with self._lock:
             self._streams[host_id] = self._streams.get(host_id, 0) + 1
-            self._departed.discard(host_id)
+            if host_id in self._departed:
+                self._departed.discard(host_id)
+                h = self._hosts.get(host_id)
+                if h is not None:
+                    self._count(h)
+                self._view = None
 
     def stream_ended(self, host_ids: Iterable[str], clean: bool) -> None:
         with self._lock:
@@ -288,7 +409,11 @@ class FleetState:
                     continue
                 self._streams.pop(h, None)
                 if clean and h in self._hosts:
-                    self._departed.add(h)  # the agent closed its stream: it moves on or shuts down
+                    # the agent closed its stream: it moves on or shuts down
+                    if self._counted(h):
+                        self._rollups.add(self._hosts[h], -1)
+                    self._stale.discard(h)
+                    self._departed.add(h)
             self._view = None
 
     def hosts(self) -> dict[str, HostSummary]:
@@ -302,15 +427,38 @@ class FleetState:
     def __len__(self) -> int:
         return len(self._hosts)
 
+    def _judge_staleness(self, now: float) -> None:
+        """Moves hosts silent for longer than the bound out of the sums. Called with the lock held."""
+        bound = self.cfg.stale_after_seconds
+        if self._last_now is not None and now < self._last_now:
+            # The clock went back: hosts judged stale may be fresh again.
+            for k in [k for k in self._stale if not now - self._hosts[k].received > bound]:
+                self._stale.discard(k)
+                self._count(self._hosts[k])
+        self._last_now = now
+        heap = self._by_received
+        while heap and now - heap[0][0] > bound:
+            received, host_id = heapq.heappop(heap)
+            h = self._hosts.get(host_id)
+            if h is not None and h.received == received and self._counted(host_id):
+                self._rollups.add(h, -1)
+                self._stale.add(host_id)
+
     def view(self) -> FleetView:
-        now = self._clock()
         with self._lock:
+            now = self._clock()  # read under the lock: concurrent views see the clock in order
             v = self._view
             if v is not None and now - v.generated_at < self._max_view_age:
                 return v
-            hosts = list(self._hosts.values())
-            departed = set(self._departed)
-        v = build_view(hosts, departed, now, self.cfg)
+            self._judge_staleness(now)
+            fresh = dict(self._hosts)
+            stale = {k: fresh.pop(k) for k in self._stale}
+            for k in self._departed:
+                fresh.pop(k, None)
+            n_departed = len(self._departed)
+            snapshot = self._rollups.snapshot()
+        # Outside the lock: the copies are this view's own.
+        v = _finish_view(now, self.cfg, snapshot, fresh, stale, n_departed)
         with self._lock:
             self._view = v
         return v

@@ -5,6 +5,7 @@ HTTP JSON and gRPC answer from the same functions, so the two can never disagree
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ VERDICTS = {"ok": q.KERNEL_VERDICT_OK, "regressed": q.KERNEL_VERDICT_REGRESSED, 
 ERA_BY_NAME = {v: k for k, v in ERA_NAMES.items() if v != "unspecified"}
 CAUSE_BY_NAME = {v: k for k, v in CAUSE_NAMES.items() if v != "unspecified"}
 MAX_LIMIT = 10000
+MAX_MEMO = 64  # derived host lists kept per view
 
 
 class QueryError(ValueError):
@@ -104,43 +106,96 @@ def list_hosts(v: FleetView, req: q.ListHostsRequest) -> q.ListHostsResponse:
     limit = req.limit or 100
     if limit > MAX_LIMIT:
         raise QueryError(f"limit: at most {MAX_LIMIT}, got {limit}")
-    pools: list[tuple[dict[str, HostSummary], bool]] = []
-    if status in ("fresh", "all"):
-        pools.append((v.fresh, False))
-    if status in ("stale", "all"):
-        pools.append((v.stale, True))
-    rows: list[tuple[HostSummary, bool]] = []
-    for pool, stale in pools:
-        for h in pool.values():
-            if req.kernel_release and h.kernel_release != req.kernel_release:
-                continue
-            if any(h.label(k) != val for k, val in wanted_labels):
-                continue
-            if cause is not None and not any(c == cause and n for c, n in h.causes):
-                continue
-            rows.append((h, stale))
-    rows.sort(key=lambda r: r[0].host_id)
+    rows = _sorted_rows(v, status, req.kernel_release)
+    if wanted_labels or cause is not None:
+        key = ("filtered", status, req.kernel_release, tuple(wanted_labels), cause)
+        filtered = v.memo.get(key)
+        if filtered is None:
+            filtered = [h for h in rows
+                        if all(h.label(k) == val for k, val in wanted_labels)
+                        and (cause is None or any(c == cause and n for c, n in h.causes))]
+            if len(v.memo) < MAX_MEMO:  # paging through one filter is cheap; arbitrary filters do not pile up
+                v.memo[key] = filtered
+        rows = filtered  # type: ignore[assignment]
     page = rows[req.offset: req.offset + limit]
-    return q.ListHostsResponse(hosts=[host_pb(h, s) for h, s in page], total=len(rows))
+    return q.ListHostsResponse(hosts=[host_pb(h, status == "stale" or (status == "all" and h.host_id in v.stale)) for h in page],
+                               total=len(rows))
+
+
+_HOST_ID = operator.attrgetter("host_id")
+
+
+def _sorted_rows(v: FleetView, status: str, kernel_release: str) -> list[HostSummary]:
+    """The hosts of a status, of one kernel release if given, sorted by host id. Derived at most once per
+    view and shared by every request answered from it: grouping the fleet by kernel is one pass, and a
+    kernel's hosts are sorted when first asked for. Lists of summaries only, no tuple per host: 100,000
+    new long-lived containers would cost full garbage-collector passes."""
+    key = ("hosts", status, kernel_release)
+    rows = v.memo.get(key)
+    if rows is not None:
+        return rows  # type: ignore[return-value]
+    if kernel_release:
+        groups = v.memo.get(("by_kernel", status))
+        if groups is None:
+            groups = {}
+            for pool in _pools(v, status):
+                for h in pool.values():
+                    g = groups.get(h.kernel_release)
+                    if g is None:
+                        g = groups[h.kernel_release] = []
+                    g.append(h)
+            v.memo[("by_kernel", status)] = groups
+        rows = sorted(groups.get(kernel_release, ()), key=_HOST_ID)  # type: ignore[union-attr]
+    else:
+        rows = sorted((h for pool in _pools(v, status) for h in pool.values()), key=_HOST_ID)
+    v.memo[key] = rows
+    return rows
+
+
+def _pools(v: FleetView, status: str) -> list[dict[str, HostSummary]]:
+    # Host ids are unique across fresh and stale: one sort by id orders them all.
+    pools = []
+    if status in ("fresh", "all"):
+        pools.append(v.fresh)
+    if status in ("stale", "all"):
+        pools.append(v.stale)
+    return pools
 
 
 class ReportReader:
     """Reads a host's latest full report from the durable store: per-VM detail is not kept in memory.
-    SQLite in WAL mode lets this read-only connection run beside the writer."""
+    SQLite in WAL mode lets these read-only connections run beside the writer. The HTTP server runs each
+    request on a new thread, so connections are pooled rather than kept per thread (one per request
+    would be opened and left to the garbage collector)."""
+
+    POOL = 4
 
     def __init__(self, db_path: Path) -> None:
         self.db_path = db_path
-        self._local = threading.local()
+        self._pool: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
 
     def _conn(self) -> sqlite3.Connection:
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False)
-            self._local.conn = c
-        return c
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False)
+
+    def _release(self, c: sqlite3.Connection) -> None:
+        with self._lock:
+            if len(self._pool) < self.POOL:
+                self._pool.append(c)
+                return
+        c.close()
 
     def latest(self, host_id: str) -> pb.HostReport | None:
-        row = self._conn().execute("SELECT report FROM hosts WHERE host_id=?", (host_id,)).fetchone()
+        c = self._conn()
+        try:
+            row = c.execute("SELECT report FROM hosts WHERE host_id=?", (host_id,)).fetchone()
+        except BaseException:
+            c.close()
+            raise
+        self._release(c)
         if row is None:
             return None
         r = pb.HostReport()

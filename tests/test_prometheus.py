@@ -93,6 +93,11 @@ def test_real_prometheus_alerts_and_sums_replicas(tmp_path: Path) -> None:
         assert ("EptwatchKernelRegressed", "6.6.15") in names, prom.output()[-2000:]
         assert ("EptwatchKnownBadKernelInFleet", "5.3.0") in names
         assert not any(n == "EptwatchKernelRegressed" and k != "6.6.15" for n, k in names)
+        # Both replicas scraped (the alerts above can fire from either one alone).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(prom_query(base, 'up{job="eptwatch"} == 1')) < 2:
+            time.sleep(0.5)
+        time.sleep(2.5)  # a rule evaluation after both scrapes
         (ratio,) = prom_query(base, "eptwatch:fleet_lost_ratio")
         assert float(ratio["value"][1]) == pytest.approx(expected_ratio, rel=1e-9)
         (hosts,) = prom_query(base, "eptwatch:fleet_hosts")

@@ -32,10 +32,14 @@ def fast_agent_config(tmp_path: Path, extra: str = "") -> Path:
 
 
 def start_agent(tmp_path: Path, name: str, server: str, extra: list[str] | None = None) -> tuple[Proc, Path]:
+    """Start a real agent and wait until it is up (its first report spooled): a SIGTERM before its
+    handler is installed would be the default kill, not a test of its shutdown."""
     spool = tmp_path / name / "spool.sqlite3"
     cfg = fast_agent_config(tmp_path)
     args = agent_args(server, spool, name, extra=["--insecure-plaintext", "--config", str(cfg), *(extra or [])])
-    return Proc(args, tmp_path / name / "agent.log").start(), spool
+    proc = Proc(args, tmp_path / name / "agent.log").start()
+    wait_for(lambda: spool_state(spool)[1] >= 1, 60, proc)
+    return proc, spool
 
 
 def wait_for(cond, timeout: float, proc: Proc | None = None) -> None:  # type: ignore[no-untyped-def]
@@ -239,6 +243,7 @@ def test_mutual_tls(tmp_path: Path) -> None:
         proc = Proc(agent_args(agg.target, spool, "hv-a-1", extra=["--config", str(fast_agent_config(tmp_path)), "--tls-ca", str(pki / "good-ca.crt"),
                     "--tls-cert", str(pki / "good-client.crt"), "--tls-key", str(pki / "good-client.key"), "--tls-server-name", "localhost"]),
                     tmp_path / "a" / "agent.log").start()
+        wait_for(lambda: spool_state(spool)[1] >= 1, 60, proc)
         time.sleep(1.0)
         assert proc.term() == 0, proc.output()
         assert spool_state(spool)[2] == 0

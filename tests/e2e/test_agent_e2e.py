@@ -38,11 +38,7 @@ from typing import Any
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:  # works with any pytest import mode
-    sys.path.insert(0, str(_HERE))
-
-from qemu_vm import (  # noqa: E402
+from .qemu_vm import (
     Backend,
     QemuVm,
     SmapsVma,
@@ -55,14 +51,14 @@ from qemu_vm import (  # noqa: E402
     read_kvm_page_counts,
 )
 
-from eptwatch.agent import kvm_binary_stats, kvm_qmp  # noqa: E402
-from eptwatch.agent.guest_ram import Backing, GuestRamMapping  # noqa: E402
-from eptwatch.agent.hostroot import HostRoot  # noqa: E402
-from eptwatch.agent.kvm_debugfs import CounterScope  # noqa: E402
-from eptwatch.agent.model import Cause, Estimate  # noqa: E402
-from eptwatch.agent.report import host_report, report_to_dict  # noqa: E402
-from eptwatch.agent.sampler import HostSample, Sampler, SamplerConfig, VmSample  # noqa: E402
-from eptwatch.agent.status import SourceState, SourceStatus  # noqa: E402
+from eptwatch.agent import kvm_binary_stats, kvm_qmp
+from eptwatch.agent.guest_ram import Backing, GuestRamMapping
+from eptwatch.agent.hostroot import HostRoot
+from eptwatch.agent.kvm_debugfs import CounterScope
+from eptwatch.agent.model import Cause, Estimate
+from eptwatch.agent.report import host_report, report_to_dict
+from eptwatch.agent.sampler import HostSample, Sampler, SamplerConfig, VmSample
+from eptwatch.agent.status import SourceState, SourceStatus
 
 # 512 MiB keeps every case meaningful (~250 huge pages) while halving the touch time of 1 GiB.
 MEM_MIB = 512
@@ -360,6 +356,18 @@ class TestTmpfsHugeAlways:
         assert v["kvm"]["pages_2m"] == str(truth.counts["pages_2m"])
         (e,) = [e for e in report["estimates"] if e["vm_id"] == v["vm_id"]]
         assert e["observed_huge_2m"] == str(truth.observed_2m) and e["cause"] == "CAUSE_HEALTHY"
+
+    def test_cli_json_without_debugfs_and_no_qmp(self, huge_vm: QemuVm, empty_debugfs: Path) -> None:
+        # --no-qmp: the monitor is not asked; the binary stats are refused (foreign VM): no counters.
+        report = _cli_json("--path.debugfs", str(empty_debugfs), "--no-qmp")
+        (v,) = [v for v in report["vms"] if v["pid"] == huge_vm.pid]
+        assert "kvm" not in v
+        sources = {s["source"]: s for s in v["sources"]}
+        assert "kvm_qmp" not in sources
+        assert sources["kvm_binary_stats"]["state"] == "SOURCE_STATE_UNAVAILABLE"
+        (e,) = [e for e in report["estimates"] if e["vm_id"] == v["vm_id"]]
+        assert e["cause"] == "CAUSE_UNKNOWN" and "observed_huge_2m" not in e
+        assert e["host_huge_capacity_2m"] == str(_truth(huge_vm).capacity_2m("ShmemPmdMapped"))  # still measured
 
 
     def test_binary_stats_refused_for_a_foreign_vm(self, huge_vm: QemuVm, empty_debugfs: Path) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +21,7 @@ from typing import TypeVar, cast
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:  # works with any pytest import mode
-    sys.path.insert(0, str(_HERE))
-
-from qemu_vm import (  # noqa: E402
+from .qemu_vm import (
     QemuVm,
     build_guest,
     ensure_debugfs,
