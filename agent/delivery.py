@@ -27,7 +27,7 @@ log = logging.getLogger("eptwatch.agent.delivery")
 STREAM_METHOD = "/eptwatch.v1.Ingest/Stream"
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -44,9 +44,9 @@ DEPARTING_MESSAGE = b"\x18\x01"  # AgentMessage{departing: true}
 
 def encode_agent_message(payloads: list[bytes], spool_dropped_total: int) -> bytes:
     """AgentMessage{reports: payloads, spool_dropped_total} without re-encoding the reports."""
-    parts = [b"\x0a" + _varint(len(p)) + p for p in payloads]
+    parts = [b"\x0a" + varint(len(p)) + p for p in payloads]
     if spool_dropped_total:
-        parts.append(b"\x10" + _varint(spool_dropped_total))
+        parts.append(b"\x10" + varint(spool_dropped_total))
     return b"".join(parts)
 
 

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -109,14 +110,14 @@ def list_hosts(v: FleetView, req: q.ListHostsRequest) -> q.ListHostsResponse:
     rows = _sorted_rows(v, status, req.kernel_release)
     if wanted_labels or cause is not None:
         key = ("filtered", status, req.kernel_release, tuple(wanted_labels), cause)
-        filtered = v.memo.get(key)
+        filtered = cast("list[HostSummary] | None", v.memo.get(key))
         if filtered is None:
             filtered = [h for h in rows
                         if all(h.label(k) == val for k, val in wanted_labels)
                         and (cause is None or any(c == cause and n for c, n in h.causes))]
             if len(v.memo) < MAX_MEMO:  # paging through one filter is cheap; arbitrary filters do not pile up
                 v.memo[key] = filtered
-        rows = filtered  # type: ignore[assignment]
+        rows = filtered
     page = rows[req.offset: req.offset + limit]
     return q.ListHostsResponse(hosts=[host_pb(h, status == "stale" or (status == "all" and h.host_id in v.stale)) for h in page],
                                total=len(rows))
@@ -131,11 +132,11 @@ def _sorted_rows(v: FleetView, status: str, kernel_release: str) -> list[HostSum
     kernel's hosts are sorted when first asked for. Lists of summaries only, no tuple per host: 100,000
     new long-lived containers would cost full garbage-collector passes."""
     key = ("hosts", status, kernel_release)
-    rows = v.memo.get(key)
+    rows = cast("list[HostSummary] | None", v.memo.get(key))
     if rows is not None:
-        return rows  # type: ignore[return-value]
+        return rows
     if kernel_release:
-        groups = v.memo.get(("by_kernel", status))
+        groups = cast("dict[str, list[HostSummary]] | None", v.memo.get(("by_kernel", status)))
         if groups is None:
             groups = {}
             for pool in _pools(v, status):
@@ -145,7 +146,7 @@ def _sorted_rows(v: FleetView, status: str, kernel_release: str) -> list[HostSum
                         g = groups[h.kernel_release] = []
                     g.append(h)
             v.memo[("by_kernel", status)] = groups
-        rows = sorted(groups.get(kernel_release, ()), key=_HOST_ID)  # type: ignore[union-attr]
+        rows = sorted(groups.get(kernel_release, ()), key=_HOST_ID)
     else:
         rows = sorted((h for pool in _pools(v, status) for h in pool.values()), key=_HOST_ID)
     v.memo[key] = rows
