@@ -2,6 +2,12 @@
 
 An invalid report is acknowledged as REJECTED (so the agent drops it rather than resending a poison
 report forever) and counted; it never touches fleet state.
+
+Unknown enum values are rejected where the aggregator's logic depends on them (kernel era, estimate
+causes). Informational per-VM enums (smaps mode, backing, counter scope, source states) follow the
+wire contract instead: a receiver treats an unknown value as unspecified, so an agent newer than
+this aggregator is not refused for adding one. They are also the bulk of a report: skipping them
+halves the validation cost of a 20-VM report.
 """
 
 from __future__ import annotations
@@ -20,10 +26,6 @@ _HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,252}")
 
 _ERAS = set(pb.PredicateEra.values())
 _CAUSES = set(pb.Cause.values())
-_STATES = set(pb.SourceState.values())
-_SCOPES = set(pb.CounterScope.values())
-_BACKINGS = set(pb.BackingKind.values())
-_MODES = set(pb.SmapsMode.values())
 
 
 def validate_report(r: pb.HostReport, now: float) -> str | None:
@@ -51,22 +53,10 @@ def validate_report(r: pb.HostReport, now: float) -> str | None:
         return f"kernel.era: unknown value {r.kernel.era}"
     if len(r.vms) > MAX_VMS or len(r.estimates) > MAX_VMS:
         return f"{max(len(r.vms), len(r.estimates))} VMs: at most {MAX_VMS}"
-    for s in r.sources:
-        if s.state not in _STATES:
-            return f"source {s.source[:40]!r}: unknown state {s.state}"
     for vm in r.vms:
-        if vm.smaps_mode not in _MODES:
-            return f"vm {vm.vm_id[:40]!r}: unknown smaps_mode {vm.smaps_mode}"
-        if vm.HasField("kvm") and vm.kvm.scope not in _SCOPES:
-            return f"vm {vm.vm_id[:40]!r}: unknown counter scope {vm.kvm.scope}"
-        if not math.isfinite(vm.smaps_read_cost_seconds) or vm.smaps_read_cost_seconds < 0:
+        cost = vm.smaps_read_cost_seconds
+        if cost < 0 or cost != cost or cost == math.inf:  # NaN compares unequal to itself
             return f"vm {vm.vm_id[:40]!r}: smaps_read_cost_seconds must be finite and >= 0"
-        for m in vm.guest_ram:
-            if m.backing not in _BACKINGS:
-                return f"vm {vm.vm_id[:40]!r}: unknown backing {m.backing}"
-        for s in vm.sources:
-            if s.state not in _STATES:
-                return f"vm {vm.vm_id[:40]!r} source {s.source[:40]!r}: unknown state {s.state}"
     estimates = list(r.estimates)
     if r.HasField("host_estimate"):
         estimates.append(r.host_estimate)
@@ -80,26 +70,29 @@ def validate_report(r: pb.HostReport, now: float) -> str | None:
 def _validate_estimate(e: pb.VmEstimate) -> str | None:
     if e.cause not in _CAUSES:
         return f"unknown cause {e.cause}"
+    has = e.HasField
+    lost = e.lost_huge_2m if has("lost_huge_2m") else None
+    breakdown_total = 0
     for share in e.breakdown:
         if share.cause not in _CAUSES:
             return f"breakdown: unknown cause {share.cause}"
-    cap = e.host_huge_capacity_2m if e.HasField("host_huge_capacity_2m") else None
-    obs = e.observed_huge_2m if e.HasField("observed_huge_2m") else None
-    lost = e.lost_huge_2m if e.HasField("lost_huge_2m") else None
-    allowed = e.allowed_huge_2m if e.HasField("allowed_huge_2m") else None
-    if e.HasField("lost_ratio"):
-        if not math.isfinite(e.lost_ratio) or not 0.0 <= e.lost_ratio <= 1.0:
-            return f"lost_ratio {e.lost_ratio!r}: expected a finite number in [0, 1]"
+        breakdown_total += share.lost_huge_2m
+    if has("lost_ratio"):
+        ratio = e.lost_ratio
+        if not 0.0 <= ratio <= 1.0:  # also false for NaN
+            return f"lost_ratio {ratio!r}: expected a finite number in [0, 1]"
         if lost is None:
             return "lost_ratio without lost_huge_2m"
+    cap = e.host_huge_capacity_2m if has("host_huge_capacity_2m") else None
     if lost is not None:
+        obs = e.observed_huge_2m if has("observed_huge_2m") else None
         if cap is None or obs is None:
             return "lost_huge_2m without both capacity and observed"
         # The model's definition: what the host maps huge and KVM does not. Anything else is not ours.
         if lost != max(0, cap - obs):
             return f"lost_huge_2m {lost} != max(0, capacity {cap} - observed {obs})"
-        if sum(s.lost_huge_2m for s in e.breakdown) != lost:
-            return f"breakdown sums to {sum(s.lost_huge_2m for s in e.breakdown)}, not lost_huge_2m {lost}"
-    if allowed is not None and cap is not None and allowed > cap:
-        return f"allowed_huge_2m {allowed} exceeds capacity {cap}"
+        if breakdown_total != lost:
+            return f"breakdown sums to {breakdown_total}, not lost_huge_2m {lost}"
+    if cap is not None and has("allowed_huge_2m") and e.allowed_huge_2m > cap:
+        return f"allowed_huge_2m {e.allowed_huge_2m} exceeds capacity {cap}"
     return None
