@@ -226,15 +226,40 @@ def rollup_from_vmas(vmas: list[Vma]) -> SmapsRollup:
 
 # --- fast path for the sampler -------------------------------------------------------------------
 #
-# A QEMU process with 10,000 VMAs yields ~7 MB of smaps; the kernel needs ~40 ms to produce it and a
-# line-by-line Python parse ten times that. Guest RAM lives only in large VMAs, so the sampler scans
-# for `Size:` lines of at least `min_bytes` with one C-level regex pass and parses just those blocks
-# (strictly), plus the first and last block so that a truncated or foreign file is still an error.
+# A QEMU process with 10,000 VMAs yields ~7.5 MB of smaps; the kernel needs ~40-55 ms of CPU to
+# produce it and a line-by-line Python parse ten times that. Guest RAM lives only in large VMAs, so
+# the sampler scans for `Size:` lines of at least `min_bytes` with one C-level regex pass and parses
+# just those blocks (strictly), plus the first and last block so that a truncated or foreign file is
+# still an error. The data may be `bytes` or the sampler's reused `bytearray` (hostroot.ReadBuffer);
+# nothing returned refers to it.
+#
+# Cost of that pass (bench/smaps_cost.py, docs/benchmarks.md): the regex engine steps through every
+# byte, so what matters is how little it does per byte and per candidate line. `[ \t]*+` is possessive,
+# so the spaces before a small size are not given back one at a time to retry `\d{5,}`, and the
+# search stops on "ze:" rather than on every newline (see _big_size_pattern). Together they take the
+# pass to 0.51-0.56 of the time of the original rb"\nSize:[ \t]*(\d{5,}) kB\n" on 7.5 MB of smaps
+# (8.7 -> 4.3 ms, or 14 -> 8 ms when the CPU is slower); a pattern that never matches still costs
+# 0.34-0.40 of it, so little more is to be had from the regex engine.
+# Reading /proc/PID/maps first to find the large VMAs and seeking their headers does not pay: the
+# kernel alone spends about as long producing maps (no page walk, but a formatted line per VMA) as
+# this whole pass takes.
 
 _HEADER_B = re.compile(rb"\n[0-9a-f]+-[0-9a-f]+ ")
+_BIG_SIZE: dict[int, re.Pattern[bytes]] = {}
 
 
-def _block_bounds(data: bytes, size_line_start: int) -> tuple[int, int]:
+def _big_size_pattern(digits: int) -> re.Pattern[bytes]:
+    """`Size:` lines whose kB value has at least `digits` digits (the others are dropped in C)."""
+    pattern = _BIG_SIZE.get(digits)
+    if pattern is None:
+        # Same lines as rb"\nSize:[ \t]*(\d{N,}) kB\n" (tests/test_smaps.py checks), found faster: the engine
+        # stops on "ze:" (3 times per block) rather than on every newline (about 26 per block), and
+        # rejects KernelPageSize/MMUPageSize at once by the look-behind.
+        pattern = _BIG_SIZE[digits] = re.compile(rb"ze:(?<=\nSize:)[ \t]*+(\d{%d,}+) kB(?=\n)" % digits)
+    return pattern
+
+
+def _block_bounds(data: bytes | bytearray, size_line_start: int) -> tuple[int, int]:
     """(start of the header line, end of the block) around the `\\nSize:` at `size_line_start`."""
     start = data.rfind(b"\n", 0, size_line_start) + 1
     nxt = _HEADER_B.search(data, size_line_start + 1)
@@ -242,7 +267,7 @@ def _block_bounds(data: bytes, size_line_start: int) -> tuple[int, int]:
     return start, end
 
 
-def _parse_slice(data: bytes, name: str, start: int, end: int) -> Vma:
+def _parse_slice(data: bytes | bytearray, name: str, start: int, end: int) -> Vma:
     text = data[start:end].decode("utf-8", errors="replace")
     try:
         vmas = parse_smaps(text, name)
@@ -255,25 +280,26 @@ def _parse_slice(data: bytes, name: str, start: int, end: int) -> Vma:
     return vmas[0]
 
 
-def scan_large_vmas(data: bytes, name: str, min_bytes: int) -> list[Vma]:
+def scan_large_vmas(data: bytes | bytearray, name: str, min_bytes: int) -> list[Vma]:
     """The VMAs of at least `min_bytes`, parsed strictly, from a whole smaps file; smaller VMAs are
-    located but not parsed. Raises ParseError for a truncated file or one that is not smaps."""
+    located but not parsed. Raises ParseError for a truncated file or one that is not smaps.
+    `data` is only read during the call (a reused buffer may be passed)."""
     if not data:
         return []
     if not data.endswith(b"\n"):
         raise ParseError(name, "truncated: the file does not end with a newline", data.count(b"\n") + 1)
     if _HEADER.match(data[: data.find(b"\n")].decode("utf-8", errors="replace")) is None:
-        raise ParseError(name, f"expected a VMA header line first, got {data[:60]!r}", 1)
+        raise ParseError(name, f"expected a VMA header line first, got {bytes(data[:60])!r}", 1)
     min_kb = min_bytes // KIB
     # Only Size lines with at least as many digits as min_kb can qualify: the regex engine drops the
     # other ~all of them in C, which is what keeps this pass cheap.
-    big_size = re.compile(rb"\nSize:[ \t]*(\d{%d,}) kB\n" % max(1, len(str(min_kb))))
+    big_size = _big_size_pattern(max(1, len(str(min_kb))))
     out: list[Vma] = []
     seen_starts: set[int] = set()
     for m in big_size.finditer(data):
         if int(m.group(1)) < min_kb:
             continue
-        start, end = _block_bounds(data, m.start())
+        start, end = _block_bounds(data, m.start() - 3)  # the "\n" of "\nSize:"
         seen_starts.add(start)
         out.append(_parse_slice(data, name, start, end))
     # First and last blocks, strictly: a cut-off tail or a file that is not smaps fails here.
@@ -294,6 +320,6 @@ def scan_large_vmas(data: bytes, name: str, min_bytes: int) -> list[Vma]:
         elif present != reference:
             raise ParseError(name, f"truncated or mangled VMA block: fields {sorted(reference ^ present)} differ from the first block",
                              data.count(b"\n", 0, start) + 1)
-    if data.rfind(b"\nVmFlags:") > 0 and b"\nVmFlags:" not in data[last_start - 1 :]:
+    if data.rfind(b"\nVmFlags:") > 0 and b"\nVmFlags:" not in data[max(0, last_start - 1) :]:
         raise ParseError(name, "truncated: the last VMA block has no VmFlags line", data.count(b"\n", 0, last_start) + 1)
     return out

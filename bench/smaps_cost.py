@@ -5,12 +5,22 @@ A synthetic QEMU-like process maps N small VMAs (default 10,000; every other pag
 mprotect()ed so neighbours cannot merge) plus a 1 GiB MADV_HUGEPAGE guest-RAM region, touches them, and,
 where /dev/kvm works, holds a real KVM VM fd so discovery and per-VM debugfs counters take the real path.
 
-Measured, as CPU seconds (user+system) per operation, median of --repeat runs:
+Measured, as CPU seconds (user+system) per operation, in --repeat interleaved rounds (each round
+measures every quantity once, so background load hits kernel and agent alike); medians over rounds:
   kernel_cat      `cat` of the same files into /dev/null (child rusage), minus an empty `cat` baseline
-  kernel_read     the same bytes read in-process with os.read (no parsing)
-  agent_smaps     read + parse + guest-RAM attribution of smaps (what the agent does per VM)
+  kernel_read     the same bytes read in-process with HostRoot.read_bytes into new bytes (no parsing)
+  agent_smaps     what the sampler does with one VM's smaps: Sampler._scan_smaps (read into the
+                  sampler's reused buffer + smaps.scan_large_vmas) + guest_ram.attribute_guest_ram
   agent_vm        the agent's whole per-VM sample (smaps, mountinfo, status, stat, counters)
-The ratios agent/kernel are what the target (<= 1.2) is about.
+Breakdown rows: read_smaps_reused (the read into a ReadBuffer alone), scan_smaps (scan_large_vmas on
+bytes already in memory), kernel_cat_maps (`cat /proc/PID/maps`: the least that any "read maps first
+to find the big VMAs" scheme would add).
+The ratios agent/kernel are what the target (<= 1.2) is about; ratio_*_per_round is the median of
+the per-round ratios, less sensitive to load drifting between rounds.
+
+To measure an older agent with this script: PYTHONPATH=DIR, where DIR/eptwatch/agent is that agent/
+tree (e.g. `git archive <commit> agent | tar -x -C DIR/eptwatch`). What it lacks falls back to the
+old inline read + scan (Sampler._scan_smaps) or is reported as None (hostroot.ReadBuffer).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import sys
 import time
 from pathlib import Path
 
+from eptwatch.agent import hostroot
 from eptwatch.agent.discovery import discover_vms
 from eptwatch.agent.guest_ram import attribute_guest_ram
 from eptwatch.agent.hostroot import HostRoot
@@ -91,7 +102,7 @@ def cat_cpu(paths: list[str], repeat: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vmas", type=int, default=10_000)
-    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--repeat", type=int, default=21)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.vmas)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -110,32 +121,89 @@ def main() -> int:
             for p in paths:
                 HostRoot.read_bytes(Path(p))
 
-        def agent_smaps() -> None:
-            attribute_guest_ram(scan_large_vmas(HostRoot.read_bytes(Path(smaps)), smaps, SamplerConfig().guest_ram_min_bytes))
+        config = SamplerConfig(smaps_mode="full", check_other_mappers=False, use_binary_stats=False)
+        sampler = Sampler(root, config)
+        smaps_path = Path(smaps)
+        # The sampler's own per-VM smaps read (read into its reused buffer + scan); an older tree
+        # without it gets the read + scan it did inline.
+        scan_smaps = getattr(sampler, "_scan_smaps", None) or (
+            lambda path: scan_large_vmas(HostRoot.read_bytes(path), str(path), config.guest_ram_min_bytes))
 
-        sampler = Sampler(root, SamplerConfig(smaps_mode="full", check_other_mappers=False, use_binary_stats=False))
+        def agent_smaps() -> list[object]:
+            return attribute_guest_ram(scan_smaps(smaps_path), min_bytes=config.guest_ram_min_bytes)
+
+        ram = agent_smaps()
+        if len(ram) != 1:
+            raise SystemExit(f"expected the 1 GiB guest-RAM region to be found, got {ram!r}")
+        reuse = hostroot.ReadBuffer() if hasattr(hostroot, "ReadBuffer") else None
+
+        def read_reused() -> None:
+            assert reuse is not None
+            with reuse.lend():
+                HostRoot.read_bytes(smaps_path)
+
+        in_memory = HostRoot.read_bytes(smaps_path)
+
+        def scan_only() -> None:
+            scan_large_vmas(in_memory, smaps, config.guest_ram_min_bytes)
+
         (vm,) = [v for v in discover_vms(root, [(pid, vmfd)] if counter_files else [], scan_fds=False)[0] if v.pid == pid] or [None]
         kvm_dir = Path("/sys/kernel/debug/kvm") if counter_files else None
 
         def agent_vm() -> None:
             sampler._sample_vm(vm, kvm_dir, Era.HOST_PAGE_WALK)
 
-        results = {
+        maps = f"/proc/{pid}/maps"
+        load_before = os.getloadavg()
+        keys = ("cat_smaps", "read_smaps", "agent_smaps", "cat_vm", "read_vm", "agent_vm", "read_smaps_reused", "scan_smaps", "cat_maps")
+        rounds: dict[str, list[float]] = {k: [] for k in keys}
+        for _ in range(args.repeat):
+            rounds["cat_smaps"].append(cat_cpu([smaps], 1))
+            rounds["read_smaps"].append(cpu_of(lambda: raw_read([smaps]), 1))
+            rounds["agent_smaps"].append(cpu_of(agent_smaps, 1))
+            rounds["cat_vm"].append(cat_cpu(vm_files, 1))
+            rounds["read_vm"].append(cpu_of(lambda: raw_read(vm_files), 1))
+            if vm is not None:
+                rounds["agent_vm"].append(cpu_of(agent_vm, 1))
+            if reuse is not None:
+                rounds["read_smaps_reused"].append(cpu_of(read_reused, 1))
+            rounds["scan_smaps"].append(cpu_of(scan_only, 1))
+            rounds["cat_maps"].append(cat_cpu([maps], 1))
+        med = {k: statistics.median(v) if v else None for k, v in rounds.items()}
+
+        def per_round(num: str, den: str) -> float | None:
+            pairs = [a / b for a, b in zip(rounds[num], rounds[den]) if b > 0]
+            return statistics.median(pairs) if pairs else None
+
+        results: dict[str, object] = {
             "vmas": nvma,
-            "smaps_bytes": len(HostRoot.read_bytes(Path(smaps))),
-            "kernel_cat_smaps_s": cat_cpu([smaps], args.repeat),
-            "kernel_read_smaps_s": cpu_of(lambda: raw_read([smaps]), args.repeat),
-            "agent_smaps_s": cpu_of(agent_smaps, args.repeat),
-            "kernel_cat_vm_files_s": cat_cpu(vm_files, args.repeat),
-            "kernel_read_vm_files_s": cpu_of(lambda: raw_read(vm_files), args.repeat),
-            "agent_vm_s": cpu_of(agent_vm, args.repeat) if vm is not None else None,
+            "smaps_bytes": len(in_memory),
+            "maps_bytes": len(HostRoot.read_bytes(Path(maps))),
+            "rounds": args.repeat,
+            "kernel_cat_smaps_s": med["cat_smaps"],
+            "kernel_read_smaps_s": med["read_smaps"],
+            "agent_smaps_s": med["agent_smaps"],
+            "kernel_cat_vm_files_s": med["cat_vm"],
+            "kernel_read_vm_files_s": med["read_vm"],
+            "agent_vm_s": med["agent_vm"],
+            "read_smaps_reused_s": med["read_smaps_reused"],
+            "scan_smaps_s": med["scan_smaps"],
+            "kernel_cat_maps_s": med["cat_maps"],
             "per_vm_debugfs": bool(counter_files),
         }
-        results["ratio_smaps_vs_cat"] = results["agent_smaps_s"] / results["kernel_cat_smaps_s"]
-        results["ratio_smaps_vs_read"] = results["agent_smaps_s"] / results["kernel_read_smaps_s"]
-        if results["agent_vm_s"] is not None:
-            results["ratio_vm_vs_cat"] = results["agent_vm_s"] / results["kernel_cat_vm_files_s"]
-            results["ratio_vm_vs_read"] = results["agent_vm_s"] / results["kernel_read_vm_files_s"]
+
+        def ratio(num: str, den: str) -> float | None:
+            a, b = med[num], med[den]
+            return a / b if a is not None and b else None
+
+        results["ratio_smaps_vs_cat"] = ratio("agent_smaps", "cat_smaps")
+        results["ratio_smaps_vs_read"] = ratio("agent_smaps", "read_smaps")
+        results["ratio_smaps_vs_cat_per_round"] = per_round("agent_smaps", "cat_smaps")
+        if med["agent_vm"] is not None:
+            results["ratio_vm_vs_cat"] = ratio("agent_vm", "cat_vm")
+            results["ratio_vm_vs_read"] = ratio("agent_vm", "read_vm")
+            results["ratio_vm_vs_cat_per_round"] = per_round("agent_vm", "cat_vm")
+        results["loadavg_1m_before_after"] = f"{load_before[0]:.2f} {os.getloadavg()[0]:.2f}"
         results["machine"] = f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, kernel {platform.release()}, Python {platform.python_version()}"
         if args.json:
             print(json.dumps(results, indent=2))

@@ -219,3 +219,253 @@ def test_fast_scan_mutations_agree_or_raise(data: st.DataObject) -> None:
             assert v.size_bytes is not None and v.size_bytes >= MIN
         return
     assert fast == strict
+
+
+# --- the scan pattern and the reused read buffer (bench/smaps_cost.py, docs/benchmarks.md) ---
+
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from eptwatch.agent.hostroot import HostReadError, HostRoot, ReadBuffer  # noqa: E402
+from eptwatch.agent.sampler import Sampler, SamplerConfig  # noqa: E402
+from eptwatch.agent.smaps import _big_size_pattern  # noqa: E402
+
+# The pattern scan_large_vmas used before (commit 15edf7a): the new one must find the same Size lines.
+_OLD_BIG_SIZE = rb"\nSize:[ \t]*(\d{%d,}) kB\n"
+
+
+def _size_lines_old(data: bytes, digits: int, overlapping: bool = False) -> list[tuple[int, bytes]]:
+    pattern = _OLD_BIG_SIZE % digits
+    if overlapping:  # the same, except that one match's closing newline may open the next
+        pattern = pattern[:-2] + rb"(?=\n)"
+    return [(m.start(), m.group(1)) for m in re.finditer(pattern, data)]
+
+
+def _size_lines_new(data: bytes, digits: int) -> list[tuple[int, bytes]]:
+    return [(m.start() - 3, m.group(1)) for m in _big_size_pattern(digits).finditer(data)]  # at its "\n"
+
+
+_FIELDS = ("Size", "KernelPageSize", "MMUPageSize", "Rss", "AnonHugePages", "ShmemPmdMapped", "Shared_Hugetlb", "Private_Hugetlb")
+
+
+@st.composite
+def smaps_texts(draw: st.DrawFn) -> str:
+    """A well-formed smaps of random VMAs: sizes from one page to 512 GiB (so some are guest-RAM
+    sized), kB values printed with the kernel's fixed width or with any run of spaces and tabs."""
+    n = draw(st.integers(1, 12))
+    addr = 0x7F0000000000
+    blocks = []
+    for _ in range(n):
+        addr += draw(st.integers(0, 1 << 32)) // 4096 * 4096
+        size_kb = draw(st.one_of(st.integers(1, 9999), st.integers(10_000, 1 << 29))) // 4 * 4 or 4
+        start, addr = addr, addr + size_kb * 1024
+        path = draw(st.sampled_from(["", "/dev/shm/ram", "[heap]", "/usr/lib/libc.so.6", "memfd:ram (deleted)"]))
+        lines = [f"{start:x}-{addr:x} rw-p 00000000 00:00 0" + (f"{' ' * draw(st.integers(1, 30))}{path}" if path else " ")]
+        for key in _FIELDS:
+            value = {"Size": size_kb, "KernelPageSize": 4, "MMUPageSize": 4}.get(key, draw(st.integers(0, size_kb)))
+            pad = draw(st.one_of(st.just(" " * max(1, 24 - len(key) - len(str(value)))), st.text(" \t", min_size=0, max_size=20)))
+            lines.append(f"{key}:{pad}{value} kB")
+        lines.append(f"THPeligible:    {draw(st.sampled_from('01'))}")
+        lines.append("VmFlags: rd wr mr mw me ac ")
+        blocks.append("\n".join(lines) + "\n")
+        addr += 4096
+    return "".join(blocks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(smaps_texts(), st.sampled_from([2 * 1024 * 1024, MIN, 1 << 30]))
+def test_fast_scan_equals_strict_parse_on_generated_smaps(text: str, min_bytes: int) -> None:
+    strict = [v for v in parse_smaps(text, "g") if (v.size_bytes or 0) >= min_bytes]
+    data = text.encode()
+    assert scan_large_vmas(data, "g", min_bytes) == strict
+    assert scan_large_vmas(bytearray(data), "g", min_bytes) == strict  # the sampler passes its buffer
+    digits = len(str(min_bytes // 1024))
+    assert _size_lines_new(data, digits) == _size_lines_old(data, digits)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=" \t0123456789kBSize:\nxK", max_size=200))
+def test_size_pattern_finds_the_lines_the_old_one_found(noise: str) -> None:
+    """Exactly the old pattern's lines, plus (only) a Size line right after a matched one, which the
+    old pattern skipped because it consumed the newline between them (a block with two Size lines,
+    which the strict parse of that block rejects either way)."""
+    data = ("\nSize:" + noise + "\n").encode()
+    for digits in (1, 5, 7):
+        new = _size_lines_new(data, digits)
+        assert new == _size_lines_old(data, digits, overlapping=True)
+        assert set(_size_lines_old(data, digits)) <= set(new)
+
+
+def test_fast_scan_errors_read_the_same_for_a_buffer() -> None:
+    for data in (b"MemTotal: 1 kB\n", (SMALL_BLOCK + SEED_BLOCK).encode()[:-3]):
+        with pytest.raises(ParseError) as from_bytes:
+            scan_large_vmas(data, "s", MIN)
+        with pytest.raises(ParseError) as from_buffer:
+            scan_large_vmas(bytearray(data), "s", MIN)
+        assert str(from_buffer.value) == str(from_bytes.value) and "bytearray" not in str(from_buffer.value)
+
+
+def _read_lent(buffer: ReadBuffer, path: Path, limit: int | None = None) -> bytes:
+    with buffer.lend():
+        return HostRoot.read_bytes(path) if limit is None else HostRoot.read_bytes(path, limit)
+
+
+def test_read_buffer_returns_the_file_and_reuses_itself(tmp_path: Path) -> None:
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.write_bytes(bytes(range(256)) * 40_000)  # 10 MB: many growth steps on the first read
+    small.write_bytes(b"hello\n")
+    buffer = ReadBuffer()
+    first = _read_lent(buffer, big)
+    assert isinstance(first, bytearray) and first == big.read_bytes()
+    allocated = first.__alloc__()
+    second = _read_lent(buffer, small)
+    assert type(second) is bytes and second == b"hello\n"  # copied out: the big allocation stays
+    third = _read_lent(buffer, big)
+    assert third is first and third == big.read_bytes() and third.__alloc__() == allocated
+    assert _read_lent(buffer, small) == b"hello\n"
+
+
+def test_read_buffer_gives_back_a_very_big_allocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from eptwatch.agent import hostroot
+
+    monkeypatch.setattr(hostroot, "_KEEP_BYTES", 1 << 20)
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.write_bytes(b"b" * (3 << 20))
+    small.write_bytes(b"s" * 1000)
+    buffer = ReadBuffer()
+    assert _read_lent(buffer, big) == big.read_bytes()
+    out = _read_lent(buffer, small)
+    assert isinstance(out, bytearray) and out == small.read_bytes() and out.__alloc__() < (1 << 20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 4095, 65535, 65536, 65537, 131072, 200_000, 1_000_003]), min_size=1, max_size=6))
+def test_read_buffer_any_sequence_of_sizes(sizes: list[int]) -> None:
+    """Growing, shrinking and exact multiples of the headroom: every read returns exactly its file."""
+    buffer = ReadBuffer()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, size in enumerate(sizes):
+            path = Path(tmp) / f"f{i}"
+            path.write_bytes(bytes((i + j) % 251 for j in range(size)) if size < 70_000 else (bytes([i]) * size))
+            assert _read_lent(buffer, path) == path.read_bytes() == HostRoot.read_bytes(path)
+
+
+def test_read_buffer_lends_for_one_read_only(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"A" * 60_000)  # most of the buffer's first allocation: returned in place
+    b.write_bytes(b"B" * 60_000)
+    buffer = ReadBuffer()
+    with buffer.lend():
+        x = HostRoot.read_bytes(a)
+        y = HostRoot.read_bytes(b)  # a second read in the block must not overwrite the first
+    assert isinstance(x, bytearray) and type(y) is bytes and (x, y) == (a.read_bytes(), b.read_bytes())
+    assert type(HostRoot.read_bytes(a)) is bytes  # outside the block: plain reads again
+
+
+def test_read_buffer_errors_are_classified_and_leave_it_usable(tmp_path: Path) -> None:
+    buffer = ReadBuffer()
+    with pytest.raises(HostReadError) as info:
+        _read_lent(buffer, tmp_path / "nope")
+    assert info.value.kind == "absent"
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 100)
+    with pytest.raises(HostReadError) as info:
+        _read_lent(buffer, big, limit=10)
+    assert info.value.kind == "too_large"
+    assert _read_lent(buffer, big, limit=100) == b"x" * 100  # exactly at the limit is fine
+    with pytest.raises(HostReadError) as info:
+        _read_lent(buffer, big, limit=99)
+    assert info.value.kind == "too_large"
+    assert _read_lent(buffer, big) == b"x" * 100
+    with pytest.raises(HostReadError) as info:  # a directory fails as a plain read of it does
+        _read_lent(buffer, tmp_path)
+    with pytest.raises(HostReadError) as plain:
+        HostRoot.read_bytes(tmp_path)
+    assert info.value.kind == plain.value.kind == "io" and str(info.value) == str(plain.value)
+    assert _read_lent(buffer, big) == b"x" * 100
+
+
+def test_read_buffer_refuses_to_overwrite_a_held_view(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"data\n" * 12_000)
+    buffer = ReadBuffer()
+    held = _read_lent(buffer, f)
+    assert isinstance(held, bytearray)
+    view = memoryview(held)
+    with pytest.raises(BufferError):
+        _read_lent(buffer, f)
+    assert bytes(view) == f.read_bytes()
+    view.release()
+    assert _read_lent(buffer, f) == f.read_bytes()
+
+
+# A process whose address space stays still while we read it: ~600 VMAs (~450 KB of smaps, read
+# by the kernel one page per read()), then it waits on stdin.
+_STILL_CHILD = r"""
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+n = 600
+base = libc.mmap(None, n * 4096, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+for i in range(1, n, 2):
+    libc.mprotect(base + i * 4096, 4096, mmap.PROT_READ)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_read_buffer_on_procfs_smaps_equals_a_plain_read() -> None:
+    child = subprocess.Popen([sys.executable, "-c", _STILL_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        path = Path(f"/proc/{child.pid}/smaps")
+        buffer = ReadBuffer()
+
+        def layout(data: bytes) -> tuple[int, list[tuple[int, int, str, str, int | None]]]:
+            # Rss, Referenced and the like may move between two reads (reclaim, DAMON): compare the
+            # VMAs and the line count, each read parsed strictly (so whole, not cut short).
+            vmas = parse_smaps(bytes(data).decode(), str(path))
+            return data.count(b"\n"), [(v.start, v.end, v.perms, v.path, v.size_bytes) for v in vmas]
+
+        plain = HostRoot.read_bytes(path)
+        assert len(plain) > 4 * 65536
+        for _ in range(3):
+            assert layout(_read_lent(buffer, path)) == layout(plain)
+        scanned = [(v.start, v.end) for v in scan_large_vmas(_read_lent(buffer, path), str(path), 4096)]
+        assert scanned == [(v.start, v.end) for v in scan_large_vmas(plain, str(path), 4096)]
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(HostReadError) as info:
+        _read_lent(ReadBuffer(), path)
+    assert info.value.kind == "absent"
+
+
+def test_sampler_scan_smaps_equals_the_reference_on_all_fixtures() -> None:
+    """One sampler (one reused buffer) over every fixture process in turn: each result equals a
+    plain read + scan, also after later reads have overwritten the buffer."""
+    files = sorted(p for root in fixture_roots() for p in (root / "proc").glob("*/smaps"))
+    assert len(files) >= 10
+    sampler = Sampler(HostRoot(), SamplerConfig())
+    got = [sampler._scan_smaps(p) for p in files]
+    min_bytes = SamplerConfig().guest_ram_min_bytes
+    assert got == [scan_large_vmas(p.read_bytes(), str(p), min_bytes) for p in files]
+    assert any(got)
+
+
+def test_fast_scan_of_a_single_vma_file() -> None:
+    # The last block is then also the first (at offset 0): it has its VmFlags line, nothing is cut.
+    assert scan_large_vmas(SEED_BLOCK.encode(), "s", MIN) == parse_smaps(SEED_BLOCK, "s")
+    assert scan_large_vmas(SMALL_BLOCK.encode(), "s", MIN) == []
+
+
+def test_fast_scan_rejects_a_block_with_two_size_lines() -> None:
+    # Both Size lines are candidates now (the old pattern saw only the first): same verdict.
+    doubled = SEED_BLOCK.replace("Size:            4194304 kB\n", "Size:            4194304 kB\nSize:            4194304 kB\n")
+    with pytest.raises(ParseError, match="repeated"):
+        scan_large_vmas((SMALL_BLOCK + doubled + SMALL_BLOCK).encode(), "s", MIN)
