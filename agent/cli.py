@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .hostroot import HostRoot
-from .model import EraOverride, load_era_overrides
+from .model import EraOverride
 from .report import host_report, report_to_json
 from .sampler import Sampler, SamplerConfig
 from .status import ParseError
@@ -31,15 +31,11 @@ def host_root_from_args(args: argparse.Namespace) -> HostRoot:
 
 
 def _overrides(path: str | None) -> tuple[EraOverride, ...]:
-    if not path:
-        return ()
+    from .daemon import read_era_overrides  # the same loader `run` uses
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SystemExit(f"eptwatch-agent: cannot read era override file {path}: {exc.strerror}") from None
-    try:
-        return load_era_overrides(text, path)
-    except ParseError as exc:
+        return read_era_overrides(path or "")
+    except (ValueError, ParseError) as exc:
         raise SystemExit(f"eptwatch-agent: {exc}") from None
 
 

@@ -125,10 +125,16 @@ def load_labels(cfg: AgentConfig) -> dict[str, str]:
     return labels
 
 
-def load_overrides(cfg: AgentConfig) -> tuple[EraOverride, ...]:
-    if not cfg.era_overrides_file:
+def read_era_overrides(path: str) -> tuple[EraOverride, ...]:
+    """The era override table at `path` ('' for none). ValueError names an unreadable file,
+    ParseError (also a ValueError) a malformed one."""
+    if not path:
         return ()
-    return load_era_overrides(_read(cfg.era_overrides_file, "era overrides").decode("utf-8", "replace"), cfg.era_overrides_file)
+    return load_era_overrides(_read(path, "era override file").decode("utf-8", "replace"), path)
+
+
+def load_overrides(cfg: AgentConfig) -> tuple[EraOverride, ...]:
+    return read_era_overrides(cfg.era_overrides_file)
 
 
 class AgentDaemon:

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from eptwatch.v1 import report_pb2 as pb
 
@@ -127,10 +128,15 @@ def host_report(sample: HostSample, sequence: int = 0, agent_instance: str = "",
     return msg
 
 
+def message_to_dict(msg: Message) -> dict[str, Any]:
+    """The one JSON rendering of wire messages (CLI and HTTP API alike). Proto field names, so the JSON
+    and the .proto read the same; zeros printed, so only an `optional` field that was not measured is
+    absent (unknown is not 0); 64-bit integers stay strings, as proto3 JSON says (2**53 precision)."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
 def report_to_dict(report: pb.HostReport) -> dict[str, Any]:
-    # Proto field names (not lowerCamelCase) so the JSON and the .proto read the same; 64-bit integers
-    # as JSON numbers would lose precision past 2**53, so json_format keeps them strings.
-    return json_format.MessageToDict(report, preserving_proto_field_name=True)
+    return message_to_dict(report)
 
 
 def report_to_json(report: pb.HostReport) -> str:

@@ -112,6 +112,7 @@ class Sampler:
         self.clock = clock
         self._budgets: dict[tuple[int, int], _Budget] = {}
         self._timings: dict[str, float] = {}
+        self._file_mapper_index: dict[tuple[str, int], set[int]] | None = None
         # Full smaps is read into one reused buffer (see _scan_smaps).
         self._smaps_buffer = ReadBuffer()
 
@@ -136,6 +137,7 @@ class Sampler:
     def sample(self) -> HostSample:
         statuses: list[SourceStatus] = []
         self._timings = {}
+        self._file_mapper_index = None  # rebuilt lazily, once per sample
         with self._timed("kernel"):
             kernel, kstatus = read_kernel_identity(self.root)
         statuses.append(kstatus)
@@ -374,29 +376,35 @@ class Sampler:
             return m
         return replace(m, tmpfs_huge=mount.option("huge") or "never")  # tmpfs default is huge=never
 
-    def _with_other_mappers(self, pid: int, mappings: list[GuestRamMapping]) -> list[GuestRamMapping]:
-        """Other processes mapping the same guest-RAM file make 169226f7e0's predicate say "small".
-
-        /proc/PID/maps does not walk page tables, so this scan is cheap next to smaps."""
-        wanted = {(m.dev, m.inode) for m in mappings if m.backing in (Backing.SHMEM, Backing.MEMFD, Backing.FILE) and m.inode}
-        if not wanted:
-            return mappings
-        found: dict[tuple[str, int], set[int]] = {k: set() for k in wanted}
+    def _file_mappers(self) -> dict[tuple[str, int], set[int]]:
+        """(dev, inode) -> pids mapping that file, from every process's /proc/PID/maps; read at most
+        once per sample however many VMs ask (maps does not walk page tables: cheap next to smaps)."""
+        if self._file_mapper_index is not None:
+            return self._file_mapper_index
+        index: dict[tuple[str, int], set[int]] = {}
         try:
             pids = [int(n) for n in self.root.listdir(self.root.procfs) if n.isdigit()]
         except HostReadError:
-            return mappings
+            pids = []
         for other in pids:
-            if other == pid:
-                continue
             try:
                 text = self.root.read_text(self.root.proc(other, "maps"))
             except HostReadError:
-                continue
+                continue  # exited or unreadable: it can map nothing we could act on
             for line in text.split("\n"):
                 parts = line.split(None, 5)
-                if len(parts) >= 5 and parts[4].isdigit() and (parts[3], int(parts[4])) in found:
-                    found[(parts[3], int(parts[4]))].add(other)
+                if len(parts) >= 5 and parts[4] != "0" and parts[4].isdigit():
+                    index.setdefault((parts[3], int(parts[4])), set()).add(other)
+        self._file_mapper_index = index
+        return index
+
+    def _with_other_mappers(self, pid: int, mappings: list[GuestRamMapping]) -> list[GuestRamMapping]:
+        """Other processes mapping the same guest-RAM file make 169226f7e0's predicate say "small"."""
+        wanted = {(m.dev, m.inode) for m in mappings if m.backing in (Backing.SHMEM, Backing.MEMFD, Backing.FILE) and m.inode}
+        if not wanted:
+            return mappings
+        index = self._file_mappers()
+        found = {k: index.get(k, set()) - {pid} for k in wanted}
         return [replace(m, other_mapper_pids=tuple(sorted(found.get((m.dev, m.inode), ())))) if (m.dev, m.inode) in found else m for m in mappings]
 
     def _read_vm_counters(self, vm: DiscoveredVm, kvm_dir: Path | None, statuses: list[SourceStatus],

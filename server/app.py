@@ -14,8 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from google.protobuf import json_format
-
+from eptwatch.agent.report import message_to_dict
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc, query_pb2, query_pb2_grpc
 
 from .auth import TlsFiles, TokenTable
@@ -137,7 +136,7 @@ class Aggregator:
             return query.get(name, [""])[-1]
 
         def js(msg: object) -> tuple[int, str, bytes]:
-            return 200, "application/json", json_bytes(json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))  # type: ignore[arg-type]
+            return 200, "application/json", json_bytes(message_to_dict(msg))  # type: ignore[arg-type]
 
         try:
             if path == "/":
