@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from eptwatch.v1 import report_pb2 as pb
 
-EXPLAINED_CAUSES = frozenset({pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, pb.CAUSE_EXPECTED_FALSE_NEGATIVE, pb.CAUSE_NX_SPLIT})
+from .validate import ReportTotals, report_totals
 CAUSE_NAMES = {v: pb.Cause.Name(v).removeprefix("CAUSE_").lower() for v in pb.Cause.values()}
 T = TypeVar("T")
 ERA_NAMES = {v: pb.PredicateEra.Name(v).removeprefix("PREDICATE_ERA_").lower() for v in pb.PredicateEra.values()}
@@ -64,32 +64,18 @@ class HostSummary:
         return None
 
 
-def summarise(r: pb.HostReport, received: float, spool_dropped_total: int = 0) -> HostSummary:
-    estimates = list(r.estimates)
-    # Several VMs sharing only a host-wide counter: the host-level estimate carries the loss.
-    loss_rows = [r.host_estimate] if r.HasField("host_estimate") and r.host_estimate.HasField("lost_huge_2m") else estimates
-    cap = obs = lost = explained = unexplained = estimated = 0
-    for e in loss_rows:
-        if not e.HasField("lost_huge_2m"):
-            continue
-        estimated += 1
-        cap += e.host_huge_capacity_2m
-        obs += e.observed_huge_2m
-        lost += e.lost_huge_2m
-        for s in e.breakdown:
-            if s.cause in EXPLAINED_CAUSES:
-                explained += s.lost_huge_2m
-            elif s.cause == pb.CAUSE_UNEXPLAINED:
-                unexplained += s.lost_huge_2m
-    causes = Counter(int(e.cause) for e in estimates)
+def summarise(r: pb.HostReport, received: float, spool_dropped_total: int = 0,
+              totals: ReportTotals | None = None) -> HostSummary:
+    """A host's summary from its report; `totals` from `check_report` when ingest already walked it."""
+    t = totals if totals is not None else report_totals(r)
     return HostSummary(
         host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
         sample_time=r.sample_time.seconds + r.sample_time.nanos / 1e9, received=received,
         kernel_release=_shared(r.kernel.release or "unknown"), era=int(r.kernel.era), labels=_shared(tuple(sorted(r.labels.items()))),
-        agent_version=_shared(r.agent_version), vms=len(estimates), vms_estimated=estimated if loss_rows is estimates else len(estimates),
-        capacity_2m=cap, observed_2m=obs, lost_2m=lost, lost_explained_2m=explained, lost_unexplained_2m=unexplained,
-        known_bug_vms=causes.get(pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, 0), causes=_shared(tuple(sorted(causes.items()))),
-        spool_dropped_total=spool_dropped_total,
+        agent_version=_shared(r.agent_version), vms=t.vms, vms_estimated=t.vms_estimated,
+        capacity_2m=t.capacity_2m, observed_2m=t.observed_2m, lost_2m=t.lost_2m, lost_explained_2m=t.lost_explained_2m,
+        lost_unexplained_2m=t.lost_unexplained_2m, known_bug_vms=dict(t.causes).get(pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, 0),
+        causes=_shared(t.causes), spool_dropped_total=spool_dropped_total,
     )
 
 

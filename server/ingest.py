@@ -1,24 +1,37 @@
-"""The Ingest gRPC servicer: thin. Authenticate, validate, hand to the store, acknowledge."""
+"""The Ingest gRPC servicer: thin. Authenticate, check, hand to the store, acknowledge.
+
+It also tracks which hosts each live stream carries, so that a host counts only on the replica that
+holds it: when a stream ends the fleet state hears whether the agent said it was departing (rotating
+to another replica or stopping: its hosts leave at once) or the stream just ended or broke (the agent
+is probably coming back: its hosts stay until they go stale).
+
+Per-message cost is most of what the aggregator spends on a report (bench/ingest_load.py), so this
+path does each thing once: one walk over a report's estimates yields both the checks and the host's
+totals, the bytes a report arrived in are what the store keeps (no re-encoding), and the idle timeout
+is one timer per stream rather than one per message.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
-from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
+from eptwatch.v1 import ingest_pb2
 from eptwatch.v1 import report_pb2 as pb
 
 from .auth import Principal, TokenTable
 from .fleet import FleetState, summarise
 from .store import Incoming, Store
-from .validate import validate_report
+from .validate import ReportTotals, check_report
 
 log = logging.getLogger("eptwatch.server.ingest")
+
+INGEST_SERVICE = "eptwatch.v1.Ingest"
 
 
 @dataclass
@@ -36,9 +49,96 @@ class IngestCounters:
         self.streams_refused[code.name] = self.streams_refused.get(code.name, 0) + 1
 
 
-class IngestServicer(ingest_pb2_grpc.IngestServicer):
+@dataclass(frozen=True, slots=True)
+class Received:
+    """An AgentMessage as it came off the wire: the parsed message and, per report, the exact bytes it
+    was encoded in (None when they could not be told apart; the store then encodes the report itself)."""
+
+    message: ingest_pb2.AgentMessage
+    report_bytes: list[bytes] | None
+
+
+def decode_agent_message(data: bytes) -> Received:
+    """The request deserializer: protobuf parses the message (a DecodeError fails the call as before);
+    a walk over its top-level fields finds each report's bytes, a few varints per report."""
+    message = ingest_pb2.AgentMessage.FromString(data)
+    return Received(message, report_spans(data, len(message.reports)))
+
+
+def report_spans(data: bytes, expected: int) -> list[bytes] | None:
+    """The encoded bytes of each `reports` entry (field 1) of a serialized AgentMessage, in order."""
+    spans: list[bytes] = []
+    i, n = 0, len(data)
+    try:
+        while i < n:
+            key, i = _varint(data, i)
+            wire_type = key & 7
+            if wire_type == 2:
+                length, i = _varint(data, i)
+                if key >> 3 == 1:
+                    spans.append(data[i:i + length])
+                i += length
+            elif wire_type == 0:
+                _, i = _varint(data, i)
+            elif wire_type == 1:
+                i += 8
+            elif wire_type == 5:
+                i += 4
+            else:
+                return None
+    except IndexError:
+        return None
+    return spans if i == n and len(spans) == expected else None
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    b = data[i]
+    if b < 0x80:
+        return b, i + 1
+    value, shift = b & 0x7F, 7
+    while True:
+        i += 1
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i + 1
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint longer than 10 bytes")
+
+
+class _IdleWatch:
+    """Ends a stream that sends nothing for `timeout` seconds while we wait for its next message. One
+    timer per stream, re-armed only when it fires, rather than a timer set and cancelled per message."""
+
+    __slots__ = ("_loop", "_timeout", "_task", "_handle", "deadline", "waiting", "fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, task: asyncio.Task[object] | None) -> None:
+        self._loop, self._timeout, self._task = loop, timeout, task
+        self.deadline = loop.time() + timeout
+        self.waiting = True
+        self.fired = False
+        self._handle = loop.call_at(self.deadline, self._check)
+
+    def reading(self) -> None:
+        self.deadline = self._loop.time() + self._timeout
+        self.waiting = True
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.waiting and now >= self.deadline and self._task is not None:
+            self.fired = True
+            self._task.cancel()
+            return
+        self._handle = self._loop.call_at(self.deadline if self.waiting else now + self._timeout, self._check)
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
+class IngestServicer:
     def __init__(self, store: Store, fleet: FleetState, tokens: TokenTable | None, idle_timeout_seconds: float,
-                 clock: object = time.time) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.fleet = fleet
         self.tokens = tokens  # None: authentication explicitly disabled (plaintext demo on loopback)
@@ -46,11 +146,19 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         self.counters = IngestCounters()
         self._clock = clock
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The Ingest service, registered with our deserializer (which keeps each report's bytes)."""
+        return grpc.method_handlers_generic_handler(INGEST_SERVICE, {
+            "Stream": grpc.stream_stream_rpc_method_handler(
+                self.Stream, request_deserializer=decode_agent_message,
+                response_serializer=ingest_pb2.ServerMessage.SerializeToString),
+        })
+
     async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         self.counters.refused(code)
         await context.abort(code, message)
 
-    async def Stream(self, request_iterator: AsyncIterator[ingest_pb2.AgentMessage],
+    async def Stream(self, request_iterator: AsyncIterator[Received | ingest_pb2.AgentMessage],  # noqa: N802 - gRPC naming
                      context: grpc.aio.ServicerContext) -> AsyncIterator[ingest_pb2.ServerMessage]:
         principal: Principal | None = None
         if self.tokens is not None:
@@ -60,58 +168,76 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
         self.counters.streams_open += 1
         self.counters.streams_total += 1
+        carried: set[str] = set()
+        departing = False
+        watch = _IdleWatch(asyncio.get_running_loop(), self.idle_timeout, asyncio.current_task())
         try:
             it = request_iterator.__aiter__()
             while True:
+                watch.reading()
                 try:
-                    # asyncio.timeout, not wait_for: no extra task per message
-                    async with asyncio.timeout(self.idle_timeout):
-                        msg = await it.__anext__()
+                    got = await it.__anext__()
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
+                except asyncio.CancelledError:
+                    if not watch.fired:
+                        raise
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
                     await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       f"no message for {self.idle_timeout:.0f} s: stream closed")
                     return
-                yield await self._handle(msg, principal, context)
+                watch.waiting = False
+                if isinstance(got, Received):
+                    msg, raw = got.message, got.report_bytes
+                else:  # a servicer driven without our deserializer
+                    msg, raw = got, None
+                departing = departing or msg.departing
+                yield await self._handle(msg, raw, principal, context, carried)
         finally:
+            watch.close()
             self.counters.streams_open -= 1
+            self.fleet.stream_ended(carried, clean=departing)
 
-    async def _handle(self, msg: ingest_pb2.AgentMessage, principal: Principal | None,
-                      context: grpc.aio.ServicerContext) -> ingest_pb2.ServerMessage:
-        now = self._clock()  # type: ignore[operator]
+    async def _handle(self, msg: ingest_pb2.AgentMessage, raw: list[bytes] | None, principal: Principal | None,
+                      context: grpc.aio.ServicerContext, carried: set[str]) -> ingest_pb2.ServerMessage:
+        now = self._clock()
         acks: list[ingest_pb2.ReportAck | None] = []
-        accepted: list[tuple[int, Incoming]] = []
+        accepted: list[tuple[int, Incoming, ReportTotals]] = []
         for i, r in enumerate(msg.reports):
-            if principal is not None and not principal.may_report_for(r.host_id):
-                log.warning("token %r may not report for host %r: stream refused", principal.name, r.host_id[:80])
+            host_id = r.host_id
+            if principal is not None and not principal.may_report_for(host_id):
+                log.warning("token %r may not report for host %r: stream refused", principal.name, host_id[:80])
                 await self._abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                                  f"token {principal.name!r} may not report for host {r.host_id[:80]!r}")
-            reason = validate_report(r, now)
-            if reason is not None:
+                                  f"token {principal.name!r} may not report for host {host_id[:80]!r}")
+            if host_id and host_id not in carried:
+                carried.add(host_id)
+                self.fleet.stream_carries(host_id)
+            checked = check_report(r, now)
+            if isinstance(checked, str):
                 self.counters.reports_rejected_total += 1
-                log.warning("report %s/%s/%d rejected: %s", r.host_id[:80], r.agent_instance[:64], r.sequence, reason)
-                acks.append(ingest_pb2.ReportAck(host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
-                                                 status=ingest_pb2.ACK_STATUS_REJECTED, reason=reason))
+                log.warning("report %s/%s/%d rejected: %s", host_id[:80], r.agent_instance[:64], r.sequence, checked)
+                acks.append(ingest_pb2.ReportAck(host_id=host_id, agent_instance=r.agent_instance, sequence=r.sequence,
+                                                 status=ingest_pb2.ACK_STATUS_REJECTED, reason=checked))
                 continue
             acks.append(None)
-            # No payload: the store serialises only the reports it keeps as a host's latest.
-            accepted.append((i, Incoming(r, None, msg.spool_dropped_total)))
+            accepted.append((i, Incoming(r, raw[i] if raw is not None else None, msg.spool_dropped_total), checked))
         if accepted:
-            results = await self.store.apply([inc for _, inc in accepted])
-            received = self._clock()  # type: ignore[operator]
-            latest: dict[str, pb.HostReport] = {}
-            for (i, inc), res in zip(accepted, results):
+            results = await self.store.apply([inc for _, inc, _ in accepted])
+            received = self._clock()
+            latest: dict[str, tuple[pb.HostReport, ReportTotals]] = {}
+            for (i, inc, totals), res in zip(accepted, results):
                 r = inc.report
                 if res.status == ingest_pb2.ACK_STATUS_APPLIED:
                     self.counters.reports_applied_total += 1
                     if res.became_latest:
-                        latest[r.host_id] = r  # a later one of the same host in this message supersedes it
+                        latest[r.host_id] = (r, totals)  # a later one of the same host in this message supersedes it
                 else:
                     self.counters.reports_duplicate_total += 1
                 acks[i] = ingest_pb2.ReportAck(host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
                                                status=res.status)  # type: ignore[arg-type]
             # Summarised once per host per message: a replayed backlog of 50 costs one summary, not 50.
-            for r in latest.values():
-                self.fleet.put(summarise(r, received))
+            for r, totals in latest.values():
+                self.fleet.put(summarise(r, received, totals=totals))
         return ingest_pb2.ServerMessage(acks=[a for a in acks if a is not None])

@@ -91,13 +91,17 @@ def sample_seconds(report: report_pb2.HostReport) -> float:
 class Store:
     """Owns the SQLite file. `apply` is awaited from the event loop; all SQL runs on the writer thread."""
 
-    def __init__(self, state_dir: Path, synchronous: str = "FULL", max_batch: int = 2000) -> None:
+    def __init__(self, state_dir: Path, synchronous: str = "FULL", max_batch: int = 2000,
+                 commit_delay_seconds: float = 0.0) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / "eptwatch.sqlite3"
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous: expected FULL, NORMAL or EXTRA, got {synchronous!r}")
         self._synchronous = synchronous
         self._max_batch = max_batch
+        if not 0.0 <= commit_delay_seconds <= 1.0:
+            raise ValueError(f"commit delay: expected 0 to 1 s, got {commit_delay_seconds!r}")
+        self._commit_delay = commit_delay_seconds
         self._queue: queue.Queue[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]] | None] = queue.Queue()
         self._marks: dict[tuple[str, str], int] = {}
         self._latest: dict[str, float] = {}  # host -> sample_time of its stored report (writer thread)
@@ -168,6 +172,10 @@ class Store:
             jobs = [first]
             count = len(first[0])
             stop = False
+            if self._commit_delay and self._queue.qsize() < self._max_batch:
+                # Group commit (like PostgreSQL's commit_delay): under a light load each commit would hold
+                # a report or two; waiting a little lets one fsync and one wake-up serve more of them.
+                time.sleep(self._commit_delay)
             while count < self._max_batch:
                 try:
                     nxt = self._queue.get_nowait()

@@ -8,12 +8,18 @@ causes). Informational per-VM enums (smaps mode, backing, counter scope, source 
 wire contract instead: a receiver treats an unknown value as unspecified, so an agent newer than
 this aggregator is not refused for adding one. They are also the bulk of a report: skipping them
 halves the validation cost of a 20-VM report.
+
+The same single walk over a report's estimates also yields the totals the fleet state keeps per host
+(`ReportTotals`): protobuf field access from Python is most of the aggregator's own cost per report,
+so the checks and the sums read each field once (bench/ingest_load.py).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import re
+from dataclasses import dataclass
 
 from eptwatch.v1 import report_pb2 as pb
 
@@ -24,11 +30,42 @@ MAX_LABELS = 64
 MAX_LABEL_BYTES = 256
 _HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,252}")
 
-_ERAS = set(pb.PredicateEra.values())
-_CAUSES = set(pb.Cause.values())
+_ERAS = frozenset(pb.PredicateEra.values())
+_CAUSES = frozenset(pb.Cause.values())
+EXPLAINED_CAUSES = frozenset({pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, pb.CAUSE_EXPECTED_FALSE_NEGATIVE, pb.CAUSE_NX_SPLIT})
+_UNEXPLAINED = pb.CAUSE_UNEXPLAINED
+
+
+@dataclass(frozen=True, slots=True)
+class ReportTotals:
+    """A report's per-host sums, in 2 MiB units, over the estimates that carry the loss: the host-level
+    estimate where the agent made one (VMs sharing only a host-wide counter), otherwise every VM's."""
+
+    vms: int
+    vms_estimated: int  # VMs with a loss estimate (capacity and observation both known)
+    capacity_2m: int
+    observed_2m: int
+    lost_2m: int
+    lost_explained_2m: int
+    lost_unexplained_2m: int
+    causes: tuple[tuple[int, int], ...]  # (pb.Cause, VMs), sorted
+
+
+class _Sums:
+    __slots__ = ("estimated", "capacity", "observed", "lost", "explained", "unexplained")
+
+    def __init__(self) -> None:
+        self.estimated = self.capacity = self.observed = self.lost = self.explained = self.unexplained = 0
 
 
 def validate_report(r: pb.HostReport, now: float) -> str | None:
+    """Why the report must be refused, or None."""
+    checked = check_report(r, now)
+    return checked if isinstance(checked, str) else None
+
+
+def check_report(r: pb.HostReport, now: float) -> ReportTotals | str:
+    """The report's totals if it may be applied, else the reason it may not (one walk for both)."""
     if not r.host_id:
         return "empty host_id"
     if not _HOST_ID.fullmatch(r.host_id):
@@ -51,48 +88,96 @@ def validate_report(r: pb.HostReport, now: float) -> str | None:
             return f"label {k[:40]!r}: keys 1..{MAX_LABEL_BYTES} and values up to {MAX_LABEL_BYTES} characters"
     if r.kernel.era not in _ERAS:
         return f"kernel.era: unknown value {r.kernel.era}"
-    if len(r.vms) > MAX_VMS or len(r.estimates) > MAX_VMS:
-        return f"{max(len(r.vms), len(r.estimates))} VMs: at most {MAX_VMS}"
-    for vm in r.vms:
+    vms = r.vms
+    if len(vms) > MAX_VMS or len(r.estimates) > MAX_VMS:
+        return f"{max(len(vms), len(r.estimates))} VMs: at most {MAX_VMS}"
+    for vm in vms:
         cost = vm.smaps_read_cost_seconds
         if cost < 0 or cost != cost or cost == math.inf:  # NaN compares unequal to itself
             return f"vm {vm.vm_id[:40]!r}: smaps_read_cost_seconds must be finite and >= 0"
-    estimates = list(r.estimates)
-    if r.HasField("host_estimate"):
-        estimates.append(r.host_estimate)
-    for e in estimates:
-        reason = _validate_estimate(e)
+    return estimate_totals(r)
+
+
+def estimate_totals(r: pb.HostReport) -> ReportTotals | str:
+    """The estimates' checks and sums: the per-host totals, or why an estimate is impossible."""
+    host_level = r.host_estimate if r.HasField("host_estimate") else None
+    host_sums = _Sums()
+    if host_level is not None:
+        reason = _check_estimate(host_level, host_sums)
+        if reason:
+            return f"estimate {host_level.vm_id[:40]!r}: {reason}"
+    # Several VMs sharing only a host-wide counter: the host-level estimate carries the loss.
+    by_host = host_sums.estimated > 0
+    vm_sums = _Sums()
+    causes: dict[int, int] = {}
+    n = 0
+    for e in r.estimates:
+        reason = _check_estimate(e, vm_sums, causes)
         if reason:
             return f"estimate {e.vm_id[:40]!r}: {reason}"
-    return None
+        n += 1
+    sums = host_sums if by_host else vm_sums
+    return ReportTotals(
+        vms=n, vms_estimated=n if by_host else sums.estimated, capacity_2m=sums.capacity, observed_2m=sums.observed,
+        lost_2m=sums.lost, lost_explained_2m=sums.explained, lost_unexplained_2m=sums.unexplained,
+        causes=tuple(sorted(causes.items())),
+    )
 
 
-def _validate_estimate(e: pb.VmEstimate) -> str | None:
-    if e.cause not in _CAUSES:
-        return f"unknown cause {e.cause}"
+def report_totals(r: pb.HostReport) -> ReportTotals:
+    """Totals of a report that passed `check_report` earlier (e.g. one loaded from the store)."""
+    checked = estimate_totals(r)
+    if isinstance(checked, str):
+        raise ValueError(f"report of {r.host_id[:80]!r}: {checked}")
+    return checked
+
+
+# One call reads every field the checks need: protobuf field access from Python dominates their cost.
+_ESTIMATE_FIELDS = operator.attrgetter("cause", "lost_huge_2m", "host_huge_capacity_2m", "observed_huge_2m",
+                                       "allowed_huge_2m", "lost_ratio", "breakdown")
+
+
+def _check_estimate(e: pb.VmEstimate, sums: _Sums, causes: dict[int, int] | None = None) -> str | None:
+    """Checks one estimate and, if it carries a loss, adds it to `sums`; counts its cause in `causes`.
+    Optional fields read as 0 when unset, so presence is asked of protobuf only for a field that reads 0."""
+    cause, lost, cap, obs, allowed, ratio, breakdown = _ESTIMATE_FIELDS(e)
+    if cause not in _CAUSES:
+        return f"unknown cause {cause}"
+    if causes is not None:
+        causes[cause] = causes.get(cause, 0) + 1
+    explained = unexplained = total = 0
+    for share in breakdown:
+        c, n = share.cause, share.lost_huge_2m
+        if c in EXPLAINED_CAUSES:
+            explained += n
+        elif c == _UNEXPLAINED:
+            unexplained += n
+        elif c not in _CAUSES:
+            return f"breakdown: unknown cause {c}"
+        total += n
     has = e.HasField
-    lost = e.lost_huge_2m if has("lost_huge_2m") else None
-    breakdown_total = 0
-    for share in e.breakdown:
-        if share.cause not in _CAUSES:
-            return f"breakdown: unknown cause {share.cause}"
-        breakdown_total += share.lost_huge_2m
-    if has("lost_ratio"):
-        ratio = e.lost_ratio
+    has_lost = lost != 0 or has("lost_huge_2m")
+    if ratio != 0.0 or has("lost_ratio"):  # NaN != 0.0, so NaN is checked too
         if not 0.0 <= ratio <= 1.0:  # also false for NaN
             return f"lost_ratio {ratio!r}: expected a finite number in [0, 1]"
-        if lost is None:
+        if not has_lost:
             return "lost_ratio without lost_huge_2m"
-    cap = e.host_huge_capacity_2m if has("host_huge_capacity_2m") else None
-    if lost is not None:
-        obs = e.observed_huge_2m if has("observed_huge_2m") else None
-        if cap is None or obs is None:
-            return "lost_huge_2m without both capacity and observed"
-        # The model's definition: what the host maps huge and KVM does not. Anything else is not ours.
-        if lost != max(0, cap - obs):
-            return f"lost_huge_2m {lost} != max(0, capacity {cap} - observed {obs})"
-        if breakdown_total != lost:
-            return f"breakdown sums to {breakdown_total}, not lost_huge_2m {lost}"
-    if cap is not None and has("allowed_huge_2m") and e.allowed_huge_2m > cap:
-        return f"allowed_huge_2m {e.allowed_huge_2m} exceeds capacity {cap}"
+    # allowed > cap implies allowed is set; the capacity must be set too for the check to apply.
+    if allowed > cap and (cap != 0 or has("host_huge_capacity_2m")):
+        return f"allowed_huge_2m {allowed} exceeds capacity {cap}"
+    if not has_lost:
+        return None
+    if (cap == 0 and not has("host_huge_capacity_2m")) or (obs == 0 and not has("observed_huge_2m")):
+        return "lost_huge_2m without both capacity and observed"
+    # The model's definition: what the host maps huge and KVM does not. Anything else is not ours.
+    if lost != (cap - obs if cap > obs else 0):
+        return f"lost_huge_2m {lost} != max(0, capacity {cap} - observed {obs})"
+    if total != lost:
+        return f"breakdown sums to {total}, not lost_huge_2m {lost}"
+    sums.estimated += 1
+    sums.capacity += cap
+    sums.observed += obs
+    sums.lost += lost
+    sums.explained += explained
+    sums.unexplained += unexplained
     return None

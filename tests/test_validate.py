@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eptwatch.agent.hostroot import HostRoot
 from eptwatch.agent.report import host_report
@@ -60,3 +63,76 @@ def test_unknown_informational_enums_follow_the_contract(report: pb.HostReport) 
     report.vms[0].kvm.scope = 44  # type: ignore[assignment]
     report.sources[0].state = 45  # type: ignore[assignment]
     assert validate_report(report, NOW) is None
+
+
+# --- the one-pass checks and totals against a plain reference ------------------------------------
+
+def _reference(e: pb.VmEstimate) -> str | None:
+    """The estimate rules written the obvious way (every presence asked of protobuf): the oracle the
+    optimised single pass in server/validate.py must agree with."""
+    causes = set(pb.Cause.values())
+    if e.cause not in causes:
+        return "cause"
+    if any(s.cause not in causes for s in e.breakdown):
+        return "breakdown cause"
+    if e.HasField("lost_ratio") and not (0.0 <= e.lost_ratio <= 1.0):
+        return "ratio range"
+    if e.HasField("lost_ratio") and not e.HasField("lost_huge_2m"):
+        return "ratio without lost"
+    if e.HasField("host_huge_capacity_2m") and e.HasField("allowed_huge_2m") and e.allowed_huge_2m > e.host_huge_capacity_2m:
+        return "allowed"
+    if e.HasField("lost_huge_2m"):
+        if not (e.HasField("host_huge_capacity_2m") and e.HasField("observed_huge_2m")):
+            return "lost without both"
+        if e.lost_huge_2m != max(0, e.host_huge_capacity_2m - e.observed_huge_2m):
+            return "lost definition"
+        if sum(s.lost_huge_2m for s in e.breakdown) != e.lost_huge_2m:
+            return "breakdown sum"
+    return None
+
+
+_OPTIONAL = ("host_huge_capacity_2m", "observed_huge_2m", "allowed_huge_2m", "lost_huge_2m")
+
+
+@given(st.data())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_single_pass_agrees_with_the_reference(report: pb.HostReport, data: st.DataObject) -> None:
+    from eptwatch.server.validate import EXPLAINED_CAUSES, check_report
+
+    r = pb.HostReport()
+    r.CopyFrom(report)
+    small = st.integers(0, 4)  # small values make zeros (unset-looking) and equalities common
+    # One estimate mutated, the others left valid, so that each rule is reached often.
+    for e in [r.estimates[data.draw(st.integers(0, len(r.estimates) - 1))]]:
+        for name in _OPTIONAL:
+            choice = data.draw(st.sampled_from(["keep", "clear", "set"]))
+            if choice == "clear":
+                e.ClearField(name)
+            elif choice == "set":
+                setattr(e, name, data.draw(small))
+        ratio = data.draw(st.sampled_from(["keep", "clear", "clear", 0.0, 0.5, 1.0, 1.5, -0.0, math.nan]))
+        if ratio == "clear":
+            e.ClearField("lost_ratio")
+        elif ratio != "keep":
+            e.lost_ratio = ratio  # type: ignore[assignment]
+        if data.draw(st.booleans()):
+            del e.breakdown[:]
+            for _ in range(data.draw(st.integers(0, 2))):
+                s = e.breakdown.add()
+                s.cause = data.draw(st.sampled_from([*pb.Cause.values(), 99]))  # type: ignore[assignment]
+                s.lost_huge_2m = data.draw(small)
+        if data.draw(st.integers(0, 9)) == 0:
+            e.cause = 98  # type: ignore[assignment]
+    expected = next((reason for reason in map(_reference, r.estimates) if reason), None)
+    got = check_report(r, NOW)
+    assert isinstance(got, str) == (expected is not None), (expected, got)
+    if isinstance(got, str):
+        return
+    valid = [e for e in r.estimates if e.HasField("lost_huge_2m")]
+    assert got.vms == len(r.estimates) and got.vms_estimated == len(valid)
+    assert got.capacity_2m == sum(e.host_huge_capacity_2m for e in valid)
+    assert got.observed_2m == sum(e.observed_huge_2m for e in valid)
+    assert got.lost_2m == sum(e.lost_huge_2m for e in valid)
+    assert got.lost_explained_2m == sum(s.lost_huge_2m for e in valid for s in e.breakdown if s.cause in EXPLAINED_CAUSES)
+    assert got.lost_unexplained_2m == sum(s.lost_huge_2m for e in valid for s in e.breakdown if s.cause == pb.CAUSE_UNEXPLAINED)
+    assert dict(got.causes) == dict(Counter(int(e.cause) for e in r.estimates))
