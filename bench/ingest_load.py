@@ -346,14 +346,13 @@ async def _client(spec: dict[str, Any], conn: Any) -> dict[str, Any]:
         call = ch.stream_stream(STREAM_METHOD, request_serializer=lambda b: b,
                                 response_deserializer=ingest_pb2.ServerMessage.FromString)(
             compression=compression, timeout=t_end - time.monotonic() + 60)
-        pending: collections.deque[float] = collections.deque()
+        pending: collections.deque[tuple[float, int]] = collections.deque()  # (sent at, reports)
         sem = asyncio.Semaphore(window) if not interval else None
 
         async def receiver() -> None:
             nonlocal acked_window, acked_total
             async for smsg in call:
                 now = time.monotonic()
-                sent = pending.popleft()
                 n = 0
                 for a in smsg.acks:
                     status[a.status] += 1
@@ -361,9 +360,14 @@ async def _client(spec: dict[str, Any], conn: Any) -> dict[str, Any]:
                 acked_total += n
                 if t_m0 <= now < t_m1:
                     acked_window += n
-                    lat.append(now - sent)
-                if sem is not None:
-                    sem.release()
+                # One response may acknowledge several messages (the aggregator answers per commit).
+                while n > 0 and pending:
+                    sent, k = pending.popleft()
+                    n -= k
+                    if t_m0 <= now < t_m1:
+                        lat.append(now - sent)
+                    if sem is not None:
+                        sem.release()
 
         recv = asyncio.create_task(receiver())
         seq = 1
@@ -376,7 +380,7 @@ async def _client(spec: dict[str, Any], conn: Any) -> dict[str, Any]:
                     if d > 0:
                         await asyncio.sleep(d)
                     now = time.time()
-                    pending.append(time.monotonic())
+                    pending.append((time.monotonic(), 1))
                     await call.write(encode_agent_message([frame_report(prefix, body, seq, now)], 0))
                     seq += 1
                     sent_total += 1
@@ -392,7 +396,7 @@ async def _client(spec: dict[str, Any], conn: Any) -> dict[str, Any]:
                         break
                     # A replayed backlog: samples from the past, in order, a second apart.
                     msg = encode_agent_message([frame_report(prefix, body, seq + k, past + seq + k) for k in range(batch)], 0)
-                    pending.append(time.monotonic())
+                    pending.append((time.monotonic(), batch))
                     await call.write(msg)
                     seq += batch
                     sent_total += batch

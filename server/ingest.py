@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from eptwatch.v1 import report_pb2 as pb
 
 from .auth import Principal, TokenTable
 from .fleet import FleetState, summarise
-from .store import Incoming, Store
+from .store import ApplyResult, Incoming, Store
 from .validate import ReportTotals, check_report
 
 log = logging.getLogger("eptwatch.server.ingest")
@@ -160,6 +161,10 @@ class IngestServicer:
 
     async def Stream(self, request_iterator: AsyncIterator[Received | ingest_pb2.AgentMessage],  # noqa: N802 - gRPC naming
                      context: grpc.aio.ServicerContext) -> AsyncIterator[ingest_pb2.ServerMessage]:
+        """Reads ahead: a reader task checks each message and hands it to the store while earlier ones
+        are still committing, and the acks of every message whose transaction has committed go out
+        together. So a stream is not held to one message per commit, and one commit that holds several
+        of a stream's messages costs one response, not several."""
         principal: Principal | None = None
         if self.tokens is not None:
             principal = self.tokens.authenticate(context.invocation_metadata())
@@ -168,8 +173,40 @@ class IngestServicer:
                 await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
         self.counters.streams_open += 1
         self.counters.streams_total += 1
-        carried: set[str] = set()
-        departing = False
+        stream = _StreamState()
+        reader = asyncio.create_task(self._read(request_iterator, principal, stream))
+        try:
+            queue = stream.queue
+            while True:
+                if not queue:
+                    stream.ready.clear()
+                    await stream.ready.wait()
+                    continue
+                head = queue[0]
+                if isinstance(head, _Refusal):
+                    await self._abort(context, head.code, head.message)
+                    return
+                if head is _END:
+                    return
+                if isinstance(head, BaseException):
+                    raise head
+                assert isinstance(head, _Admitted)
+                if head.future is not None and not head.future.done():
+                    await head.future
+                acks: list[ingest_pb2.ReportAck] = []
+                while queue and isinstance(queue[0], _Admitted) and (queue[0].future is None or queue[0].future.done()):
+                    acks.extend(self._complete(queue.popleft()))  # type: ignore[arg-type]
+                stream.room.set()
+                if acks:
+                    yield ingest_pb2.ServerMessage(acks=acks)
+        finally:
+            reader.cancel()
+            self.counters.streams_open -= 1
+            self.fleet.stream_ended(stream.carried, clean=stream.departing)
+
+    async def _read(self, request_iterator: AsyncIterator[Received | ingest_pb2.AgentMessage], principal: Principal | None,
+                    stream: _StreamState) -> None:
+        queue, ready, room = stream.queue, stream.ready, stream.room
         watch = _IdleWatch(asyncio.get_running_loop(), self.idle_timeout, asyncio.current_task())
         try:
             it = request_iterator.__aiter__()
@@ -178,6 +215,7 @@ class IngestServicer:
                 try:
                     got = await it.__anext__()
                 except StopAsyncIteration:
+                    queue.append(_END)
                     return
                 except asyncio.CancelledError:
                     if not watch.fired:
@@ -185,23 +223,34 @@ class IngestServicer:
                     task = asyncio.current_task()
                     if task is not None:
                         task.uncancel()
-                    await self._abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      f"no message for {self.idle_timeout:.0f} s: stream closed")
+                    queue.append(_Refusal(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                          f"no message for {self.idle_timeout:.0f} s: stream closed"))
                     return
                 watch.waiting = False
                 if isinstance(got, Received):
                     msg, raw = got.message, got.report_bytes
                 else:  # a servicer driven without our deserializer
                     msg, raw = got, None
-                departing = departing or msg.departing
-                yield await self._handle(msg, raw, principal, context, carried)
+                stream.departing = stream.departing or msg.departing
+                item = self._admit(msg, raw, principal, stream.carried)
+                queue.append(item)
+                ready.set()
+                if isinstance(item, _Refusal):
+                    return
+                while len(queue) >= READ_AHEAD_MESSAGES:
+                    room.clear()
+                    await room.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the handler re-raises it, as if it had read the message itself
+            queue.append(exc)
         finally:
             watch.close()
-            self.counters.streams_open -= 1
-            self.fleet.stream_ended(carried, clean=departing)
+            ready.set()
 
-    async def _handle(self, msg: ingest_pb2.AgentMessage, raw: list[bytes] | None, principal: Principal | None,
-                      context: grpc.aio.ServicerContext, carried: set[str]) -> ingest_pb2.ServerMessage:
+    def _admit(self, msg: ingest_pb2.AgentMessage, raw: list[bytes] | None, principal: Principal | None,
+               carried: set[str]) -> _Admitted | _Refusal:
+        """Checks a message's reports and hands the valid ones to the store (without waiting for it)."""
         now = self._clock()
         acks: list[ingest_pb2.ReportAck | None] = []
         accepted: list[tuple[int, Incoming, ReportTotals]] = []
@@ -209,8 +258,8 @@ class IngestServicer:
             host_id = r.host_id
             if principal is not None and not principal.may_report_for(host_id):
                 log.warning("token %r may not report for host %r: stream refused", principal.name, host_id[:80])
-                await self._abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                                  f"token {principal.name!r} may not report for host {host_id[:80]!r}")
+                return _Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                                f"token {principal.name!r} may not report for host {host_id[:80]!r}")
             if host_id and host_id not in carried:
                 carried.add(host_id)
                 self.fleet.stream_carries(host_id)
@@ -223,11 +272,17 @@ class IngestServicer:
                 continue
             acks.append(None)
             accepted.append((i, Incoming(r, raw[i] if raw is not None else None, msg.spool_dropped_total), checked))
-        if accepted:
-            results = await self.store.apply([inc for _, inc, _ in accepted])
+        future = self.store.submit([inc for _, inc, _ in accepted]) if accepted else None
+        return _Admitted(acks, accepted, future)
+
+    def _complete(self, item: _Admitted) -> list[ingest_pb2.ReportAck]:
+        """A committed message: count it, update the fleet state, and build its acks."""
+        acks = item.acks
+        if item.future is not None:
+            results = item.future.result()
             received = self._clock()
             latest: dict[str, tuple[pb.HostReport, ReportTotals]] = {}
-            for (i, inc, totals), res in zip(accepted, results):
+            for (i, inc, totals), res in zip(item.accepted, results):
                 r = inc.report
                 if res.status == ingest_pb2.ACK_STATUS_APPLIED:
                     self.counters.reports_applied_total += 1
@@ -240,4 +295,35 @@ class IngestServicer:
             # Summarised once per host per message: a replayed backlog of 50 costs one summary, not 50.
             for r, totals in latest.values():
                 self.fleet.put(summarise(r, received, totals=totals))
-        return ingest_pb2.ServerMessage(acks=[a for a in acks if a is not None])
+        return [a for a in acks if a is not None]
+
+
+# Messages a stream may have read but not yet acknowledged. Bounds what one stream holds in memory
+# (at most this many times max_message_bytes); the agent's own window bounds it in practice.
+READ_AHEAD_MESSAGES = 8
+
+_END = object()  # the agent closed its side
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(slots=True)
+class _Admitted:
+    acks: list[ingest_pb2.ReportAck | None]  # REJECTED acks in place; None where the store decides
+    accepted: list[tuple[int, Incoming, ReportTotals]]  # (index in the message, report, its totals)
+    future: asyncio.Future[list[ApplyResult]] | None  # None: nothing went to the store
+
+
+class _StreamState:
+    __slots__ = ("queue", "ready", "room", "carried", "departing")
+
+    def __init__(self) -> None:
+        self.queue: deque[_Admitted | _Refusal | BaseException | object] = deque()
+        self.ready = asyncio.Event()  # the reader added something
+        self.room = asyncio.Event()  # the handler took something
+        self.carried: set[str] = set()
+        self.departing = False

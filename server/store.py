@@ -159,10 +159,14 @@ class Store:
         self._conn.close()
 
     async def apply(self, items: Sequence[Incoming]) -> list[ApplyResult]:
+        return await self.submit(items)
+
+    def submit(self, items: Sequence[Incoming]) -> asyncio.Future[list[ApplyResult]]:
+        """Queue `items` for the next transaction; the future resolves once it has committed."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[ApplyResult]] = loop.create_future()
         self._queue.put((list(items), loop, fut))
-        return await fut
+        return fut
 
     def _run(self) -> None:
         while True:
