@@ -522,6 +522,9 @@ def phases(args: argparse.Namespace) -> list[dict[str, Any]]:
     for n in args.hot:
         if args.backlog_batch > 1:
             out.append({"name": f"backlog-{n}", "streams": n, "batch": args.backlog_batch, "interval": 0.0})
+    if args.only:
+        wanted = {x.strip() for x in args.only.split(",")}
+        out = [ph for ph in out if ph["name"] in wanted]
     return out
 
 
@@ -583,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                    "each aggregator process gets its own state directory")
     p.add_argument("--aggregator-cmd", metavar="CMD", help="command line to start the aggregator instead of eptwatch-server "
                    "(split on spaces; the listen/http/state flags are appended), e.g. to compare two builds")
+    p.add_argument("--only", metavar="PHASES", help="run only these phases (comma-separated names, e.g. backlog-50)")
     p.add_argument("--no-gzip", action="store_true", help="send uncompressed (the agent compresses with gzip)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown only")

@@ -195,7 +195,9 @@ class IngestServicer:
                     await head.future
                 acks: list[ingest_pb2.ReportAck] = []
                 while queue and isinstance(queue[0], _Admitted) and (queue[0].future is None or queue[0].future.done()):
-                    acks.extend(self._complete(queue.popleft()))  # type: ignore[arg-type]
+                    done = queue.popleft()
+                    stream.queued_reports -= len(done.acks)  # type: ignore[union-attr]
+                    acks.extend(self._complete(done))  # type: ignore[arg-type]
                 stream.room.set()
                 if acks:
                     yield ingest_pb2.ServerMessage(acks=acks)
@@ -237,7 +239,8 @@ class IngestServicer:
                 ready.set()
                 if isinstance(item, _Refusal):
                     return
-                while len(queue) >= READ_AHEAD_MESSAGES:
+                stream.queued_reports += len(msg.reports)
+                while len(queue) >= READ_AHEAD_MESSAGES or stream.queued_reports >= READ_AHEAD_REPORTS:
                     room.clear()
                     await room.wait()
         except asyncio.CancelledError:
@@ -298,9 +301,12 @@ class IngestServicer:
         return [a for a in acks if a is not None]
 
 
-# Messages a stream may have read but not yet acknowledged. Bounds what one stream holds in memory
-# (at most this many times max_message_bytes); the agent's own window bounds it in practice.
+# What a stream may have read but not yet acknowledged: a few messages of one report each (the steady
+# state), but no more than about one backlog batch. Parsed reports are several times their wire size,
+# so reading further ahead costs memory and cache without saving any work. It also bounds what one
+# stream holds: at most READ_AHEAD_MESSAGES x max_message_bytes.
 READ_AHEAD_MESSAGES = 8
+READ_AHEAD_REPORTS = 64
 
 _END = object()  # the agent closed its side
 
@@ -319,7 +325,7 @@ class _Admitted:
 
 
 class _StreamState:
-    __slots__ = ("queue", "ready", "room", "carried", "departing")
+    __slots__ = ("queue", "ready", "room", "carried", "departing", "queued_reports")
 
     def __init__(self) -> None:
         self.queue: deque[_Admitted | _Refusal | BaseException | object] = deque()
@@ -327,3 +333,4 @@ class _StreamState:
         self.room = asyncio.Event()  # the handler took something
         self.carried: set[str] = set()
         self.departing = False
+        self.queued_reports = 0
