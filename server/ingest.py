@@ -256,7 +256,8 @@ class IngestServicer:
         """Checks a message's reports and hands the valid ones to the store (without waiting for it)."""
         now = self._clock()
         acks: list[ingest_pb2.ReportAck | None] = []
-        accepted: list[tuple[int, Incoming, ReportTotals]] = []
+        checked_reports: list[tuple[int, pb.HostReport, ReportTotals]] = []
+        last: dict[str, int] = {}  # host -> index of its last valid report in this message
         for i, r in enumerate(msg.reports):
             host_id = r.host_id
             if principal is not None and not principal.may_report_for(host_id):
@@ -274,9 +275,17 @@ class IngestServicer:
                                                  status=ingest_pb2.ACK_STATUS_REJECTED, reason=checked))
                 continue
             acks.append(None)
-            accepted.append((i, Incoming(r, raw[i] if raw is not None else None, msg.spool_dropped_total), checked))
-        future = self.store.submit([inc for _, inc, _ in accepted]) if accepted else None
-        return _Admitted(acks, accepted, future)
+            last[host_id] = i
+            checked_reports.append((i, r, checked))
+        if not checked_reports:
+            return _Admitted(acks, [], None)
+        # Wire bytes go with a host's last report in the message only: the one that normally becomes its
+        # stored latest. Holding every report's bytes of a 50-report backlog until the commit costs
+        # more (memory churn) than the writer serialising the rare other one that wins.
+        dropped = msg.spool_dropped_total
+        accepted = [(i, Incoming(r, raw[i] if raw is not None and last[r.host_id] == i else None, dropped), checked)
+                    for i, r, checked in checked_reports]
+        return _Admitted(acks, accepted, self.store.submit([inc for _, inc, _ in accepted]))
 
     def _complete(self, item: _Admitted) -> list[ingest_pb2.ReportAck]:
         """A committed message: count it, update the fleet state, and build its acks."""
