@@ -240,6 +240,9 @@ class IngestServicer:
                 if isinstance(item, _Refusal):
                     return
                 stream.queued_reports += len(msg.reports)
+                # What is kept now lives in `item`; do not hold the rest (a backlog message's every
+                # report's bytes) while waiting for room or for the next message.
+                got = msg = raw = None  # type: ignore[assignment]
                 while len(queue) >= READ_AHEAD_MESSAGES or stream.queued_reports >= READ_AHEAD_REPORTS:
                     room.clear()
                     await room.wait()

@@ -137,7 +137,13 @@ async def exchange(target: str, messages: list[ingest_pb2.AgentMessage], metadat
         call = ingest_pb2_grpc.IngestStub(channel).Stream(metadata=metadata, timeout=15)
         out = []
         for m in messages:
-            await call.write(m)
+            try:
+                await call.write(m)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # The server may end the call (e.g. UNAUTHENTICATED) before our write goes out: the
+                # write then fails locally (INTERNAL "execute_batch"); the server's status is the call's.
+                raise grpc.aio.AioRpcError(await call.code(), grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                           await call.details()) from None
             out.append(await call.read())
         await call.done_writing()
         return out
