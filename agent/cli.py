@@ -10,7 +10,6 @@ from .hostroot import HostRoot
 from .model import EraOverride
 from .report import host_report, report_to_json
 from .sampler import Sampler, SamplerConfig
-from .status import ParseError
 from .table import render_table
 
 
@@ -22,20 +21,15 @@ def _add_root_flags(p: argparse.ArgumentParser) -> None:
 
 
 def host_root_from_args(args: argparse.Namespace) -> HostRoot:
-    base = HostRoot.from_root(args.root) if args.root else HostRoot()
-    return HostRoot(
-        procfs=Path(args.procfs) if args.procfs else base.procfs,
-        sysfs=Path(args.sysfs) if args.sysfs else base.sysfs,
-        debugfs=Path(args.debugfs) if args.debugfs else base.debugfs,
-    )
+    return HostRoot.from_paths(args.root, args.procfs, args.sysfs, args.debugfs)
 
 
 def _overrides(path: str | None) -> tuple[EraOverride, ...]:
-    from .daemon import read_era_overrides  # the same loader `run` uses
+    from .config import read_era_overrides  # the same loader `run` uses
 
     try:
         return read_era_overrides(path or "")
-    except (ValueError, ParseError) as exc:
+    except ValueError as exc:  # ParseError included
         raise SystemExit(f"eptwatch-agent: {exc}") from None
 
 
@@ -88,8 +82,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in RUN_FLAGS}
     flags.update(root=args.root, procfs=args.procfs, sysfs=args.sysfs, debugfs=args.debugfs, insecure_plaintext=args.insecure_plaintext,
                  use_qmp=args.use_qmp)
-    if flags["interval_seconds"] is not None:
-        flags["interval_seconds"] = float(flags["interval_seconds"])
     try:
         cfg = load_config(AgentConfig, Path(args.config) if args.config else None, env=environ(), flags=flags,
                           secret_paths=AGENT_SECRET_PATHS)
@@ -117,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root_flags(r)
     r.add_argument("--config", metavar="FILE", help="YAML configuration (see docs/configuration.md)")
     for key, (flag, metavar, help_text) in RUN_FLAGS.items():
-        r.add_argument(flag, dest=key, metavar=metavar, help=help_text)
+        # A number given as a flag is checked by argparse (exit 2 with a message, not a traceback).
+        r.add_argument(flag, dest=key, metavar=metavar, help=help_text, type=float if key == "interval_seconds" else str)
     r.add_argument("--insecure-plaintext", action="store_const", const=True, help="no TLS (loopback demos and tests only)")
     # Only when given: otherwise use_qmp comes from --config (default true).
     r.add_argument("--no-qmp", dest="use_qmp", action="store_const", const=False, help=NO_QMP_HELP)

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .model import EraOverride, load_era_overrides
+
 T = TypeVar("T")
 
 
@@ -108,3 +110,19 @@ def load_config(cls: type[T], path: Path | None, env: Mapping[str, str] | None =
 
 def environ() -> Mapping[str, str]:
     return os.environ
+
+
+def read_config_file(path: str, what: str) -> bytes:
+    """A file a config key names (token, TLS material, labels, era overrides); ValueError says which."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
+def read_era_overrides(path: str) -> tuple[EraOverride, ...]:
+    """The era override table at `path` ('' for none). ValueError names an unreadable file,
+    ParseError (also a ValueError) a malformed one."""
+    if not path:
+        return ()
+    return load_era_overrides(read_config_file(path, "era override file").decode("utf-8", "replace"), path)

@@ -14,12 +14,12 @@ import grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from .config import read_config_file, read_era_overrides
 from .delivery import Delivery, DeliveryConfig, channel_options
 from .hostroot import HostRoot
 from .httpserve import HttpServer
 from .labels import parse_labels_file
 from .metrics import AgentCollector, AgentState
-from .model import EraOverride, load_era_overrides
 from .report import host_report
 from .sampler import Sampler, SamplerConfig
 from .spool import Spool
@@ -81,16 +81,7 @@ class AgentConfig:
                 raise ValueError(f"{name}: expected a positive number")
 
     def host_root(self) -> HostRoot:
-        base = HostRoot.from_root(self.root) if self.root else HostRoot()
-        return HostRoot(Path(self.procfs) if self.procfs else base.procfs, Path(self.sysfs) if self.sysfs else base.sysfs,
-                        Path(self.debugfs) if self.debugfs else base.debugfs)
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read {what}: {exc.strerror}") from None
+        return HostRoot.from_paths(self.root, self.procfs, self.sysfs, self.debugfs)
 
 
 def make_channel_factory(cfg: AgentConfig) -> tuple[object, tuple[tuple[str, str], ...]]:
@@ -98,16 +89,16 @@ def make_channel_factory(cfg: AgentConfig) -> tuple[object, tuple[tuple[str, str
     opts = channel_options(dcfg, cfg.tls_server_name or None)
     metadata: tuple[tuple[str, str], ...] = ()
     if cfg.token_file:
-        token = _read(cfg.token_file, "token").decode().strip()
+        token = read_config_file(cfg.token_file, "token").decode().strip()
         if not token:
             raise ValueError(f"{cfg.token_file}: token file is empty")
         metadata = (("authorization", f"Bearer {token}"),)
     if cfg.insecure_plaintext and not cfg.tls_ca:
         return (lambda: grpc.aio.insecure_channel(cfg.server, options=opts)), metadata
     creds = grpc.ssl_channel_credentials(
-        root_certificates=_read(cfg.tls_ca, "TLS CA"),
-        private_key=_read(cfg.tls_key, "TLS key") if cfg.tls_key else None,
-        certificate_chain=_read(cfg.tls_cert, "TLS certificate") if cfg.tls_cert else None,
+        root_certificates=read_config_file(cfg.tls_ca, "TLS CA"),
+        private_key=read_config_file(cfg.tls_key, "TLS key") if cfg.tls_key else None,
+        certificate_chain=read_config_file(cfg.tls_cert, "TLS certificate") if cfg.tls_cert else None,
     )
     return (lambda: grpc.aio.secure_channel(cfg.server, creds, options=opts)), metadata
 
@@ -121,20 +112,8 @@ def delivery_config(cfg: AgentConfig) -> DeliveryConfig:
 def load_labels(cfg: AgentConfig) -> dict[str, str]:
     labels = dict(cfg.labels)
     if cfg.labels_file:
-        labels.update(parse_labels_file(_read(cfg.labels_file, "labels file").decode("utf-8", "replace"), cfg.labels_file))
+        labels.update(parse_labels_file(read_config_file(cfg.labels_file, "labels file").decode("utf-8", "replace"), cfg.labels_file))
     return labels
-
-
-def read_era_overrides(path: str) -> tuple[EraOverride, ...]:
-    """The era override table at `path` ('' for none). ValueError names an unreadable file,
-    ParseError (also a ValueError) a malformed one."""
-    if not path:
-        return ()
-    return load_era_overrides(_read(path, "era override file").decode("utf-8", "replace"), path)
-
-
-def load_overrides(cfg: AgentConfig) -> tuple[EraOverride, ...]:
-    return read_era_overrides(cfg.era_overrides_file)
 
 
 class AgentDaemon:
@@ -142,7 +121,7 @@ class AgentDaemon:
         self.cfg = cfg
         try:
             labels = load_labels(cfg)
-            overrides = load_overrides(cfg)
+            overrides = read_era_overrides(cfg.era_overrides_file)
         except ParseError as exc:
             raise ValueError(str(exc)) from None
         self.labels = labels

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 
@@ -55,11 +55,9 @@ class DeliveryCounters:
     reports_sent_total: int = 0
     reports_acked_total: int = 0
     reports_rejected_total: int = 0
-    reports_duplicate_total: int = 0
     reconnects_total: int = 0
     connected: bool = False
     last_error: str = ""
-    refused: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,10 +123,13 @@ class Delivery:
                 await self._one_stream(stopping)
             except grpc.aio.AioRpcError as exc:
                 self._note_error(f"{exc.code().name}: {exc.details()}")
-                self.counters.refused[exc.code().name] = self.counters.refused.get(exc.code().name, 0) + 1
             except (OSError, asyncio.TimeoutError, asyncio.InvalidStateError) as exc:
                 # InvalidStateError: a write after the server ended the RPC (it died mid-stream).
                 self._note_error(str(exc) or type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - e.g. sqlite3.Error from the spool (disk full, I/O error)
+                # Delivery must not end quietly while sampling goes on: say so and retry with backoff.
+                log.exception("delivery failed unexpectedly")
+                self._note_error(f"{type(exc).__name__}: {exc}")
             finally:
                 self.counters.connected = False
             if self.counters.reports_acked_total > acked_before:
@@ -197,20 +198,21 @@ class Delivery:
                 async for smsg in call:
                     self.counters.connected = True
                     done: list[int] = []
+                    rejected: set[int] = set()
                     for ack in smsg.acks:
                         if ack.agent_instance != self.spool.agent_instance:
                             continue
                         done.append(ack.sequence)
                         if ack.status == ingest_pb2.ACK_STATUS_REJECTED:
+                            rejected.add(ack.sequence)
                             self.counters.reports_rejected_total += 1
                             log.error("report %d rejected by the aggregator: %s", ack.sequence, ack.reason)
-                        elif ack.status == ingest_pb2.ACK_STATUS_DUPLICATE:
-                            self.counters.reports_duplicate_total += 1
                     await asyncio.to_thread(self.spool.ack, done)
                     self.counters.reports_acked_total += len(done)
                     for seq in sorted(done):
                         payload = sent_payloads.pop(seq, None)
-                        if payload is not None and (self.last_acked is None or seq > self.last_acked[0]):
+                        # A rejected report is never the one resent to a new replica: it would be refused again.
+                        if payload is not None and seq not in rejected and (self.last_acked is None or seq > self.last_acked[0]):
                             self.last_acked = (seq, payload)
                     in_flight.difference_update(done)
                     self.wake.set()

@@ -133,6 +133,14 @@ class HostRoot:
         base = Path(root)
         return cls(procfs=base / "proc", sysfs=base / "sys", debugfs=base / "sys" / "kernel" / "debug")
 
+    @classmethod
+    def from_paths(cls, root: str | None = None, procfs: str | None = None, sysfs: str | None = None,
+                   debugfs: str | None = None) -> HostRoot:
+        """`--root` (a tree shaped like /, default /) with any of `--path.procfs/sysfs/debugfs` over it."""
+        base = cls.from_root(root) if root else cls()
+        return cls(procfs=Path(procfs) if procfs else base.procfs, sysfs=Path(sysfs) if sysfs else base.sysfs,
+                   debugfs=Path(debugfs) if debugfs else base.debugfs)
+
     @property
     def is_live(self) -> bool:
         """True when this is the running host's own /proc (so os.uname() describes it too)."""

@@ -25,8 +25,6 @@ def split_hostport(value: str) -> tuple[str, int]:
 
 class HttpServer:
     def __init__(self, address: str, route: Route) -> None:
-        self._route = route
-
         class Handler(BaseHTTPRequestHandler):
             server_version = "eptwatch"
 

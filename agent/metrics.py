@@ -43,13 +43,20 @@ METRICS: dict[str, str] = {
 }
 
 
-# Which sources' statuses belong to which timed collector.
-_COLLECTOR_SOURCES: dict[str, tuple[str, ...]] = {
-    "kvm_counters": ("kvm_debugfs.vm", "kvm_binary_stats", "kvm_qmp", "kvm_counters"),
-    "kvm_debugfs": ("kvm_debugfs", "kvm_debugfs.global"),
-    "smaps": ("smaps", "mountinfo"),
-    "process": ("process",),
+# Which sources' statuses belong to which timed collector, by exact name: a prefix would count the
+# per-VM "kvm_debugfs.vm" (the kvm_counters collector's) against the kvm_debugfs collector too.
+# Collectors not listed own the source of their own name and its "name.*" sub-sources (thp.enabled).
+_COLLECTOR_SOURCES: dict[str, frozenset[str]] = {
+    "kvm_counters": frozenset({"kvm_debugfs.vm", "kvm_binary_stats", "kvm_qmp", "kvm_counters.vm"}),
+    "kvm_debugfs": frozenset({"kvm_debugfs", "kvm_debugfs.global"}),
+    "smaps": frozenset({"smaps", "smaps.budget", "mountinfo"}),
+    "process": frozenset({"process"}),
 }
+
+
+def _belongs(source: str, collector: str) -> bool:
+    names = _COLLECTOR_SOURCES.get(collector)
+    return source in names if names is not None else source == collector or source.startswith(collector + ".")
 
 
 @dataclass
@@ -125,8 +132,7 @@ class AgentCollector(Collector):
             every = list(s.statuses) + [st for v in s.vms for st in v.statuses]
             for collector, seconds in s.collector_seconds:
                 dur.add_metric([collector], seconds)
-                prefixes = _COLLECTOR_SOURCES.get(collector, (collector,))
-                failed = any(st.state is SourceState.ERROR for st in every if st.source.startswith(prefixes))
+                failed = any(st.state is SourceState.ERROR for st in every if _belongs(st.source, collector))
                 ok.add_metric([collector], 0 if failed else 1)
             yield dur
             yield ok

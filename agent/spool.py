@@ -55,6 +55,9 @@ class Spool:
             self._db.execute("COMMIT")
         self.agent_instance = str(self._meta("agent_instance"))
         self._bytes = int(self._db.execute("SELECT coalesce(sum(size), 0) FROM reports").fetchone()[0])
+        # Kept in memory too (like _bytes): the delivery task reads it for every message it sends, and
+        # must not wait for the lock a sample's append holds through its fsync.
+        self._dropped = int(self._meta("dropped_total") or 0)
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -65,8 +68,7 @@ class Spool:
 
     @property
     def dropped_total(self) -> int:
-        with self._lock:
-            return int(self._meta("dropped_total") or 0)
+        return self._dropped
 
     def append(self, build: Callable[[int], bytes]) -> int:
         """Allocate the next sequence number, build the report with it, and store it, atomically."""
@@ -78,15 +80,17 @@ class Spool:
                 self._db.execute("INSERT INTO reports VALUES (?, ?, ?, ?)", (seq, self._clock(), len(payload), payload))
                 self._set_meta("next_sequence", str(seq + 1))
                 self._bytes += len(payload)
-                self._enforce_bounds()
+                dropped = self._enforce_bounds()
                 self._db.execute("COMMIT")
+                self._dropped += dropped
             except BaseException:
                 self._db.execute("ROLLBACK")
                 self._bytes = int(self._db.execute("SELECT coalesce(sum(size), 0) FROM reports").fetchone()[0])
                 raise
         return seq
 
-    def _enforce_bounds(self) -> None:
+    def _enforce_bounds(self) -> int:
+        """Drops what the bounds force out (oldest first) and counts it durably; returns how many."""
         dropped = 0
         cutoff = self._clock() - self.max_age_seconds
         rows = self._db.execute("SELECT seq, size FROM reports WHERE created < ? ORDER BY seq", (cutoff,)).fetchall()
@@ -102,14 +106,16 @@ class Spool:
             self._bytes -= row[1]
             dropped += 1
         if dropped:
-            self._set_meta("dropped_total", str(int(self._meta("dropped_total") or 0) + dropped))
+            self._set_meta("dropped_total", str(self._dropped + dropped))
+        return dropped
 
     def expire(self) -> None:
         """Apply the age bound without appending (an agent that cannot sample still ages its spool)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._enforce_bounds()
+            dropped = self._enforce_bounds()
             self._db.execute("COMMIT")
+            self._dropped += dropped
 
     def pending(self, after_seq: int, limit: int, max_bytes: int) -> list[tuple[int, bytes]]:
         """Oldest first, sequences above `after_seq`, at most `limit` reports and about `max_bytes`."""
@@ -138,8 +144,7 @@ class Spool:
     def stats(self) -> SpoolStats:
         with self._lock:
             depth, oldest = self._db.execute("SELECT count(*), min(created) FROM reports").fetchone()
-            dropped = int(self._meta("dropped_total") or 0)
-        return SpoolStats(int(depth), self._bytes, dropped, None if oldest is None else max(0.0, self._clock() - oldest))
+        return SpoolStats(int(depth), self._bytes, self._dropped, None if oldest is None else max(0.0, self._clock() - oldest))
 
     def close(self) -> None:
         with self._lock:

@@ -14,7 +14,10 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 # The prometheus package would start its service on install; nothing here may start services.
+# An existing policy-rc.d (Debian container images ship one) is put back afterwards, not deleted.
+saved=""
+if [ -e /usr/sbin/policy-rc.d ]; then saved=$(mktemp) && cp -p /usr/sbin/policy-rc.d "$saved"; fi
 printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+trap 'if [ -n "$saved" ]; then mv "$saved" /usr/sbin/policy-rc.d; else rm -f /usr/sbin/policy-rc.d; fi' EXIT
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -20,15 +20,13 @@ from eptwatch.v1 import query_pb2, query_pb2_grpc
 from .auth import TlsFiles, TokenTable
 from .fleet import FleetConfig, FleetState, summarise
 from .http import HttpServer, json_bytes
-from . import ingest
-from .ingest import IngestServicer
+from .ingest import INGEST_SERVICE, IngestServicer
 from .page import render_fleet_page
 from .query import QueryError, QueryServicer, ReportReader, fleet_pb, host_detail, list_hosts, list_kernels
 from .store import Store
 
 log = logging.getLogger("eptwatch.server")
 
-INGEST_SERVICE = ingest.INGEST_SERVICE  # tests/test_streaming.py checks it against the descriptor
 QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["Query"].full_name
 _HOSTPORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):(\d{1,5})")
 
@@ -201,9 +199,10 @@ class Aggregator:
         log.info("serving gRPC on %s (port %d), HTTP on %s, %d hosts loaded", cfg.listen, self.grpc_port, cfg.http, len(self.fleet))
 
     def _load(self) -> None:
+        dropped = {(a.host_id, a.agent_instance): a.spool_dropped_total for a in self.store.load_agents()}
         for h in self.store.load_hosts():
             try:
-                summary = summarise(h.report, h.received)
+                summary = summarise(h.report, h.received, dropped.get((h.host_id, h.agent_instance), 0))
             except ValueError as exc:
                 # Stored by an aggregator whose checks were looser: the host comes back with its next report.
                 log.warning("stored report not loaded: %s", exc)

@@ -43,7 +43,6 @@ class HostSummary:
     labels: tuple[tuple[str, str], ...]
     agent_version: str
     vms: int
-    vms_estimated: int  # VMs with a loss estimate (capacity and observation both known)
     capacity_2m: int  # sums over estimated VMs
     observed_2m: int
     lost_2m: int
@@ -72,7 +71,7 @@ def summarise(r: pb.HostReport, received: float, spool_dropped_total: int = 0,
         host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
         sample_time=r.sample_time.seconds + r.sample_time.nanos / 1e9, received=received,
         kernel_release=_shared(r.kernel.release or "unknown"), era=int(r.kernel.era), labels=_shared(tuple(sorted(r.labels.items()))),
-        agent_version=_shared(r.agent_version), vms=t.vms, vms_estimated=t.vms_estimated,
+        agent_version=_shared(r.agent_version), vms=t.vms,
         capacity_2m=t.capacity_2m, observed_2m=t.observed_2m, lost_2m=t.lost_2m, lost_explained_2m=t.lost_explained_2m,
         lost_unexplained_2m=t.lost_unexplained_2m, known_bug_vms=dict(t.causes).get(pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, 0),
         causes=_shared(t.causes), spool_dropped_total=spool_dropped_total,
@@ -180,7 +179,6 @@ class FleetView:
     hosts_stale: int
     hosts_departed: int
     kernels: list[KernelRollup]
-    eras: dict[int, Rollup]
     labels: dict[tuple[str, str], Rollup]
     worst_hosts: list[HostSummary]
     fresh: dict[str, HostSummary]
@@ -190,9 +188,6 @@ class FleetView:
     # Indexes the read side derives from this view (hosts sorted by id, per kernel), built at most once
     # per view by whichever request needs them first.
     memo: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
-
-    def kernel(self, release: str) -> KernelRollup | None:
-        return next((k for k in self.kernels if k.kernel_release == release), None)
 
 
 def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
@@ -238,24 +233,22 @@ def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
         k.evidence = "; ".join(reasons)
 
 
-_Snapshot = tuple[Rollup, list[KernelRollup], dict[int, Rollup], dict[tuple[str, str], Rollup]]
+_Snapshot = tuple[Rollup, list[KernelRollup], dict[tuple[str, str], Rollup]]
 
 
 class Rollups:
-    """Running sums over a set of hosts: the fleet total and per kernel, era and configured label value.
+    """Running sums over a set of hosts: the fleet total and per kernel and configured label value.
     Hosts are added and taken away one at a time, so a view never has to walk the whole fleet."""
 
     def __init__(self, rollup_labels: tuple[str, ...]) -> None:
         self.rollup_labels = rollup_labels
         self.total = Rollup()
         self.kernels: dict[tuple[str, int], Rollup] = {}
-        self.eras: dict[int, Rollup] = {}
         self.labels: dict[tuple[str, str], Rollup] = {}
 
     def add(self, h: HostSummary, sign: int = 1) -> None:
         self.total.add(h, sign)
         _add_to(self.kernels, (h.kernel_release, h.era), h, sign)
-        _add_to(self.eras, h.era, h, sign)
         if self.rollup_labels:
             labels = self.labels
             for lk in self.rollup_labels:
@@ -267,7 +260,6 @@ class Rollups:
         """Copies for a view: kernels sorted by (release, era) and not yet judged."""
         kernels = [KernelRollup(kernel_release=rel, era=era, **r.values()) for (rel, era), r in sorted(self.kernels.items())]  # type: ignore[arg-type]
         return (Rollup(**self.total.values()), kernels,  # type: ignore[arg-type]
-                {k: Rollup(**r.values()) for k, r in self.eras.items()},  # type: ignore[arg-type]
                 {k: Rollup(**r.values()) for k, r in self.labels.items()})  # type: ignore[arg-type]
 
 
@@ -293,13 +285,13 @@ def worst_hosts(hosts: Iterable[HostSummary], cfg: FleetConfig) -> list[HostSumm
 
 def _finish_view(now: float, cfg: FleetConfig, snapshot: _Snapshot, fresh: dict[str, HostSummary], stale: dict[str, HostSummary],
                  n_departed: int) -> FleetView:
-    total, kernels, eras, labels = snapshot
+    total, kernels, labels = snapshot
     judge_kernels(kernels, cfg)
     newest = oldest = None
     if fresh:
         received = list(map(_RECEIVED, fresh.values()))
         newest, oldest = max(received), min(received)
-    return FleetView(now, cfg, total, len(stale), n_departed, kernels, eras, labels, worst_hosts(fresh.values(), cfg), fresh, stale,
+    return FleetView(now, cfg, total, len(stale), n_departed, kernels, labels, worst_hosts(fresh.values(), cfg), fresh, stale,
                      newest, oldest)
 
 

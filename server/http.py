@@ -36,9 +36,7 @@ class HttpServer(_HttpServer):
             return (200, TEXT, b"ready\n") if self.agg.ready else (503, TEXT, b"loading\n")
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        extra = getattr(self.agg, "http_routes", None)
-        if extra is not None:
-            found = extra(path, query)
-            if found is not None:
-                return found  # type: ignore[no-any-return]
+        found = self.agg.http_routes(path, query)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
         return 404, "application/json", json_bytes({"error": f"no such path {path}"})

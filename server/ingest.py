@@ -32,7 +32,7 @@ from .validate import ReportTotals, check_report
 
 log = logging.getLogger("eptwatch.server.ingest")
 
-INGEST_SERVICE = "eptwatch.v1.Ingest"
+INGEST_SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name
 
 
 @dataclass
@@ -52,23 +52,31 @@ class IngestCounters:
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """An AgentMessage as it came off the wire: the parsed message and, per report, the exact bytes it
-    was encoded in (None when they could not be told apart; the store then encodes the report itself)."""
+    """An AgentMessage as it came off the wire: the parsed message, its bytes, and where in them each
+    report is encoded (None when that could not be told; the store then encodes a report itself)."""
 
     message: ingest_pb2.AgentMessage
-    report_bytes: list[bytes] | None
+    data: bytes
+    spans: list[tuple[int, int]] | None
+
+    def report_bytes(self, i: int) -> bytes | None:
+        """The exact bytes report `i` arrived in (a copy: only the reports the store keeps are cut out)."""
+        if self.spans is None:
+            return None
+        start, end = self.spans[i]
+        return self.data[start:end]
 
 
 def decode_agent_message(data: bytes) -> Received:
     """The request deserializer: protobuf parses the message (a DecodeError fails the call as before);
     a walk over its top-level fields finds each report's bytes, a few varints per report."""
     message = ingest_pb2.AgentMessage.FromString(data)
-    return Received(message, report_spans(data, len(message.reports)))
+    return Received(message, data, report_spans(data, len(message.reports)))
 
 
-def report_spans(data: bytes, expected: int) -> list[bytes] | None:
-    """The encoded bytes of each `reports` entry (field 1) of a serialized AgentMessage, in order."""
-    spans: list[bytes] = []
+def report_spans(data: bytes, expected: int) -> list[tuple[int, int]] | None:
+    """(start, end) of each `reports` entry (field 1) of a serialized AgentMessage, in order."""
+    spans: list[tuple[int, int]] = []
     i, n = 0, len(data)
     try:
         while i < n:
@@ -77,7 +85,7 @@ def report_spans(data: bytes, expected: int) -> list[bytes] | None:
             if wire_type == 2:
                 length, i = _varint(data, i)
                 if key >> 3 == 1:
-                    spans.append(data[i:i + length])
+                    spans.append((i, i + length))
                 i += length
             elif wire_type == 0:
                 _, i = _varint(data, i)
@@ -114,7 +122,7 @@ class _IdleWatch:
 
     __slots__ = ("_loop", "_timeout", "_task", "_handle", "deadline", "waiting", "fired")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, task: asyncio.Task[object] | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, task: asyncio.Task[object]) -> None:
         self._loop, self._timeout, self._task = loop, timeout, task
         self.deadline = loop.time() + timeout
         self.waiting = True
@@ -127,7 +135,7 @@ class _IdleWatch:
 
     def _check(self) -> None:
         now = self._loop.time()
-        if self.waiting and now >= self.deadline and self._task is not None:
+        if self.waiting and now >= self.deadline:
             self.fired = True
             self._task.cancel()
             return
@@ -159,7 +167,7 @@ class IngestServicer:
         self.counters.refused(code)
         await context.abort(code, message)
 
-    async def Stream(self, request_iterator: AsyncIterator[Received | ingest_pb2.AgentMessage],  # noqa: N802 - gRPC naming
+    async def Stream(self, request_iterator: AsyncIterator[Received],  # noqa: N802 - gRPC naming
                      context: grpc.aio.ServicerContext) -> AsyncIterator[ingest_pb2.ServerMessage]:
         """Reads ahead: a reader task checks each message and hands it to the store while earlier ones
         are still committing, and the acks of every message whose transaction has committed go out
@@ -192,12 +200,12 @@ class IngestServicer:
                     raise head
                 assert isinstance(head, _Admitted)
                 if head.future is not None and not head.future.done():
-                    await head.future
+                    # asyncio.wait, not `await future`: if this stream is cancelled (the agent went away)
+                    # the store's future must live on, so that its done-callback applies the commit.
+                    await asyncio.wait((head.future,))
                 acks: list[ingest_pb2.ReportAck] = []
                 while queue and isinstance(queue[0], _Admitted) and (queue[0].future is None or queue[0].future.done()):
-                    done = queue.popleft()
-                    stream.queued_reports -= len(done.acks)  # type: ignore[union-attr]
-                    acks.extend(self._complete(done))  # type: ignore[arg-type]
+                    acks.extend(self._acks(queue.popleft()))  # type: ignore[arg-type]
                 stream.room.set()
                 if acks:
                     yield ingest_pb2.ServerMessage(acks=acks)
@@ -206,10 +214,12 @@ class IngestServicer:
             self.counters.streams_open -= 1
             self.fleet.stream_ended(stream.carried, clean=stream.departing)
 
-    async def _read(self, request_iterator: AsyncIterator[Received | ingest_pb2.AgentMessage], principal: Principal | None,
+    async def _read(self, request_iterator: AsyncIterator[Received], principal: Principal | None,
                     stream: _StreamState) -> None:
         queue, ready, room = stream.queue, stream.ready, stream.room
-        watch = _IdleWatch(asyncio.get_running_loop(), self.idle_timeout, asyncio.current_task())
+        task = asyncio.current_task()
+        assert task is not None  # we run as the reader task
+        watch = _IdleWatch(asyncio.get_running_loop(), self.idle_timeout, task)
         try:
             it = request_iterator.__aiter__()
             while True:
@@ -222,28 +232,21 @@ class IngestServicer:
                 except asyncio.CancelledError:
                     if not watch.fired:
                         raise
-                    task = asyncio.current_task()
-                    if task is not None:
-                        task.uncancel()
+                    task.uncancel()
                     queue.append(_Refusal(grpc.StatusCode.DEADLINE_EXCEEDED,
                                           f"no message for {self.idle_timeout:.0f} s: stream closed"))
                     return
                 watch.waiting = False
-                if isinstance(got, Received):
-                    msg, raw = got.message, got.report_bytes
-                else:  # a servicer driven without our deserializer
-                    msg, raw = got, None
-                stream.departing = stream.departing or msg.departing
-                item = self._admit(msg, raw, principal, stream.carried)
+                stream.departing = stream.departing or got.message.departing
+                item = self._admit(got, principal, stream.carried)
+                # What is kept now lives in `item`; do not hold the rest (a backlog message's every
+                # report's bytes) while waiting for room or for the next message.
+                del got
                 queue.append(item)
                 ready.set()
                 if isinstance(item, _Refusal):
                     return
-                stream.queued_reports += len(msg.reports)
-                # What is kept now lives in `item`; do not hold the rest (a backlog message's every
-                # report's bytes) while waiting for room or for the next message.
-                got = msg = raw = None  # type: ignore[assignment]
-                while len(queue) >= READ_AHEAD_MESSAGES or stream.queued_reports >= READ_AHEAD_REPORTS:
+                while len(queue) >= READ_AHEAD_MESSAGES or stream.queued_reports() >= READ_AHEAD_REPORTS:
                     room.clear()
                     await room.wait()
         except asyncio.CancelledError:
@@ -254,22 +257,22 @@ class IngestServicer:
             watch.close()
             ready.set()
 
-    def _admit(self, msg: ingest_pb2.AgentMessage, raw: list[bytes] | None, principal: Principal | None,
-               carried: set[str]) -> _Admitted | _Refusal:
-        """Checks a message's reports and hands the valid ones to the store (without waiting for it)."""
+    def _admit(self, got: Received, principal: Principal | None, carried: set[str]) -> _Admitted | _Refusal:
+        """Checks a message's reports and hands the valid ones to the store (without waiting for it).
+        What a commit changes (counters, fleet state) is applied by a callback on the store's future,
+        whether or not this stream is still there to send the acks."""
+        msg = got.message
         now = self._clock()
         acks: list[ingest_pb2.ReportAck | None] = []
         checked_reports: list[tuple[int, pb.HostReport, ReportTotals]] = []
         last: dict[str, int] = {}  # host -> index of its last valid report in this message
         for i, r in enumerate(msg.reports):
             host_id = r.host_id
-            if principal is not None and not principal.may_report_for(host_id):
+            # A host already carried by this stream passed both checks before: its answer cannot change.
+            if host_id not in carried and principal is not None and not principal.may_report_for(host_id):
                 log.warning("token %r may not report for host %r: stream refused", principal.name, host_id[:80])
                 return _Refusal(grpc.StatusCode.PERMISSION_DENIED,
                                 f"token {principal.name!r} may not report for host {host_id[:80]!r}")
-            if host_id and host_id not in carried:
-                carried.add(host_id)
-                self.fleet.stream_carries(host_id)
             checked = check_report(r, now)
             if isinstance(checked, str):
                 self.counters.reports_rejected_total += 1
@@ -277,6 +280,9 @@ class IngestServicer:
                 acks.append(ingest_pb2.ReportAck(host_id=host_id, agent_instance=r.agent_instance, sequence=r.sequence,
                                                  status=ingest_pb2.ACK_STATUS_REJECTED, reason=checked))
                 continue
+            if host_id not in carried:
+                carried.add(host_id)
+                self.fleet.stream_carries(host_id)
             acks.append(None)
             last[host_id] = i
             checked_reports.append((i, r, checked))
@@ -286,30 +292,38 @@ class IngestServicer:
         # stored latest. Holding every report's bytes of a 50-report backlog until the commit costs
         # more (memory churn) than the writer serialising the rare other one that wins.
         dropped = msg.spool_dropped_total
-        accepted = [(i, Incoming(r, raw[i] if raw is not None and last[r.host_id] == i else None, dropped), checked)
+        accepted = [(i, Incoming(r, got.report_bytes(i) if last[r.host_id] == i else None, dropped), checked)
                     for i, r, checked in checked_reports]
-        return _Admitted(acks, accepted, self.store.submit([inc for _, inc, _ in accepted]))
+        future = self.store.submit([inc for _, inc, _ in accepted])
+        future.add_done_callback(lambda f: self._applied(accepted, f))
+        return _Admitted(acks, accepted, future)
 
-    def _complete(self, item: _Admitted) -> list[ingest_pb2.ReportAck]:
-        """A committed message: count it, update the fleet state, and build its acks."""
+    def _applied(self, accepted: list[tuple[int, Incoming, ReportTotals]], future: asyncio.Future[list[ApplyResult]]) -> None:
+        """A message's transaction ended: count its reports and put each host's newest into the fleet state."""
+        if future.cancelled() or future.exception() is not None:
+            return  # nothing was applied; the stream, if still there, fails with the error
+        received = self._clock()
+        latest: dict[str, tuple[Incoming, ReportTotals]] = {}
+        for (_, inc, totals), res in zip(accepted, future.result()):
+            if res.status == ingest_pb2.ACK_STATUS_APPLIED:
+                self.counters.reports_applied_total += 1
+                if res.became_latest:
+                    latest[inc.report.host_id] = (inc, totals)  # a later one of the same host supersedes it
+            else:
+                self.counters.reports_duplicate_total += 1
+        # Summarised once per host per message: a replayed backlog of 50 costs one summary, not 50.
+        for inc, totals in latest.values():
+            self.fleet.put(summarise(inc.report, received, inc.spool_dropped_total, totals))
+
+    @staticmethod
+    def _acks(item: _Admitted) -> list[ingest_pb2.ReportAck]:
+        """A committed message's acks, in the order of its reports."""
         acks = item.acks
         if item.future is not None:
-            results = item.future.result()
-            received = self._clock()
-            latest: dict[str, tuple[pb.HostReport, ReportTotals]] = {}
-            for (i, inc, totals), res in zip(item.accepted, results):
+            for (i, inc, _), res in zip(item.accepted, item.future.result()):
                 r = inc.report
-                if res.status == ingest_pb2.ACK_STATUS_APPLIED:
-                    self.counters.reports_applied_total += 1
-                    if res.became_latest:
-                        latest[r.host_id] = (r, totals)  # a later one of the same host in this message supersedes it
-                else:
-                    self.counters.reports_duplicate_total += 1
                 acks[i] = ingest_pb2.ReportAck(host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
                                                status=res.status)  # type: ignore[arg-type]
-            # Summarised once per host per message: a replayed backlog of 50 costs one summary, not 50.
-            for r, totals in latest.values():
-                self.fleet.put(summarise(r, received, totals=totals))
         return [a for a in acks if a is not None]
 
 
@@ -337,7 +351,7 @@ class _Admitted:
 
 
 class _StreamState:
-    __slots__ = ("queue", "ready", "room", "carried", "departing", "queued_reports")
+    __slots__ = ("queue", "ready", "room", "carried", "departing")
 
     def __init__(self) -> None:
         self.queue: deque[_Admitted | _Refusal | BaseException | object] = deque()
@@ -345,4 +359,6 @@ class _StreamState:
         self.room = asyncio.Event()  # the handler took something
         self.carried: set[str] = set()
         self.departing = False
-        self.queued_reports = 0
+
+    def queued_reports(self) -> int:
+        return sum(len(item.acks) for item in self.queue if isinstance(item, _Admitted))  # one ack slot per report

@@ -9,7 +9,8 @@ applied then.
 
 Group commit: stream handlers enqueue batches; the writer thread takes everything queued, applies it
 in one transaction and one fsync, then wakes every waiter. Under load, batches grow and the fsync cost
-is shared; idle, a lone report commits at once.
+is shared. The writer waits `commit_delay_seconds` after a transaction's first batch for more to
+join it (0: a lone report commits at once).
 """
 
 from __future__ import annotations
@@ -158,11 +159,8 @@ class Store:
             self._thread = None
         self._conn.close()
 
-    async def apply(self, items: Sequence[Incoming]) -> list[ApplyResult]:
-        return await self.submit(items)
-
     def submit(self, items: Sequence[Incoming]) -> asyncio.Future[list[ApplyResult]]:
-        """Queue `items` for the next transaction; the future resolves once it has committed."""
+        """Queue `items` for the next transaction; the future resolves (await it) once it has committed."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[ApplyResult]] = loop.create_future()
         self._queue.put((list(items), loop, fut))
@@ -176,9 +174,10 @@ class Store:
             jobs = [first]
             count = len(first[0])
             stop = False
-            if self._commit_delay and self._queue.qsize() < self._max_batch:
+            if self._commit_delay:
                 # Group commit (like PostgreSQL's commit_delay): under a light load each commit would hold
                 # a report or two; waiting a little lets one fsync and one wake-up serve more of them.
+                # (Under a heavy load the wait costs latency only: the batch is capped at _max_batch.)
                 time.sleep(self._commit_delay)
             while count < self._max_batch:
                 try:

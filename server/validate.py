@@ -42,7 +42,6 @@ class ReportTotals(NamedTuple):  # built for every report ingested: about half t
     estimate where the agent made one (VMs sharing only a host-wide counter), otherwise every VM's."""
 
     vms: int
-    vms_estimated: int  # VMs with a loss estimate (capacity and observation both known)
     capacity_2m: int
     observed_2m: int
     lost_2m: int
@@ -106,9 +105,9 @@ def estimate_totals(r: pb.HostReport) -> ReportTotals | str:
         return walked
     n = walked[0]
     # Several VMs sharing only a host-wide counter: the host-level estimate carries the loss.
-    _, estimated, cap, obs, lost, explained, unexplained = by_host if by_host is not None else walked
+    _, _, cap, obs, lost, explained, unexplained = by_host if by_host is not None else walked
     return ReportTotals(
-        vms=n, vms_estimated=n if by_host is not None else estimated, capacity_2m=cap, observed_2m=obs,
+        vms=n, capacity_2m=cap, observed_2m=obs,
         lost_2m=lost, lost_explained_2m=explained, lost_unexplained_2m=unexplained,
         causes=tuple(sorted(causes.items())),
     )

@@ -66,9 +66,6 @@ class Proc:
             self.popen.send_signal(signal.SIGTERM)
         return self.popen.wait(timeout)
 
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
@@ -126,6 +123,6 @@ def spool_state(spool: Path) -> tuple[str, int, int]:
 
 def env_without_proxy() -> dict[str, str]:
     env = dict(os.environ)
-    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy", "all_proxy", "ALL_PROXY"):
         env.pop(k, None)
     return env

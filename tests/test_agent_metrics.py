@@ -70,3 +70,18 @@ def test_failed_collector_reports_zero(tmp_path: Path) -> None:
     reg.register(AgentCollector(state))
     assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "smaps"}) == 0
     assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "kernel"}) == 1
+
+
+def test_a_per_vm_counter_error_is_not_blamed_on_the_global_debugfs_collector(tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "host"
+    shutil.copytree(FIXTURES / "linux-6.6-pages2m", root, symlinks=True)
+    vm_dirs = [d for d in (root / "sys/kernel/debug/kvm").iterdir() if d.is_dir()]
+    assert vm_dirs
+    (vm_dirs[0] / "pages_2m").write_text("not a number\n")
+    state = AgentState(sample=Sampler(HostRoot.from_root(root)).sample())
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(AgentCollector(state))
+    assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "kvm_counters"}) == 0
+    assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "kvm_debugfs"}) == 1

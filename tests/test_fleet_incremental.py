@@ -27,7 +27,7 @@ def comparable(v: FleetView) -> tuple:  # type: ignore[type-arg]
     def r(x):  # type: ignore[no-untyped-def]
         return (x.hosts, x.vms, x.capacity_2m, x.observed_2m, x.lost_2m, x.lost_explained_2m, x.lost_unexplained_2m,
                 x.known_bug_vms, x.spool_dropped, dict(x.causes))
-    return (r(v.total), kernels, {k: r(x) for k, x in v.eras.items()}, {k: r(x) for k, x in v.labels.items()},
+    return (r(v.total), kernels, {k: r(x) for k, x in v.labels.items()},
             v.hosts_stale, v.hosts_departed, [h.host_id for h in v.worst_hosts], sorted(v.fresh), sorted(v.stale),
             v.newest_received, v.oldest_fresh_received)
 

@@ -743,8 +743,6 @@ def test_render_failures_name_the_value(helmrender: Path, tmp_path: Path) -> Non
 
 
 def test_chart_rules_file_is_the_repository_rules_file() -> None:
-    if not RULES_IN_REPO.exists():
-        pytest.skip(f"{RULES_IN_REPO.relative_to(REPO)} does not exist yet")
     assert RULES_IN_CHART.read_bytes() == RULES_IN_REPO.read_bytes(), (
         f"the chart's copy differs: cp {RULES_IN_REPO.relative_to(REPO)} {RULES_IN_CHART.relative_to(REPO)}")
 
@@ -752,8 +750,7 @@ def test_chart_rules_file_is_the_repository_rules_file() -> None:
 @pytest.mark.parametrize("case", [c for c in CASES if c != "no-monitoring-values.yaml"])
 def test_prometheus_rule_groups_equal_the_rules_file(rendered: dict[str, Rendered], case: str) -> None:
     rule = rendered[case].one("PrometheusRule")
-    source = RULES_IN_REPO if RULES_IN_REPO.exists() else RULES_IN_CHART
-    assert rule["spec"]["groups"] == yaml.safe_load(source.read_text())["groups"]
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES_IN_REPO.read_text())["groups"]
 
 
 _PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or", "unless",

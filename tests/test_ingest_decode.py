@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eptwatch.agent.delivery import encode_agent_message
-from eptwatch.server.ingest import INGEST_SERVICE, decode_agent_message, report_spans
+from eptwatch.server.ingest import decode_agent_message, report_spans
 from eptwatch.server.store import Incoming, Store
 from eptwatch.v1 import ingest_pb2
 from eptwatch.v1 import report_pb2 as pb
@@ -20,10 +22,6 @@ def _report(host: str, seq: int, extra: bytes = b"") -> bytes:
     r = pb.HostReport(host_id=host, agent_instance="i", sequence=seq, agent_version="v")
     r.sample_time.FromSeconds(1_700_000_000 + seq)
     return r.SerializeToString() + extra
-
-
-def test_service_name_matches_the_proto() -> None:
-    assert INGEST_SERVICE == ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name
 
 
 @given(st.lists(st.tuples(st.text("abc-", min_size=1, max_size=20), st.integers(1, 2**31)), max_size=60),
@@ -36,7 +34,7 @@ def test_spans_are_the_reports_as_sent(reports: list[tuple[str, int]], dropped: 
     if departing:
         wire += b"\x18\x01"
     got = decode_agent_message(wire)
-    assert got.report_bytes == bodies
+    assert [got.report_bytes(i) for i in range(len(bodies))] == bodies
     assert [pb.HostReport.FromString(b) for b in bodies] == list(got.message.reports)
     assert got.message.spool_dropped_total == dropped and got.message.departing == departing
 
@@ -46,7 +44,7 @@ def test_fields_in_any_order_and_unknown_top_level_fields() -> None:
     wire = (b"\x10\x05" + b"\x0a" + bytes([len(a)]) + a + b"\x3a\x02hi" + b"\x4d\x01\x02\x03\x04"
             + b"\x41" + bytes(8) + b"\x0a" + bytes([len(b)]) + b)
     got = decode_agent_message(wire)
-    assert got.report_bytes == [a, b] and got.message.spool_dropped_total == 5
+    assert [got.report_bytes(0), got.report_bytes(1)] == [a, b] and got.message.spool_dropped_total == 5
 
 
 @given(st.binary(max_size=200))
@@ -60,7 +58,7 @@ def test_garbage_is_refused_or_framed_exactly(data: bytes) -> None:
         return
     spans = report_spans(data, len(msg.reports))
     if spans is not None:
-        assert [pb.HostReport.FromString(s) for s in spans] == list(msg.reports)
+        assert [pb.HostReport.FromString(data[a:b]) for a, b in spans] == list(msg.reports)
 
 
 def test_truncated_and_overlong_varints_give_none() -> None:
@@ -78,7 +76,7 @@ def test_group_commit_delay_puts_concurrent_reports_in_one_transaction(tmp_path:
             async def one(k: int) -> None:
                 await asyncio.sleep(k * 0.001)  # arrivals spread over 20 ms, as from separate streams
                 r = pb.HostReport.FromString(_report(f"h{k}", 1))
-                await store.apply([Incoming(r, None, 0)])
+                await store.submit([Incoming(r, None, 0)])
             await asyncio.gather(*(one(k) for k in range(20)))
             return store.commits_total, store.reports_committed_total
         finally:
@@ -96,3 +94,40 @@ def test_commit_delay_is_bounded(tmp_path: Path) -> None:
     from eptwatch.server.app import ServerConfig
     with pytest.raises(ValueError, match="store_commit_delay_seconds"):
         ServerConfig(insecure_plaintext=True, insecure_no_auth=True, store_commit_delay_seconds=-1)
+
+
+def test_a_commit_is_applied_even_if_its_stream_is_cancelled_while_waiting(tmp_path: Path) -> None:
+    """The agent goes away while its report commits: the report is durable (a resend is a DUPLICATE),
+    so the fleet state and counters must still take it, although no ack can be sent."""
+    from eptwatch.server.fleet import FleetConfig, FleetState
+    from eptwatch.server.ingest import IngestServicer
+
+    async def run() -> tuple[IngestServicer, FleetState]:
+        store = Store(tmp_path / "st", commit_delay_seconds=0.3)  # the commit is still pending when we cancel
+        store.start()
+        fleet = FleetState(FleetConfig())
+        servicer = IngestServicer(store, fleet, None, 60.0)
+        r = pb.HostReport.FromString(_report("hv-gone-1", 1))
+        r.sample_time.FromSeconds(int(time.time()))
+        wire = encode_agent_message([r.SerializeToString()], 0)
+
+        async def requests():  # type: ignore[no-untyped-def]
+            yield decode_agent_message(wire)
+            await asyncio.Event().wait()  # the agent never says more
+
+        async def consume() -> None:
+            async for _ in servicer.Stream(requests(), context=None):  # type: ignore[arg-type]
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)  # admitted, waiting for the commit
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.6)  # the commit lands
+        store.close()
+        return servicer, fleet
+
+    servicer, fleet = asyncio.run(run())
+    assert servicer.counters.reports_applied_total == 1
+    assert fleet.get("hv-gone-1") is not None

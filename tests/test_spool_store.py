@@ -74,10 +74,10 @@ def test_store_dedupes_and_keeps_latest(tmp_path: Path) -> None:
     async def go() -> None:
         st = Store(tmp_path)
         st.start()
-        res = await st.apply([_incoming("h", "i", 1, 100), _incoming("h", "i", 2, 200), _incoming("h", "i", 2, 200)])
+        res = await st.submit([_incoming("h", "i", 1, 100), _incoming("h", "i", 2, 200), _incoming("h", "i", 2, 200)])
         assert [r.status for r in res] == [ingest_pb2.ACK_STATUS_APPLIED, ingest_pb2.ACK_STATUS_APPLIED, ingest_pb2.ACK_STATUS_DUPLICATE]
         # A replayed older report from a new instance applies, but does not replace the newer state.
-        (r,) = await st.apply([_incoming("h", "j", 1, 150)])
+        (r,) = await st.submit([_incoming("h", "j", 1, 150)])
         assert r.status == ingest_pb2.ACK_STATUS_APPLIED and not r.became_latest
         st.close()
         st2 = Store(tmp_path)
@@ -85,7 +85,7 @@ def test_store_dedupes_and_keeps_latest(tmp_path: Path) -> None:
         assert host.sequence == 2 and host.agent_instance == "i"
         assert {(a.agent_instance, a.last_sequence, a.applied_total) for a in st2.load_agents()} == {("i", 2, 2), ("j", 1, 1)}
         st2.start()
-        (r,) = await st2.apply([_incoming("h", "i", 2, 200)])  # the mark survived the restart
+        (r,) = await st2.submit([_incoming("h", "i", 2, 200)])  # the mark survived the restart
         assert r.status == ingest_pb2.ACK_STATUS_DUPLICATE
         st2.close()
 
@@ -125,3 +125,43 @@ def test_config_precedence_file_env_flags(tmp_path: Path) -> None:
     assert cfg.token_file == "/from/env" and cfg.interval_seconds == 5.0 and cfg.server == "a:1" and cfg.labels == {"zone": "z1"}
     with pytest.raises(ConfigError, match="server"):
         load_config(AgentConfig, None, flags={"insecure_plaintext": True})
+
+
+def test_spool_drop_count_is_durable_and_read_without_the_database(tmp_path: Path) -> None:
+    s = Spool(tmp_path / "s.db", max_bytes=250, max_age_seconds=3600)
+    for _ in range(5):
+        s.append(lambda seq: b"x" * 100)
+    assert s.dropped_total == s.stats().dropped_total == 3
+    s.close()
+    s = Spool(tmp_path / "s.db", max_bytes=250, max_age_seconds=3600)
+    assert s.dropped_total == 3  # loaded from the file at open
+    with pytest.raises(RuntimeError):
+        s.append(lambda seq: (_ for _ in ()).throw(RuntimeError("build failed")))  # rolled back: nothing dropped
+    assert s.dropped_total == 3
+    s.close()
+
+
+def test_delivery_survives_an_unexpected_error_and_says_so(tmp_path: Path) -> None:
+    """A failure outside gRPC (here: building the channel; in life e.g. sqlite3.Error from the spool)
+    must not end delivery quietly while the agent keeps sampling: it is logged and retried."""
+    from eptwatch.agent.delivery import Delivery, DeliveryConfig
+
+    spool = Spool(tmp_path / "s.db", 10**6, 3600)
+    attempts = 0
+
+    def broken_channel():  # type: ignore[no-untyped-def]
+        nonlocal attempts
+        attempts += 1
+        raise RuntimeError("no channel today")
+
+    async def run() -> Delivery:
+        d = Delivery(DeliveryConfig(target="127.0.0.1:1", backoff_initial_seconds=0.01, backoff_max_seconds=0.02), spool, broken_channel)
+        stopping = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.3, stopping.set)
+        await asyncio.wait_for(d.run(stopping), 5)
+        return d
+
+    d = asyncio.run(run())
+    assert attempts >= 2  # retried, not ended by the first failure
+    assert "RuntimeError: no channel today" in d.counters.last_error
+    spool.close()

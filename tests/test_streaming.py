@@ -294,6 +294,7 @@ def test_impossible_reports_are_rejected_with_a_reason(tight: Aggregator) -> Non
     bad.append((r, "lost_huge_2m"))
     replies = asyncio.run(exchange(tight.target, [ingest_pb2.AgentMessage(reports=[b for b, _ in bad] + [report(6, instance="bad")])]))
     acks = replies[0].acks
+    assert len(acks) == len(bad) + 1
     for ack, (_, needle) in zip(acks, bad):
         assert ack.status == ingest_pb2.ACK_STATUS_REJECTED and needle in ack.reason, ack
     assert acks[-1].status == ingest_pb2.ACK_STATUS_APPLIED  # the good one in the same message still lands
@@ -329,3 +330,18 @@ def test_silent_streams_are_closed_and_stream_count_is_bounded(tight: Aggregator
     assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= 1  # silent ones closed by the idle timeout
     assert len(codes) == 60 and waited < 10
     assert status == ingest_pb2.ACK_STATUS_APPLIED
+
+
+def test_spool_drops_reach_the_fleet_metrics_and_survive_a_restart(tmp_path: Path) -> None:
+    agg = Aggregator(tmp_path / "agg", INSECURE).start()
+    try:
+        msg = ingest_pb2.AgentMessage(reports=[report(1, host="hv-drop-1")], spool_dropped_total=7)
+        (reply,) = asyncio.run(exchange(agg.target, [msg]))
+        assert reply.acks[0].status == ingest_pb2.ACK_STATUS_APPLIED
+        metric = "eptwatch_fleet_agent_spool_dropped 7.0"
+        assert metric in http_get(agg.http + "/metrics")
+        agg.proc.kill9()  # type: ignore[union-attr]
+        agg.start()
+        assert metric in http_get(agg.http + "/metrics")
+    finally:
+        agg.proc.kill9()  # type: ignore[union-attr]

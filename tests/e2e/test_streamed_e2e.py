@@ -26,7 +26,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..procs import env_without_proxy, free_port
 from .qemu_vm import (
     QemuVm,
     SmapsVma,
@@ -89,19 +89,6 @@ pytestmark = [pytest.mark.kvm, pytest.mark.skipif(_REASON is not None, reason=_R
 # --- processes and HTTP ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy", "all_proxy", "ALL_PROXY"):
-        env.pop(k, None)
-    return env
-
-
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
 
 
@@ -135,7 +122,7 @@ class Started:
     @classmethod
     def start(cls, name: str, args: list[str], log: Path) -> Started:
         with open(log, "ab") as fh:
-            popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=_env(),
+            popen = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=env_without_proxy(),
                                      preexec_fn=_die_with_us, close_fds=True)
         return cls(name, popen, log)
 
@@ -303,7 +290,7 @@ def streamed(guest_elf: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         vm.wait_ready(timeout=TOUCH_TIMEOUT)
         boot_seconds = time.monotonic() - t0
 
-        grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
+        grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
         agg = Started.start("aggregator", [
             str(BIN / "eptwatch-server"), "--listen", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}",
             "--state", str(tmp / "state"), "--insecure-plaintext", "--insecure-no-auth",
