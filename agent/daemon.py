@@ -22,6 +22,7 @@ from .labels import parse_labels_file
 from .metrics import AgentCollector, AgentState
 from .report import host_report
 from .sampler import Sampler, SamplerConfig
+from .smaps import SCANNER
 from .spool import Spool
 from .status import ParseError
 
@@ -181,6 +182,9 @@ class AgentDaemon:
             self.http.start()
             log.info("metrics on %s", self.cfg.metrics_listen)
         log.info("agent instance %s streaming to %s every %.0f s", self.spool.agent_instance, self.cfg.server, self.cfg.interval_seconds)
+        if SCANNER != "c":
+            log.warning("smaps: the compiled scanner (eptwatch.agent._smapscan) is not built; the regex fallback "
+                        "finds the same VMAs at several times the CPU cost on large smaps")
         sampling = asyncio.create_task(self._sampling(stopping))
         delivering = asyncio.create_task(self.delivery.run(stopping))
         await stopping.wait()

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import __version__
 from .delivery import DeliveryCounters
 from .sampler import HostSample
+from .smaps import SCANNER
 from .spool import Spool
 from .status import SourceState
 
@@ -40,6 +42,7 @@ METRICS: dict[str, str] = {
     "eptwatch_agent_reports_rejected_total": "Reports the aggregator rejected as invalid",
     "eptwatch_agent_reconnects_total": "Streams re-established after an error or rotation",
     "eptwatch_agent_connected": "1 while a stream to the aggregator is up",
+    "eptwatch_agent_build_info": "Always 1: the agent's version, and its smaps scanner (c: compiled, regex: the slower fallback)",
 }
 
 
@@ -82,11 +85,17 @@ class AgentCollector(Collector):
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
-        for section in (self._vms, self._sources, self._delivery):
+        for section in (self._build, self._vms, self._sources, self._delivery):
             try:
                 yield from section()
             except Exception:  # noqa: BLE001 - one broken section must not sink the scrape
                 log.exception("metrics section %s failed", section.__name__)
+
+    @staticmethod
+    def _build() -> Iterator[Metric]:
+        info = _g("eptwatch_agent_build_info", ["version", "smaps_scanner"])
+        info.add_metric([__version__, SCANNER], 1)
+        yield info
 
     def _vms(self) -> Iterator[Metric]:
         s = self.state.sample

@@ -12,6 +12,8 @@ measures every quantity once, so background load hits kernel and agent alike); m
   agent_smaps     what the sampler does with one VM's smaps: Sampler._scan_smaps (read into the
                   sampler's reused buffer + smaps.scan_large_vmas) + guest_ram.attribute_guest_ram
   agent_vm        the agent's whole per-VM sample (smaps, mountinfo, status, stat, counters)
+  agent_smaps_regex  the same with the regex candidate search (the fallback of hosts without the
+                  compiled agent/_smapscan.c), measured in the same rounds where the compiled one is built
 Breakdown rows: read_smaps_reused (the read into a ReadBuffer alone), scan_smaps (scan_large_vmas on
 bytes already in memory), kernel_cat_maps (`cat /proc/PID/maps`: the least that any "read maps first
 to find the big VMAs" scheme would add).
@@ -37,6 +39,7 @@ import time
 from pathlib import Path
 
 from eptwatch.agent import hostroot
+from eptwatch.agent import smaps as smaps_module
 from eptwatch.agent.discovery import discover_vms
 from eptwatch.agent.guest_ram import attribute_guest_ram
 from eptwatch.agent.hostroot import HostRoot
@@ -147,6 +150,18 @@ def main() -> int:
         def scan_only() -> None:
             scan_large_vmas(in_memory, smaps, config.guest_ram_min_bytes)
 
+        compiled_search = getattr(smaps_module, "_big_size_lines_c", None)
+        regex_search = getattr(smaps_module, "_big_size_lines_regex", None)
+
+        def with_regex(fn):  # type: ignore[no-untyped-def]
+            def run() -> None:
+                smaps_module._big_size_lines = regex_search
+                try:
+                    fn()
+                finally:
+                    smaps_module._big_size_lines = compiled_search
+            return run
+
         (vm,) = [v for v in discover_vms(root, [(pid, vmfd)] if counter_files else [], scan_fds=False)[0] if v.pid == pid] or [None]
         kvm_dir = Path("/sys/kernel/debug/kvm") if counter_files else None
 
@@ -155,7 +170,8 @@ def main() -> int:
 
         maps = f"/proc/{pid}/maps"
         load_before = os.getloadavg()
-        keys = ("cat_smaps", "read_smaps", "agent_smaps", "cat_vm", "read_vm", "agent_vm", "read_smaps_reused", "scan_smaps", "cat_maps")
+        keys = ("cat_smaps", "read_smaps", "agent_smaps", "cat_vm", "read_vm", "agent_vm", "read_smaps_reused", "scan_smaps", "cat_maps",
+                "agent_smaps_regex", "scan_smaps_regex")
         rounds: dict[str, list[float]] = {k: [] for k in keys}
         for _ in range(args.repeat):
             rounds["cat_smaps"].append(cat_cpu([smaps], 1))
@@ -169,6 +185,9 @@ def main() -> int:
                 rounds["read_smaps_reused"].append(cpu_of(read_reused, 1))
             rounds["scan_smaps"].append(cpu_of(scan_only, 1))
             rounds["cat_maps"].append(cat_cpu([maps], 1))
+            if compiled_search is not None and regex_search is not None:
+                rounds["agent_smaps_regex"].append(cpu_of(with_regex(agent_smaps), 1))
+                rounds["scan_smaps_regex"].append(cpu_of(with_regex(scan_only), 1))
         med = {k: statistics.median(v) if v else None for k, v in rounds.items()}
 
         def per_round(num: str, den: str) -> float | None:
@@ -189,6 +208,9 @@ def main() -> int:
             "read_smaps_reused_s": med["read_smaps_reused"],
             "scan_smaps_s": med["scan_smaps"],
             "kernel_cat_maps_s": med["cat_maps"],
+            "smaps_scanner": getattr(smaps_module, "SCANNER", "regex"),
+            "agent_smaps_regex_s": med["agent_smaps_regex"],
+            "scan_smaps_regex_s": med["scan_smaps_regex"],
             "per_vm_debugfs": bool(counter_files),
         }
 
@@ -199,6 +221,8 @@ def main() -> int:
         results["ratio_smaps_vs_cat"] = ratio("agent_smaps", "cat_smaps")
         results["ratio_smaps_vs_read"] = ratio("agent_smaps", "read_smaps")
         results["ratio_smaps_vs_cat_per_round"] = per_round("agent_smaps", "cat_smaps")
+        if med["agent_smaps_regex"] is not None:
+            results["ratio_smaps_regex_vs_cat_per_round"] = per_round("agent_smaps_regex", "cat_smaps")
         if med["agent_vm"] is not None:
             results["ratio_vm_vs_cat"] = ratio("agent_vm", "cat_vm")
             results["ratio_vm_vs_read"] = ratio("agent_vm", "read_vm")

@@ -85,3 +85,12 @@ def test_a_per_vm_counter_error_is_not_blamed_on_the_global_debugfs_collector(tm
     reg.register(AgentCollector(state))
     assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "kvm_counters"}) == 0
     assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "kvm_debugfs"}) == 1
+
+
+def test_build_info_names_the_smaps_scanner(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from eptwatch.agent import __version__, metrics, smaps
+
+    reg, _ = registry_for("linux-6.6-pages2m", tmp_path)
+    assert reg.get_sample_value("eptwatch_agent_build_info", {"version": __version__, "smaps_scanner": smaps.SCANNER}) == 1
+    monkeypatch.setattr(metrics, "SCANNER", "regex")  # a host built without a compiler shows it
+    assert reg.get_sample_value("eptwatch_agent_build_info", {"version": __version__, "smaps_scanner": "regex"}) == 1

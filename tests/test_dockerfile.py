@@ -39,3 +39,12 @@ def test_entrypoint_is_an_installed_console_script() -> None:
     assert program in scripts and "eptwatch-agent" in scripts
     pip_install = [l for l in LINES if "pip install" in l]
     assert pip_install and "--no-index" in pip_install[0]  # the final stage installs only the built wheels
+
+
+def test_build_stage_compiles_the_smaps_scanner() -> None:
+    """Without a compiler the wheel silently falls back to the regex scanner (the extension is
+    optional); the image must carry the compiled one, so its build stage installs gcc and copies setup.py."""
+    stages = [i for i, l in enumerate(LINES) if l.startswith("FROM")]
+    build = LINES[stages[0]:stages[1]]
+    assert any("apt-get install" in l and "gcc" in l for l in build)
+    assert any(l.startswith("COPY") and "setup.py" in l.split() for l in build)

@@ -160,7 +160,46 @@ def test_mutated_smaps_parses_or_raises_parse_error(data: st.DataObject) -> None
 
 # --- the sampler's fast path agrees with the strict parser ---
 
-from eptwatch.agent.smaps import scan_large_vmas  # noqa: E402
+import contextlib  # noqa: E402
+import shutil  # noqa: E402
+import sysconfig  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+
+from eptwatch.agent import smaps as smaps_module  # noqa: E402
+from eptwatch.agent.smaps import Vma, scan_large_vmas  # noqa: E402
+
+# Every scan test runs with each candidate search this build has: the compiled one (agent/_smapscan.c)
+# and the regex fallback that hosts without it run.
+SEARCHES: dict[str, Callable[..., list[tuple[int, int, int]]]] = {"regex": smaps_module._big_size_lines_regex}
+if smaps_module._big_size_lines_c is not None:
+    SEARCHES["c"] = smaps_module._big_size_lines_c
+
+
+@contextlib.contextmanager
+def _search(name: str) -> Iterator[None]:
+    saved = smaps_module._big_size_lines
+    smaps_module._big_size_lines = SEARCHES[name]
+    try:
+        yield
+    finally:
+        smaps_module._big_size_lines = saved
+
+
+def _scan_each(data: bytes | bytearray, name: str, min_bytes: int) -> list[Vma]:
+    """scan_large_vmas with every search; they must agree, errors included."""
+    results: dict[str, object] = {}
+    for search in SEARCHES:
+        with _search(search):
+            try:
+                results[search] = scan_large_vmas(data, name, min_bytes)
+            except ParseError as exc:
+                results[search] = exc
+    first = results["regex"]
+    for search, result in results.items():
+        assert type(result) is type(first) and str(result) == str(first) and (isinstance(result, ParseError) or result == first), search
+    if isinstance(first, ParseError):
+        raise first
+    return first  # type: ignore[return-value]
 
 SMALL_BLOCK = ANON_BLOCK.replace("7f4000000000-7f4100000000", "7f5000000000-7f5000001000").replace(
     "Size:            4194304 kB", "Size:                  4 kB").replace("Rss:             4196352 kB", "Rss:                   4 kB").replace(
@@ -173,21 +212,21 @@ def test_fast_scan_equals_strict_parse_on_fixtures(root) -> None:  # type: ignor
     for smaps in (root / "proc").glob("*/smaps"):
         data = smaps.read_bytes()
         strict = [v for v in parse_smaps(data.decode(), "s") if (v.size_bytes or 0) >= MIN]
-        assert scan_large_vmas(data, "s", MIN) == strict
+        assert _scan_each(data, "s", MIN) == strict
 
 
 def test_fast_scan_rejects_truncation_and_foreign_text() -> None:
     data = (SMALL_BLOCK + SEED_BLOCK + SMALL_BLOCK).encode()
-    assert len(scan_large_vmas(data, "s", MIN)) == 1
+    assert len(_scan_each(data, "s", MIN)) == 1
     with pytest.raises(ParseError, match="newline"):
-        scan_large_vmas(data[:-3], "s", MIN)
+        _scan_each(data[:-3], "s", MIN)
     with pytest.raises(ParseError):
-        scan_large_vmas(data[: data.rfind(b"Swap") if b"Swap" in data else len(data) - 40], "s", MIN)
+        _scan_each(data[: data.rfind(b"Swap") if b"Swap" in data else len(data) - 40], "s", MIN)
     with pytest.raises(ParseError, match="header"):
-        scan_large_vmas(b"MemTotal: 1 kB\n", "s", MIN)
+        _scan_each(b"MemTotal: 1 kB\n", "s", MIN)
     cut = (SMALL_BLOCK + SEED_BLOCK + "\n".join(SMALL_BLOCK.split("\n")[:6]) + "\n").encode()
     with pytest.raises(ParseError):
-        scan_large_vmas(cut, "s", MIN)
+        _scan_each(cut, "s", MIN)
 
 
 @settings(max_examples=400, deadline=None)
@@ -207,7 +246,7 @@ def test_fast_scan_mutations_agree_or_raise(data: st.DataObject) -> None:
     else:
         mutated = text[:pos] + data.draw(st.sampled_from(list("0123456789 \nx:-"))) + text[pos + 1 :]
     try:
-        fast = scan_large_vmas(mutated.encode(), "fuzz", MIN)
+        fast = _scan_each(mutated.encode(), "fuzz", MIN)
     except ParseError:
         return
     try:
@@ -280,8 +319,8 @@ def smaps_texts(draw: st.DrawFn) -> str:
 def test_fast_scan_equals_strict_parse_on_generated_smaps(text: str, min_bytes: int) -> None:
     strict = [v for v in parse_smaps(text, "g") if (v.size_bytes or 0) >= min_bytes]
     data = text.encode()
-    assert scan_large_vmas(data, "g", min_bytes) == strict
-    assert scan_large_vmas(bytearray(data), "g", min_bytes) == strict  # the sampler passes its buffer
+    assert _scan_each(data, "g", min_bytes) == strict
+    assert _scan_each(bytearray(data), "g", min_bytes) == strict  # the sampler passes its buffer
     digits = len(str(min_bytes // 1024))
     assert _size_lines_new(data, digits) == _size_lines_old(data, digits)
 
@@ -299,12 +338,57 @@ def test_size_pattern_finds_the_lines_the_old_one_found(noise: str) -> None:
         assert set(_size_lines_old(data, digits)) <= set(new)
 
 
+_needs_c = pytest.mark.skipif("c" not in SEARCHES, reason="the compiled scanner eptwatch.agent._smapscan is not built here")
+
+
+@_needs_c
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=" \t0123456789kBSize:\nxKz", max_size=300), st.integers(1, 8))
+def test_compiled_search_equals_the_regex_on_noise(noise: str, digits: int) -> None:
+    compiled = SEARCHES["c"]
+    for data in (noise.encode(), ("\nSize:" + noise).encode(), ("\nSize:" + noise + " kB\n").encode()):
+        expected = smaps_module._big_size_lines_regex(data, digits)
+        assert compiled(data, digits) == expected
+        assert compiled(bytearray(data), digits) == expected and compiled(memoryview(data), digits) == expected
+
+
+@_needs_c
+@settings(max_examples=200, deadline=None)
+@given(smaps_texts(), st.integers(1, 9))
+def test_compiled_search_equals_the_regex_on_generated_smaps(text: str, digits: int) -> None:
+    data = text.encode()
+    assert SEARCHES["c"](data, digits) == smaps_module._big_size_lines_regex(data, digits)
+
+
+@_needs_c
+def test_compiled_search_edges() -> None:
+    compiled = SEARCHES["c"]
+    line = b"\nSize:      65536 kB\n"
+    assert compiled(line, 5) == [(0, 12, 17)] and compiled(line, 6) == []
+    assert compiled(line[:-1], 5) == [] and compiled(line[1:], 1) == []  # no closing / opening newline
+    assert compiled(b"", 1) == [] and compiled(b"z", 1) == [] and compiled(b"\nSiz", 1) == []
+    assert compiled(line * 3, 5) == [(0, 12, 17), (21, 33, 38), (42, 54, 59)]  # back to back
+    with pytest.raises(ValueError):
+        compiled(line, 0)
+    with pytest.raises(TypeError):
+        compiled("text", 1)  # type: ignore[arg-type]
+
+
+def test_compiled_scanner_is_built_where_a_compiler_is() -> None:
+    """The extension is optional so that a build without a compiler still works; where one is
+    (this test machine, the Docker build stage) a silent fallback would be a packaging bug."""
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if shutil.which("cc") is None or not headers.exists():
+        pytest.skip(f"no C compiler or no {headers}: the regex fallback is expected here")
+    assert smaps_module.SCANNER == "c", "agent/_smapscan.c was not built although a compiler is available"
+
+
 def test_fast_scan_errors_read_the_same_for_a_buffer() -> None:
     for data in (b"MemTotal: 1 kB\n", (SMALL_BLOCK + SEED_BLOCK).encode()[:-3]):
         with pytest.raises(ParseError) as from_bytes:
-            scan_large_vmas(data, "s", MIN)
+            _scan_each(data, "s", MIN)
         with pytest.raises(ParseError) as from_buffer:
-            scan_large_vmas(bytearray(data), "s", MIN)
+            _scan_each(bytearray(data), "s", MIN)
         assert str(from_buffer.value) == str(from_bytes.value) and "bytearray" not in str(from_buffer.value)
 
 
