@@ -273,7 +273,7 @@ class IngestServicer:
                 log.warning("token %r may not report for host %r: stream refused", principal.name, host_id[:80])
                 return _Refusal(grpc.StatusCode.PERMISSION_DENIED,
                                 f"token {principal.name!r} may not report for host {host_id[:80]!r}")
-            checked = check_report(r, now)
+            checked = check_report(r, now, (got.data, *got.spans[i]) if got.spans is not None else None)
             if isinstance(checked, str):
                 self.counters.reports_rejected_total += 1
                 log.warning("report %s/%s/%d rejected: %s", host_id[:80], r.agent_instance[:64], r.sequence, checked)

@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from eptwatch.agent import __version__
+
+from .validate import WALKER
+
 if TYPE_CHECKING:
     from .app import Aggregator
 
@@ -20,6 +24,7 @@ log = logging.getLogger("eptwatch.server.metrics")
 
 METRICS: dict[str, str] = {
     "eptwatch_server_up": "1 while the aggregator is ready to ingest",
+    "eptwatch_server_build_info": "Always 1: the aggregator's version, and how it checks reports (c: compiled walk, python: the slower fallback)",
     "eptwatch_server_hosts": "Hosts whose latest report this aggregator holds",
     "eptwatch_server_streams_open": "Agent streams open now",
     "eptwatch_server_streams_total": "Agent streams accepted",
@@ -66,6 +71,9 @@ class AggregatorCollector(Collector):
     def _ingest(self) -> Iterator[Metric]:
         c = self.agg.ingest.counters
         yield GaugeMetricFamily("eptwatch_server_up", METRICS["eptwatch_server_up"], value=1 if self.agg.ready else 0)
+        info = GaugeMetricFamily("eptwatch_server_build_info", METRICS["eptwatch_server_build_info"], labels=["version", "report_walker"])
+        info.add_metric([__version__, WALKER], 1)
+        yield info
         yield GaugeMetricFamily("eptwatch_server_hosts", METRICS["eptwatch_server_hosts"], value=len(self.agg.fleet))
         yield GaugeMetricFamily("eptwatch_server_streams_open", METRICS["eptwatch_server_streams_open"], value=c.streams_open)
         yield CounterMetricFamily("eptwatch_server_streams", METRICS["eptwatch_server_streams_total"], value=c.streams_total)

@@ -50,14 +50,31 @@ class ReportTotals(NamedTuple):  # built for every report ingested: about half t
     causes: tuple[tuple[int, int], ...]  # (pb.Cause, VMs), sorted
 
 
+# The per-VM checks and totals from the report's wire bytes (server/_reportscan.c), where built: the same
+# answer for a valid report as the walk below, None where Python must decide (every invalid report).
+try:
+    from ._reportscan import walk as _walk_wire
+except ImportError:  # built without a compiler: the Python walk does the same, slower
+    _walk_wire = None
+_KNOWN_MASK = sum(1 << c for c in _CAUSES)
+_EXPLAINED_MASK = sum(1 << c for c in EXPLAINED_CAUSES)
+if max(_CAUSES) >= 64 or min(_CAUSES) < 0:  # the compiled walk knows causes by a 64-bit mask
+    _walk_wire = None
+
+# Which walk checks reports ("c" or "python"); exported on the aggregator's /metrics build info.
+WALKER = "c" if _walk_wire is not None else "python"
+
+
 def validate_report(r: pb.HostReport, now: float) -> str | None:
     """Why the report must be refused, or None."""
     checked = check_report(r, now)
     return checked if isinstance(checked, str) else None
 
 
-def check_report(r: pb.HostReport, now: float) -> ReportTotals | str:
-    """The report's totals if it may be applied, else the reason it may not (one walk for both)."""
+def check_report(r: pb.HostReport, now: float, wire: tuple[bytes, int, int] | None = None) -> ReportTotals | str:
+    """The report's totals if it may be applied, else the reason it may not (one walk for both).
+    `wire`: (buffer, start, end) of the bytes `r` was parsed from, where the caller has them: the
+    per-VM part is then read from those bytes in C."""
     if not r.host_id:
         return "empty host_id"
     if not _HOST_ID.fullmatch(r.host_id):
@@ -83,6 +100,10 @@ def check_report(r: pb.HostReport, now: float) -> ReportTotals | str:
     vms = r.vms
     if len(vms) > MAX_VMS or len(r.estimates) > MAX_VMS:
         return f"{max(len(vms), len(r.estimates))} VMs: at most {MAX_VMS}"
+    if wire is not None and _walk_wire is not None:
+        walked = _walk_wire(*wire, _KNOWN_MASK, _EXPLAINED_MASK, _UNEXPLAINED)
+        if walked is not None:
+            return ReportTotals._make(walked)
     for vm in vms:
         cost = vm.smaps_read_cost_seconds
         if cost < 0 or cost != cost or cost == math.inf:  # NaN compares unequal to itself

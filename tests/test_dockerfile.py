@@ -42,8 +42,8 @@ def test_entrypoint_is_an_installed_console_script() -> None:
 
 
 def test_build_stage_compiles_the_smaps_scanner() -> None:
-    """Without a compiler the wheel silently falls back to the regex scanner (the extension is
-    optional); the image must carry the compiled one, so its build stage installs gcc and copies setup.py."""
+    """Without a compiler the wheel falls back to the regex scanner and the Python report walk (the extensions are
+    optional); the image must carry the compiled ones, so its build stage installs gcc and copies setup.py."""
     stages = [i for i, l in enumerate(LINES) if l.startswith("FROM")]
     build = LINES[stages[0]:stages[1]]
     assert any("apt-get install" in l and "gcc" in l for l in build)

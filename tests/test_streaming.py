@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -176,6 +177,9 @@ def test_unauthenticated_and_wrong_scope_are_refused(authed: Aggregator) -> None
     metrics = http_get(authed.http + "/metrics")
     assert 'eptwatch_server_streams_refused_total{code="UNAUTHENTICATED"} 2.0' in metrics
     assert 'eptwatch_server_streams_refused_total{code="PERMISSION_DENIED"} 1.0' in metrics
+    from eptwatch.server.validate import WALKER
+
+    assert re.search(r'eptwatch_server_build_info\{report_walker="%s",version="[^"]+"\} 1\.0' % WALKER, metrics), metrics[:400]
     assert "secret-token-a" not in authed.proc.output()  # type: ignore[union-attr]
     assert "rack-a" in authed.proc.output()  # type: ignore[union-attr]
 

@@ -54,6 +54,10 @@ def test_impossible_values_are_named(report: pb.HostReport, mutate, needle: str)
     mutate(report)
     reason = validate_report(report, NOW)
     assert reason is not None and needle in reason
+    from eptwatch.server.validate import check_report
+
+    wire = report.SerializeToString()  # the compiled walk (where built) leaves every refusal to Python
+    assert check_report(report, NOW, (wire, 0, len(wire))) == reason
 
 
 def test_unknown_informational_enums_follow_the_contract(report: pb.HostReport) -> None:
@@ -125,6 +129,9 @@ def test_single_pass_agrees_with_the_reference(report: pb.HostReport, data: st.D
             e.cause = 98  # type: ignore[assignment]
     expected = next((reason for reason in map(_reference, r.estimates) if reason), None)
     got = check_report(r, NOW)
+    # The compiled walk over the same report's bytes (where built) gives the same answer.
+    wire = r.SerializeToString()
+    assert check_report(r, NOW, (wire, 0, len(wire))) == got
     assert isinstance(got, str) == (expected is not None), (expected, got)
     if isinstance(got, str):
         return
@@ -136,3 +143,119 @@ def test_single_pass_agrees_with_the_reference(report: pb.HostReport, data: st.D
     assert got.lost_explained_2m == sum(s.lost_huge_2m for e in valid for s in e.breakdown if s.cause in EXPLAINED_CAUSES)
     assert got.lost_unexplained_2m == sum(s.lost_huge_2m for e in valid for s in e.breakdown if s.cause == pb.CAUSE_UNEXPLAINED)
     assert dict(got.causes) == dict(Counter(int(e.cause) for e in r.estimates))
+
+
+# --- the compiled walk (server/_reportscan.c) against the Python one ------------------------------
+
+import shutil  # noqa: E402
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from eptwatch.agent.delivery import varint as _varint  # noqa: E402
+from eptwatch.server import validate  # noqa: E402
+
+needs_walker = pytest.mark.skipif(validate._walk_wire is None, reason="eptwatch.server._reportscan is not built here")
+
+
+def _python_walk(r: pb.HostReport) -> object:
+    saved = validate._walk_wire
+    validate._walk_wire = None
+    try:
+        return validate.check_report(r, NOW)
+    finally:
+        validate._walk_wire = saved
+
+
+def _compiled(data: bytes, start: int = 0, end: int | None = None) -> object:
+    assert validate._walk_wire is not None
+    return validate._walk_wire(data, start, len(data) if end is None else end, validate._KNOWN_MASK, validate._EXPLAINED_MASK,
+                               validate._UNEXPLAINED)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+    return _varint(field << 3 | wire_type)
+
+
+def _sub(field: int, body: bytes) -> bytes:
+    return _key(field, 2) + _varint(len(body)) + body
+
+
+@needs_walker
+def test_compiled_walk_matches_on_a_real_report(report: pb.HostReport) -> None:
+    data = report.SerializeToString()
+    walked = _compiled(data)
+    assert walked is not None and validate.ReportTotals._make(walked) == _python_walk(report)
+    # A span inside a larger buffer (the ingest path passes the whole message and the report's span).
+    framed = b"\x00" * 7 + data + b"\xff" * 5
+    assert _compiled(framed, 7, 7 + len(data)) == walked
+    with pytest.raises(ValueError):
+        _compiled(data, 0, len(data) + 1)
+
+
+@needs_walker
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_compiled_walk_on_wire_variants(report: pb.HostReport, data: st.DataObject) -> None:
+    """Encodings a protobuf runtime accepts but a plain serializer never writes: appended fields
+    (a repeated scalar's last value wins, a repeated singular message merges), unknown fields, wrong
+    wire types (the runtime keeps those as unknown fields), 10-byte varints and enum values past
+    int32. Whatever the bytes, the compiled walk gives the Python walk's answer for the message the
+    runtime parsed, or None (decide in Python); it never crashes."""
+    base = report.SerializeToString()
+    estimate = report.estimates[data.draw(st.integers(0, len(report.estimates) - 1))].SerializeToString()
+    value = data.draw(st.sampled_from([0, 1, 2, 7, 99, 2**31 + 7, 2**32 + 1, 2**63, 2**64 - 1]))
+    field = data.draw(st.integers(1, 13))
+    wire_type = data.draw(st.sampled_from([0, 1, 2, 5]))
+    payload = {0: _varint(value), 1: value.to_bytes(8, "little"), 2: _varint(3) + b"abc", 5: (value & 0xFFFFFFFF).to_bytes(4, "little")}[wire_type]
+    extra = data.draw(st.sampled_from([
+        _key(field, wire_type) + payload,  # at the report level
+        _sub(10, estimate + _key(field, wire_type) + payload),  # an extra estimate with one more field
+        _sub(10, estimate + _sub(8, _key(data.draw(st.integers(1, 3)), wire_type) + payload)),  # ... or breakdown share
+        _sub(12, _key(field, wire_type) + payload),  # a host-level estimate
+        _sub(12, b"") + _sub(12, b""),  # twice: merged by the runtime
+        _sub(12, estimate) + _sub(12, _key(field, wire_type) + payload),
+        _sub(9, _key(9, 1) + data.draw(st.sampled_from([b"\x00" * 8, b"\x00" * 7 + b"\x80", b"\x00" * 6 + b"\xf0\x7f"]))),  # VM cost: 0, -0, inf
+    ]))
+    _agrees(base + extra)
+
+
+def _agrees(wire: bytes) -> None:
+    walked = _compiled(wire)  # must not crash, whatever the bytes
+    try:
+        parsed = pb.HostReport.FromString(wire)
+    except Exception:  # noqa: BLE001 - the runtime refuses it: nothing reaches check_report
+        return
+    if walked is not None:  # an answer, not "decide in Python": it must be the Python walk's
+        assert validate.ReportTotals._make(walked) == validate.estimate_totals(parsed)
+        assert all(0.0 <= vm.smaps_read_cost_seconds < math.inf for vm in parsed.vms)
+    assert check_report_with_wire(parsed, wire) == _python_walk(parsed)
+
+
+def check_report_with_wire(r: pb.HostReport, wire: bytes) -> object:
+    return validate.check_report(r, NOW, (wire, 0, len(wire)))
+
+
+@needs_walker
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_compiled_walk_survives_mutated_bytes(report: pb.HostReport, data: st.DataObject) -> None:
+    wire = bytearray(report.SerializeToString())
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(wire) - 1))
+        kind = data.draw(st.sampled_from(["replace", "delete", "truncate"]))
+        if kind == "replace":
+            wire[pos] = data.draw(st.integers(0, 255))
+        elif kind == "delete":
+            del wire[pos]
+        else:
+            del wire[pos:]
+        if not wire:
+            return
+    _agrees(bytes(wire))
+
+
+def test_compiled_walker_is_built_where_a_compiler_is() -> None:
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if shutil.which("cc") is None or not headers.exists():
+        pytest.skip(f"no C compiler or no {headers}: the Python walk is expected here")
+    assert validate.WALKER == "c", "server/_reportscan.c was not built although a compiler is available"
