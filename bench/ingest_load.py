@@ -130,10 +130,12 @@ def check_report(body: bytes) -> int:
 def serve_bare(listen: str) -> None:
     """Ingest.Stream that parses each AgentMessage and acks every report APPLIED at once."""
     from eptwatch.server.app import ServerConfig, grpc_server_options
+    from eptwatch.server.ingest import ACK_COMPRESSION
 
     cfg = ServerConfig(listen=listen, insecure_plaintext=True, insecure_no_auth=True)
 
     async def stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        context.set_compression(ACK_COMPRESSION)  # as the aggregator's Ingest does
         async for msg in request_iterator:
             yield ingest_pb2.ServerMessage(acks=[
                 ingest_pb2.ReportAck(host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,

@@ -33,6 +33,7 @@ from .validate import ReportTotals, check_report
 log = logging.getLogger("eptwatch.server.ingest")
 
 INGEST_SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["Ingest"].full_name
+ACK_COMPRESSION = grpc.Compression.NoCompression
 
 
 @dataclass
@@ -179,6 +180,10 @@ class IngestServicer:
             if principal is None:
                 log.info("stream from %s refused: missing or unknown bearer token", context.peer())
                 await self._abort(context, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+        # Acks go out uncompressed: a ~60-byte ack only grows under gzip, and compressing each response
+        # cost about 110 us per message here (bare server, hot-50: 2,400 against 1,900 reports/core-s).
+        # Reports still arrive gzip-compressed; query responses keep the server's default (gzip).
+        context.set_compression(ACK_COMPRESSION)
         self.counters.streams_open += 1
         self.counters.streams_total += 1
         stream = _StreamState()

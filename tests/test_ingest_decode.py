@@ -7,6 +7,7 @@ import contextlib
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -102,6 +103,8 @@ def test_a_commit_is_applied_even_if_its_stream_is_cancelled_while_waiting(tmp_p
     from eptwatch.server.fleet import FleetConfig, FleetState
     from eptwatch.server.ingest import IngestServicer
 
+    context = _Context()
+
     async def run() -> tuple[IngestServicer, FleetState]:
         store = Store(tmp_path / "st", commit_delay_seconds=0.3)  # the commit is still pending when we cancel
         store.start()
@@ -116,7 +119,7 @@ def test_a_commit_is_applied_even_if_its_stream_is_cancelled_while_waiting(tmp_p
             await asyncio.Event().wait()  # the agent never says more
 
         async def consume() -> None:
-            async for _ in servicer.Stream(requests(), context=None):  # type: ignore[arg-type]
+            async for _ in servicer.Stream(requests(), context=context):  # type: ignore[arg-type]
                 pass
 
         task = asyncio.create_task(consume())
@@ -129,5 +132,15 @@ def test_a_commit_is_applied_even_if_its_stream_is_cancelled_while_waiting(tmp_p
         return servicer, fleet
 
     servicer, fleet = asyncio.run(run())
+    assert context.compression == grpc.Compression.NoCompression  # acks are tiny: never gzip them
     assert servicer.counters.reports_applied_total == 1
     assert fleet.get("hv-gone-1") is not None
+
+
+class _Context:
+    """The part of grpc.aio.ServicerContext that Ingest.Stream uses without authentication."""
+
+    compression: grpc.Compression | None = None
+
+    def set_compression(self, compression: grpc.Compression) -> None:
+        self.compression = compression
