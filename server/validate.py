@@ -113,13 +113,13 @@ def check_report(r: pb.HostReport, now: float, wire: tuple[bytes, int, int] | No
 
 def estimate_totals(r: pb.HostReport) -> ReportTotals | str:
     """The estimates' checks and sums: the per-host totals, or why an estimate is impossible."""
-    by_host = None
+    by_host: _Sums | None = None
     if r.HasField("host_estimate"):
-        by_host = _walk((r.host_estimate,), None)
-        if isinstance(by_host, str):
-            return by_host
-        if not by_host[1]:
-            by_host = None  # no loss figure at host level: the VMs' estimates carry it
+        host_walk = _walk((r.host_estimate,), None)
+        if isinstance(host_walk, str):
+            return host_walk
+        if host_walk[1]:  # else no loss figure at host level: the VMs' estimates carry it
+            by_host = host_walk
     causes: dict[int, int] = {}
     walked = _walk(r.estimates, causes)
     if isinstance(walked, str):
@@ -147,7 +147,10 @@ _ESTIMATE_FIELDS = operator.attrgetter("cause", "lost_huge_2m", "host_huge_capac
                                        "allowed_huge_2m", "lost_ratio", "breakdown")
 
 
-def _walk(estimates: Iterable[pb.VmEstimate], causes: dict[int, int] | None) -> tuple[int, int, int, int, int, int, int] | str:
+_Sums = tuple[int, int, int, int, int, int, int]
+
+
+def _walk(estimates: Iterable[pb.VmEstimate], causes: dict[int, int] | None) -> _Sums | str:
     """Checks estimates and sums those that carry a loss: (estimates, with a loss, capacity, observed,
     lost, explained, unexplained), or why one is impossible; counts causes into `causes`. One loop with
     local sums, and optional fields (which read as 0 when unset) are asked for presence only when they

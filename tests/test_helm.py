@@ -151,7 +151,7 @@ def case_values(case: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def schema_validator() -> Any:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a test dependency (pyproject [test]): missing is a broken install, not a skip
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
@@ -235,7 +235,7 @@ def test_server_config_schema_matches_serverconfig() -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_builtin_objects_validate_against_kubernetes_schemas(rendered: dict[str, Rendered], case: str) -> None:
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv  # a test dependency (pyproject [test])
     errors = []
     for doc in rendered[case].docs:
         if doc["kind"] in CRD_KINDS:
@@ -251,7 +251,7 @@ def test_builtin_objects_validate_against_kubernetes_schemas(rendered: dict[str,
 
 def test_kubernetes_validation_is_strict(rendered: dict[str, Rendered]) -> None:
     """The validator itself rejects a misspelt field in a rendered object (so the check above has teeth)."""
-    kv = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate as kv  # a test dependency (pyproject [test])
     ds = copy.deepcopy(rendered["defaults"].one("DaemonSet"))
     ds["spec"]["template"]["spec"]["hostPid"] = True
     with pytest.raises(kv.ValidationError):
@@ -344,7 +344,7 @@ CR_SCHEMAS = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_custom_resources_match_structural_schemas(rendered: dict[str, Rendered], case: str) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # a test dependency (pyproject [test]): missing is a broken install, not a skip
     errors = []
     for doc in rendered[case].docs:
         if doc["kind"] in CRD_KINDS:

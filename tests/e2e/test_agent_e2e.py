@@ -42,7 +42,6 @@ from .qemu_vm import (
     Backend,
     QemuVm,
     SmapsVma,
-    build_guest,
     ensure_debugfs,
     is_root,
     kvm_available,
@@ -86,11 +85,6 @@ pytestmark = [pytest.mark.kvm, pytest.mark.skipif(_REASON is not None, reason=_R
 
 
 # --- fixtures and helpers ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def guest_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_guest(tmp_path_factory.mktemp("guest"))
 
 
 def _need_debugfs() -> None:

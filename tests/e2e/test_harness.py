@@ -62,11 +62,6 @@ def _need_debugfs() -> None:
         pytest.skip("KVM debugfs (/sys/kernel/debug/kvm) not available")
 
 
-@pytest.fixture(scope="module")
-def guest_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_guest(tmp_path_factory.mktemp("guest"))
-
-
 def _boot(vm: QemuVm) -> float:
     """Wait (the VM is started by ``with``) until the guest touched its RAM;
     returns the seconds since QEMU was started."""

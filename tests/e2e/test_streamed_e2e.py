@@ -45,7 +45,6 @@ from ..procs import env_without_proxy, free_port
 from .qemu_vm import (
     QemuVm,
     SmapsVma,
-    build_guest,
     ensure_debugfs,
     is_root,
     kvm_available,
@@ -268,11 +267,6 @@ class Streamed:
                 return after, detail
             time.sleep(0.5)
         raise AssertionError(f"the kernel's numbers kept moving: {before.key} -> {after.key}")
-
-
-@pytest.fixture(scope="module")
-def guest_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_guest(tmp_path_factory.mktemp("guest"))
 
 
 @pytest.fixture(scope="class")
