@@ -164,11 +164,14 @@ class KernelRollup(Rollup):
     kernel_release: str = ""
     era: int = 0
     verdict: str = VERDICT_OK
-    regressed: bool = False
     known_bad: bool = False
     compared_to: str = ""  # the best comparable kernel, when that comparison decided
     compared_ratio: float | None = None
     evidence: str = ""
+
+    @property
+    def regressed(self) -> bool:
+        return self.verdict == VERDICT_REGRESSED
 
 
 @dataclass
@@ -214,8 +217,7 @@ def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
                 reasons.append(f"unexplained loss {ur:.1%} vs {b.unexplained_ratio:.1%} on {b.kernel_release} "
                                f"({b.hosts} hosts, same era): worse by more than {cfg.margin_vs_best:.1%}")
                 k.compared_to, k.compared_ratio = b.kernel_release, b.unexplained_ratio
-        k.regressed = bool(reasons)
-        if k.regressed:
+        if reasons:
             k.verdict = VERDICT_REGRESSED
         elif k.known_bad:
             k.verdict = VERDICT_KNOWN_BAD
