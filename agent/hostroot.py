@@ -7,9 +7,9 @@ turn into a source status.
 
 One read, smaps of a big QEMU process, runs to megabytes per VM and sample. procfs hands a seq file
 out about one page per read() whatever size is asked for, so collecting it as new `bytes` costs an
-allocation per page plus a join into fresh, not yet faulted-in memory. The sampler instead lends a
-`ReadBuffer` to that one read (`with buffer.lend(): root.read_bytes(path)`): the pages land in memory
-that earlier samples already faulted in, and the file is not copied again.
+allocation per page plus a join into fresh, not yet faulted-in memory. The sampler instead reads it
+into its `ReadBuffer` (`root.read_bytes(path, into=buffer)`): the pages land in memory that earlier
+samples already faulted in, and the file is not copied again.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from __future__ import annotations
 import errno
 import io
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 # smaps of a QEMU process with tens of thousands of VMAs runs to tens of MB; anything past this is not
 # a procfs file we understand, and reading on would only grow memory.
@@ -74,17 +72,6 @@ class ReadBuffer:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    @contextmanager
-    def lend(self) -> Iterator[None]:
-        """Within this block, the next `HostRoot.read_bytes` on this thread (or task) reads into this
-        buffer and returns it (see the class contract) instead of a new `bytes`. One read only: any
-        further read in the block gets its own `bytes`, so two results never share the buffer."""
-        token = _lent.set(self)
-        try:
-            yield
-        finally:
-            _lent.reset(token)
-
     def _fill(self, fd: int, path: Path, limit: int) -> bytes | bytearray:
         buf = self._buf
         # Fails with BufferError if a caller still holds a memoryview of the previous result.
@@ -118,8 +105,6 @@ class ReadBuffer:
         del buf[n:]
         return buf
 
-
-_lent: ContextVar[ReadBuffer | None] = ContextVar("eptwatch_lent_read_buffer", default=None)
 
 
 @dataclass(frozen=True)
@@ -160,20 +145,25 @@ class HostRoot:
 
     # --- I/O primitives: the only places that touch the host ---
 
+    @overload
     @staticmethod
-    def read_bytes(path: Path, limit: int = MAX_READ_BYTES) -> bytes:
-        """The whole file. Inside `ReadBuffer.lend()` the first call reads into that buffer instead
-        and returns what ReadBuffer's contract describes (the buffer itself, as a bytearray)."""
-        lent = _lent.get()
-        if lent is not None:
-            _lent.set(None)  # one read per loan
+    def read_bytes(path: Path, limit: int = MAX_READ_BYTES, into: None = None) -> bytes: ...
+
+    @overload
+    @staticmethod
+    def read_bytes(path: Path, limit: int = MAX_READ_BYTES, *, into: ReadBuffer) -> bytes | bytearray: ...
+
+    @staticmethod
+    def read_bytes(path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | None = None) -> bytes | bytearray:
+        """The whole file. With `into`, read into that buffer instead of new memory and return what
+        ReadBuffer's contract describes (valid only until the next read into the same buffer)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise _classify(path, exc) from None
-        if lent is not None:
+        if into is not None:
             try:
-                return lent._fill(fd, path, limit)  # type: ignore[return-value]  # bytes-like
+                return into._fill(fd, path, limit)
             finally:
                 os.close(fd)
         chunks: list[bytes] = []

@@ -135,9 +135,5 @@ def message_to_dict(msg: Message) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def report_to_dict(report: pb.HostReport) -> dict[str, Any]:
-    return message_to_dict(report)
-
-
 def report_to_json(report: pb.HostReport) -> str:
-    return json.dumps(report_to_dict(report), indent=2, sort_keys=True)
+    return json.dumps(message_to_dict(report), indent=2, sort_keys=True)

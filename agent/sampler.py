@@ -353,8 +353,7 @@ class Sampler:
         The file (megabytes for a big QEMU) is read into the sampler's reused buffer rather than new
         memory, and scanned before this returns; the Vma objects hold no reference to it, so the next
         call may overwrite it. bench/smaps_cost.py measures this function against `cat`."""
-        with self._smaps_buffer.lend():
-            data = self.root.read_bytes(path)
+        data = self.root.read_bytes(path, into=self._smaps_buffer)
         return scan_large_vmas(data, str(path), self.config.guest_ram_min_bytes)
 
     def _mounts(self, vm: DiscoveredVm, statuses: list[SourceStatus]) -> list[Mount]:

@@ -26,6 +26,7 @@ from typing import TypeVar
 from eptwatch.v1 import report_pb2 as pb
 
 from .validate import ReportTotals, report_totals
+
 CAUSE_NAMES = {v: pb.Cause.Name(v).removeprefix("CAUSE_").lower() for v in pb.Cause.values()}
 T = TypeVar("T")
 ERA_NAMES = {v: pb.PredicateEra.Name(v).removeprefix("PREDICATE_ERA_").lower() for v in pb.PredicateEra.values()}

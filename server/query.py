@@ -6,7 +6,6 @@ HTTP JSON and gRPC answer from the same functions, so the two can never disagree
 from __future__ import annotations
 
 import asyncio
-
 import operator
 import sqlite3
 import threading

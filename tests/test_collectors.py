@@ -176,8 +176,8 @@ def test_pid_reused_during_sample_is_discarded(seed_copy: Path, monkeypatch: pyt
     stat = seed_copy / "proc/4242/stat"
     original = HostRoot.read_bytes
 
-    def racing_read(path: Path, limit: int = 1 << 28) -> bytes:
-        data = original(path, limit)
+    def racing_read(path: Path, limit: int = 1 << 28, **kwargs: object) -> bytes:
+        data = original(path, limit, **kwargs)  # type: ignore[call-overload]
         if path.name == "smaps":  # the process exits and a new one takes its pid while smaps is read
             stat.write_text(stat.read_text().replace(" 123456 ", " 777777 "))
         return data

@@ -16,7 +16,6 @@ import platform
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -55,7 +55,7 @@ from eptwatch.agent.guest_ram import Backing, GuestRamMapping
 from eptwatch.agent.hostroot import HostRoot
 from eptwatch.agent.kvm_debugfs import CounterScope
 from eptwatch.agent.model import Cause, Estimate
-from eptwatch.agent.report import host_report, report_to_dict
+from eptwatch.agent.report import host_report, message_to_dict
 from eptwatch.agent.sampler import HostSample, Sampler, SamplerConfig, VmSample
 from eptwatch.agent.status import SourceState, SourceStatus
 
@@ -383,7 +383,7 @@ class TestTmpfsHugeAlways:
         e = s2.estimate
         assert e.cause is Cause.UNKNOWN and e.observed_huge_2m is None and e.lost_huge_2m is None
         assert e.host_huge_capacity_2m == s2.truth.capacity_2m("ShmemPmdMapped")  # still measured
-        wire = report_to_dict(host_report(_host_sample(root, SamplerConfig(use_qmp=False))))
+        wire = message_to_dict(host_report(_host_sample(root, SamplerConfig(use_qmp=False))))
         vm_id = s2.vm.vm.vm_id
         (we,) = [x for x in wire["estimates"] if x["vm_id"] == vm_id]
         assert "observed_huge_2m" not in we and we["cause"] == "CAUSE_UNKNOWN"  # absent, not "0"
@@ -430,7 +430,7 @@ class TestTmpfsHugeAlways:
         assert b.observed_huge_2m == s.truth.observed_2m
         # one busy monitor costs at most about one QMP timeout
         assert s.seconds < 1.0 + SamplerConfig().qmp_timeout_seconds + 3.0, s.seconds
-        wire = report_to_dict(host_report(_host_sample(root, SamplerConfig())))
+        wire = message_to_dict(host_report(_host_sample(root, SamplerConfig())))
         (wv,) = [x for x in wire["vms"] if x["pid"] == huge_vm.pid]
         assert wv["kvm"]["scope"] == "COUNTER_SCOPE_QMP_QUERY_STATS"
 
