@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,26 @@ def fixture_roots() -> list[Path]:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def have_compiler() -> bool:
+    """True where setuptools can build the optional C extensions (agent/_smapscan.c,
+    server/_reportscan.c): the compiler Python was built with, and Python.h. There the extensions
+    must have been built; a silent fallback would be a packaging bug."""
+    import shlex
+    import shutil
+    import sysconfig
+
+    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")[0]
+    return shutil.which(compiler) is not None and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+
+
+@functools.cache
+def sampled_report_bytes(fixture: str) -> bytes:
+    """One real sample of a fixture host as HostReport bytes (sampled once per test session);
+    callers parse their own copy: `pb.HostReport.FromString(sampled_report_bytes(...))`."""
+    from eptwatch.agent.hostroot import HostRoot
+    from eptwatch.agent.report import host_report
+    from eptwatch.agent.sampler import Sampler
+
+    return host_report(Sampler(HostRoot.from_root(FIXTURES / fixture)).sample()).SerializeToString()

@@ -9,12 +9,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
 FIXTURES = Path(__file__).parent / "fixtures"
+# Everything here talks to loopback: never through a proxy from the environment.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_port() -> int:
@@ -28,7 +31,7 @@ def wait_http(url: str, timeout: float = 20.0, want: int = 200) -> None:
     last: object = None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            with OPENER.open(url, timeout=1) as r:
                 if r.status == want:
                     return
         except OSError as exc:
@@ -38,8 +41,17 @@ def wait_http(url: str, timeout: float = 20.0, want: int = 200) -> None:
 
 
 def http_get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as r:
+    with OPENER.open(url, timeout=5) as r:
         return r.read().decode()
+
+
+def http_fetch(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body), also for an HTTP error status (which http_get raises)."""
+    try:
+        with OPENER.open(url, timeout=timeout) as r:
+            return int(r.status), r.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
 
 
 @dataclass
@@ -51,7 +63,7 @@ class Proc:
     def start(self) -> Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.log, "ab")
-        self.popen = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self.popen = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env_without_proxy())
         fh.close()
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -14,12 +15,21 @@ from eptwatch.agent.spool import Spool
 from .conftest import FIXTURES
 
 
-def registry_for(fixture: str, tmp_path: Path) -> tuple[CollectorRegistry, AgentState]:
-    state = AgentState(sample=Sampler(HostRoot.from_root(FIXTURES / fixture)).sample(), sample_duration_seconds=0.01, samples_total=1,
+def registry_for(fixture: str | Path, tmp_path: Path) -> tuple[CollectorRegistry, AgentState]:
+    """The agent's registry after one sample of `fixture` (a fixture's name, or a host root's path)."""
+    root = fixture if isinstance(fixture, Path) else FIXTURES / fixture
+    state = AgentState(sample=Sampler(HostRoot.from_root(root)).sample(), sample_duration_seconds=0.01, samples_total=1,
                        spool=Spool(tmp_path / "s.db", 10**6, 3600))
     reg = CollectorRegistry(auto_describe=False)
     reg.register(AgentCollector(state))
     return reg, state
+
+
+def copy_fixture(fixture: str, tmp_path: Path) -> Path:
+    """A writable copy of a fixture host root, to break one of its files."""
+    root = tmp_path / "host"
+    shutil.copytree(FIXTURES / fixture, root, symlinks=True)
+    return root
 
 
 def test_per_vm_gauges_on_the_seed(tmp_path: Path) -> None:
@@ -60,37 +70,26 @@ def test_collector_duration_and_success(tmp_path: Path) -> None:
 
 
 def test_failed_collector_reports_zero(tmp_path: Path) -> None:
-    import shutil
-
-    root = tmp_path / "host"
-    shutil.copytree(FIXTURES / "linux-5.3-unfixed", root, symlinks=True)
+    root = copy_fixture("linux-5.3-unfixed", tmp_path)
     (root / "proc/4242/smaps").write_text("garbage\n")
-    state = AgentState(sample=Sampler(HostRoot.from_root(root)).sample())
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(AgentCollector(state))
+    reg, _ = registry_for(root, tmp_path)
     assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "smaps"}) == 0
     assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "kernel"}) == 1
 
 
 def test_a_per_vm_counter_error_is_not_blamed_on_the_global_debugfs_collector(tmp_path: Path) -> None:
-    import shutil
-
-    root = tmp_path / "host"
-    shutil.copytree(FIXTURES / "linux-6.6-pages2m", root, symlinks=True)
+    root = copy_fixture("linux-6.6-pages2m", tmp_path)
     vm_dirs = [d for d in (root / "sys/kernel/debug/kvm").iterdir() if d.is_dir()]
     assert vm_dirs
     (vm_dirs[0] / "pages_2m").write_text("not a number\n")
-    state = AgentState(sample=Sampler(HostRoot.from_root(root)).sample())
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(AgentCollector(state))
+    reg, _ = registry_for(root, tmp_path)
     assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "kvm_counters"}) == 0
     assert reg.get_sample_value("eptwatch_agent_collector_success", {"collector": "kvm_debugfs"}) == 1
 
 
-def test_build_info_names_the_smaps_scanner(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from eptwatch.agent import __version__, metrics, smaps
+def test_build_info_names_the_smaps_scanner(tmp_path: Path) -> None:
+    from eptwatch.agent import __version__, smaps
 
+    assert smaps.SCANNER in {"c", "regex"}
     reg, _ = registry_for("linux-6.6-pages2m", tmp_path)
     assert reg.get_sample_value("eptwatch_agent_build_info", {"version": __version__, "smaps_scanner": smaps.SCANNER}) == 1
-    monkeypatch.setattr(metrics, "SCANNER", "regex")  # a host built without a compiler shows it
-    assert reg.get_sample_value("eptwatch_agent_build_info", {"version": __version__, "smaps_scanner": "regex"}) == 1

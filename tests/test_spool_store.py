@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -127,18 +128,49 @@ def test_config_precedence_file_env_flags(tmp_path: Path) -> None:
         load_config(AgentConfig, None, flags={"insecure_plaintext": True})
 
 
-def test_spool_drop_count_is_durable_and_read_without_the_database(tmp_path: Path) -> None:
-    s = Spool(tmp_path / "s.db", max_bytes=250, max_age_seconds=3600)
+def _persisted_dropped_total(path: Path) -> int:
+    """The `meta` row, read straight from the file (not through the Spool under test)."""
+    db = sqlite3.connect(path)
+    try:
+        (value,) = db.execute("SELECT value FROM meta WHERE key='dropped_total'").fetchone()
+        return int(value)
+    finally:
+        db.close()
+
+
+def test_spool_drop_count_is_durable_and_read_without_the_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.db"
+    s = Spool(path, max_bytes=250, max_age_seconds=3600)
     for _ in range(5):
         s.append(lambda seq: b"x" * 100)
-    assert s.dropped_total == s.stats().dropped_total == 3
+    assert s.dropped_total == _persisted_dropped_total(path) == 3
     s.close()
-    s = Spool(tmp_path / "s.db", max_bytes=250, max_age_seconds=3600)
+    s = Spool(path, max_bytes=250, max_age_seconds=3600)
     assert s.dropped_total == 3  # loaded from the file at open
-    with pytest.raises(RuntimeError):
-        s.append(lambda seq: (_ for _ in ()).throw(RuntimeError("build failed")))  # rolled back: nothing dropped
-    assert s.dropped_total == 3
+    # A transaction that drops and then fails is rolled back: neither the count in memory nor the
+    # row may keep the drop (the real bound check runs, then the append fails after it).
+    real_enforce = s._enforce_bounds
+
+    def enforce_then_fail() -> int:
+        assert real_enforce() == 1  # one more 100-byte report would exceed 250 bytes
+        raise RuntimeError("failed after the drop")
+
+    monkeypatch.setattr(s, "_enforce_bounds", enforce_then_fail)
+    with pytest.raises(RuntimeError, match="failed after the drop"):
+        s.append(lambda seq: b"y" * 100)
+    monkeypatch.undo()
+    assert s.dropped_total == _persisted_dropped_total(path) == 3
+    assert s.stats().depth == 2 and s.stats().bytes == 200  # the dropped report is back, the new one is not
+    # Read without the database: the delivery task reads the count for every message while a sample's
+    # append holds the spool's lock through its fsync; it must neither wait for that lock nor query.
+    got: list[int] = []
+    with s._lock:
+        reader = threading.Thread(target=lambda: got.append(s.dropped_total))
+        reader.start()
+        reader.join(5)
+        assert got == [3], "dropped_total waited for the spool's lock"
     s.close()
+    assert s.dropped_total == 3  # the connection is closed: a query would raise sqlite3.ProgrammingError
 
 
 def test_delivery_survives_an_unexpected_error_and_says_so(tmp_path: Path) -> None:

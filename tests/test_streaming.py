@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -13,14 +12,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
-from eptwatch.agent.hostroot import HostRoot
-from eptwatch.agent.report import host_report
-from eptwatch.agent.sampler import Sampler
 from eptwatch.server.auth import hash_token
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
+from eptwatch.v1 import report_pb2 as pb
 
-from .procs import FIXTURES, Aggregator, Proc, agent_args, http_get, spool_state
+from .conftest import sampled_report_bytes
+from .procs import Aggregator, Proc, agent_args, http_get, spool_state
 
 INSECURE = ["--insecure-plaintext", "--insecure-no-auth"]
 FAST_BACKOFF = "backoff_initial_seconds: 0.05\nbackoff_max_seconds: 0.5\n"
@@ -124,10 +123,11 @@ def test_sigterm_flushes_and_exits_zero(tmp_path: Path) -> None:
 
 # --- direct clients: auth, validation, overload ---
 
-def report(seq: int, host: str = "hv-a-1", instance: str = "inst-1", fixture: str = "linux-5.3-unfixed"):  # type: ignore[no-untyped-def]
-    sample = Sampler(HostRoot.from_root(FIXTURES / fixture)).sample()
-    r = host_report(sample, sequence=seq, agent_instance=instance)
-    r.host_id = host
+def report(seq: int, host: str = "hv-a-1", instance: str = "inst-1", fixture: str = "linux-5.3-unfixed") -> pb.HostReport:
+    """A real report of the fixture host (sampled once per session), numbered and stamped as now."""
+    r = pb.HostReport.FromString(sampled_report_bytes(fixture))
+    r.sequence, r.agent_instance, r.host_id = seq, instance, host
+    r.sample_time.FromNanoseconds(time.time_ns())  # as if sampled now, like a fresh sample per report
     return r
 
 
@@ -179,7 +179,9 @@ def test_unauthenticated_and_wrong_scope_are_refused(authed: Aggregator) -> None
     assert 'eptwatch_server_streams_refused_total{code="PERMISSION_DENIED"} 1.0' in metrics
     from eptwatch.server.validate import WALKER
 
-    assert re.search(r'eptwatch_server_build_info\{report_walker="%s",version="[^"]+"\} 1\.0' % WALKER, metrics), metrics[:400]
+    (info,) = [m for m in text_string_to_metric_families(metrics) if m.name == "eptwatch_server_build_info"]
+    (sample,) = info.samples
+    assert sample.labels["report_walker"] == WALKER and sample.labels["version"] and sample.value == 1, sample
     assert "secret-token-a" not in authed.proc.output()  # type: ignore[union-attr]
     assert "rack-a" in authed.proc.output()  # type: ignore[union-attr]
 

@@ -29,8 +29,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -41,7 +39,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..procs import env_without_proxy, free_port
+from ..procs import env_without_proxy, free_port, http_fetch
 from .qemu_vm import (
     QemuVm,
     SmapsVma,
@@ -88,19 +86,8 @@ pytestmark = [pytest.mark.kvm, pytest.mark.skipif(_REASON is not None, reason=_R
 # --- processes and HTTP ---------------------------------------------------------------------------------
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
-
-
-def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with _OPENER.open(url, timeout=timeout) as r:
-            return int(r.status), r.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
-
-
 def _get_json(url: str) -> Any:
-    status, body = _get(url)
+    status, body = http_fetch(url)
     assert status == 200, f"{url}: HTTP {status}: {body[:300]!r}"
     return json.loads(body)
 
@@ -291,7 +278,7 @@ def streamed(guest_elf: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         ], tmp / "aggregator.log")
         stack.callback(agg.stop)  # ExitStack unwinds in reverse: agent, aggregator, VM, tmpfs
         api = f"http://127.0.0.1:{http_port}"
-        _wait("aggregator /readyz", lambda: _get(f"{api}/readyz", 1.0)[0] == 200, 30.0, (agg,))
+        _wait("aggregator /readyz", lambda: http_fetch(f"{api}/readyz", 1.0)[0] == 200, 30.0, (agg,))
 
         cfg = tmp / "agent.yaml"
         cfg.write_text("backoff_initial_seconds: 0.1\nbackoff_max_seconds: 1\n")
@@ -305,7 +292,7 @@ def streamed(guest_elf: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         s = Streamed(vm, agg, agent, api, f"http://127.0.0.1:{metrics_port}", boot_seconds, 0.0)
 
         def shows() -> bool:
-            status, body = _get(f"{api}/api/v1/hosts/{HOST_ID}", 2.0)
+            status, body = http_fetch(f"{api}/api/v1/hosts/{HOST_ID}", 2.0)
             return status == 200 and s.shows_vm(json.loads(body)) is not None
 
         _wait(f"/api/v1/hosts/{HOST_ID} showing QEMU pid {vm.pid}", shows, REPORT_TIMEOUT, (agent, agg))
@@ -413,7 +400,7 @@ class TestStreamed:
 
     def test_agent_metrics_show_the_same_capacity(self, streamed: Streamed) -> None:
         before = _truth(streamed.vm)
-        status, body = _get(f"{streamed.agent_http}/metrics")
+        status, body = http_fetch(f"{streamed.agent_http}/metrics")
         after = _truth(streamed.vm)
         assert status == 200 and before.key == after.key
         fams = {f.name: f for f in text_string_to_metric_families(body.decode())}
