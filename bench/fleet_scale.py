@@ -43,10 +43,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,7 +55,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from eptwatch.agent.delivery import varint  # the agent's own framing helper
+from _common import (body_of, check_body, clear_proxy_env, cpu_seconds, free_port, frame, host_prefix, machine, pct,
+                     stop_processes, wait_http_ready, widen)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -66,83 +64,24 @@ BIN = Path(sys.executable).parent
 
 TARGET_RSS_BYTES = 1 << 30  # 1 GiB
 TARGET_SCRAPE_SECONDS = 1.0
-REGRESSED_FIXTURE, REGRESSED_RELEASE = "linux-6.6-pages2m", "6.6.15"
-KNOWN_BAD_FIXTURE, KNOWN_BAD_RELEASE = "linux-5.3-unfixed", "5.3.0"
+REGRESSED_RELEASE = "6.6.15"  # tests/fixtures/linux-6.6-pages2m
+KNOWN_BAD_RELEASE = "5.3.0"  # tests/fixtures/linux-5.3-unfixed
 VIEW_CACHE_PAUSE = 1.1  # > FleetState's max_view_age (1 s): the next request rebuilds the view
 
 
 # --- reports -----------------------------------------------------------------------------------
 
-def _field(tag: int, payload: bytes) -> bytes:
-    return bytes([tag << 3 | 2]) + varint(len(payload)) + payload
-
-
-def widen(template: Any, n_vms: int) -> Any:
-    """A copy of a template HostReport with its VMs and their estimates replicated to n_vms, each with
-    its own vm id. An estimate is copied whole, so the aggregator's consistency checks still hold."""
-    from eptwatch.v1 import report_pb2 as pb
-
-    r = pb.HostReport()
-    r.CopyFrom(template)
-    vms = list(template.vms)
-    ests = {e.vm_id: e for e in template.estimates}
-    del r.vms[:]
-    del r.estimates[:]
-    for i in range(n_vms):
-        src = vms[i % len(vms)]
-        vm_id = f"{src.vm_id[:-4]}{i:04d}" if len(src.vm_id) > 4 else f"{src.vm_id}-{i:04d}"
-        v = r.vms.add()
-        v.CopyFrom(src)
-        v.vm_id, v.name, v.pid = vm_id, f"{src.name}-{i}", 10000 + i
-        if v.uuid:
-            v.uuid = vm_id
-        e = ests.get(src.vm_id)
-        if e is not None:
-            ne = r.estimates.add()
-            ne.CopyFrom(e)
-            ne.vm_id = vm_id
-    return r
-
-
 def bodies(n_vms: int) -> tuple[dict[str, bytes], dict[str, str]]:
-    """Per fixture: the widened report serialised without host_id, labels, agent_instance, sequence
-    and sample_time (prepended per host by `frame`); and its kernel release."""
+    """Per fixture: the widened report serialised without the per-host fields (prepended per host by
+    `host_prefix` + `frame`), checked as the aggregator will check it; and its kernel release."""
     from eptwatch.server.simulate import DEFAULT_MIX, load_templates
-    from eptwatch.server.validate import validate_report
 
     out, releases = {}, {}
     for name, t in load_templates(FIXTURES, list(DEFAULT_MIX)).items():
-        r = widen(t, n_vms)
-        # Checked as the aggregator will check it, with the per-host fields filled in.
-        probe = type(r)()
-        probe.CopyFrom(r)
-        probe.host_id, probe.agent_instance, probe.sequence = "probe", "probe", 1
-        probe.sample_time.FromNanoseconds(time.time_ns())
-        reason = validate_report(probe, time.time())
-        if reason is not None:
-            raise SystemExit(f"widened template {name} fails validation: {reason}")
-        for f in ("host_id", "labels", "agent_instance", "sequence", "sample_time"):
-            r.ClearField(f)
-        out[name] = r.SerializeToString()
-        releases[name] = r.kernel.release
+        out[name] = body_of(widen(t, n_vms))
+        check_body(out[name], (("cluster", "c"), ("zone", "z")), what=f"widened template {name}")
+        releases[name] = t.kernel.release
     return out, releases
-
-
-def host_prefix(host_id: str, instance: str, labels: tuple[tuple[str, str], ...]) -> bytes:
-    parts = [_field(1, host_id.encode())]
-    for k, v in labels:
-        parts.append(_field(2, _field(1, k.encode()) + _field(2, v.encode())))  # map entry
-    parts.append(_field(4, instance.encode()))
-    return b"".join(parts)
-
-
-def frame(prefix: bytes, body: bytes, sequence: int, t: float) -> bytes:
-    """HostReport bytes: the per-host fields, sequence (5), sample_time (6), then the shared body.
-    Protobuf accepts fields in any order, so no report is re-encoded."""
-    secs = int(t)
-    nanos = int((t - secs) * 1e9)
-    ts = b"\x08" + varint(secs) + (b"\x10" + varint(nanos) if nanos else b"")
-    return prefix + b"\x28" + varint(sequence) + b"\x32" + varint(len(ts)) + ts + body
 
 
 # --- the feeder (a separate process) -----------------------------------------------------------
@@ -151,20 +90,20 @@ def feeder_main(args: argparse.Namespace) -> int:
     """Sends one report for each of --hosts simulated hosts to --target; prints a JSON summary."""
     import grpc
 
-    from eptwatch.agent.delivery import STREAM_METHOD, encode_agent_message
+    from eptwatch.agent.delivery import STREAM_METHOD, DeliveryConfig, channel_options, encode_agent_message
     from eptwatch.server.simulate import SimulatedFleet
     from eptwatch.v1 import ingest_pb2
 
-    body, _ = bodies(args.vms)
+    body, releases = bodies(args.vms)
     fleet = SimulatedFleet({k: None for k in body}, args.hosts)  # type: ignore[misc]  # only hosts/mix/labels used
     hosts = fleet.hosts
     comp = grpc.Compression.Gzip if args.compression == "gzip" else grpc.Compression.NoCompression
     sizes: list[int] = []
+    opts = channel_options(DeliveryConfig(target=args.target, max_message_bytes=64 << 20))
 
     async def one_stream(k: int, mine: list[Any], now: float) -> tuple[int, int]:
         applied = other = 0
-        async with grpc.aio.insecure_channel(args.target, options=[("grpc.max_send_message_length", 64 << 20),
-                                                                   ("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        async with grpc.aio.insecure_channel(args.target, options=opts) as ch:
             call = ch.stream_stream(STREAM_METHOD, request_serializer=lambda b: b,
                                     response_deserializer=ingest_pb2.ServerMessage.FromString)(compression=comp, timeout=3600)
             for i in range(0, len(mine), args.batch):
@@ -190,7 +129,7 @@ def feeder_main(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         res = await asyncio.gather(*(one_stream(k, hosts[k:: args.streams], now) for k in range(args.streams)))
         return {"seconds": time.monotonic() - t0, "applied": sum(a for a, _ in res), "not_applied": sum(o for _, o in res),
-                "report_bytes_mean": statistics.mean(sizes) if sizes else 0}
+                "report_bytes_mean": statistics.mean(sizes) if sizes else 0, "releases": releases}
 
     out = asyncio.run(run())
     print(json.dumps(out))
@@ -199,19 +138,6 @@ def feeder_main(args: argparse.Namespace) -> int:
 
 # --- the aggregator ----------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy", "no_proxy", "NO_PROXY"):
-        e.pop(k, None)
-    return e
-
-
 def proc_status(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -219,11 +145,6 @@ def proc_status(pid: int) -> dict[str, int]:
         if k in ("VmRSS", "VmHWM"):
             out[k] = int(v.split()[0]) * 1024
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Server:
@@ -241,7 +162,7 @@ class Server:
              "--state", str(workdir / "state"), "--config", str(cfg), "--insecure-plaintext", "--insecure-no-auth",
              "--log-level", "WARNING"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**env(), "PYTHONPATH": pythonpath} if pythonpath else env())
+            env={**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None)
 
     @property
     def target(self) -> str:
@@ -252,27 +173,10 @@ class Server:
         return f"http://127.0.0.1:{self.http_port}"
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise SystemExit(f"aggregator exited: {(self.workdir / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.http + "/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise SystemExit("aggregator not ready")
+        wait_http_ready(self.http + "/readyz", self.popen, self.workdir / "server.log", timeout)
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
+        stop_processes([self.popen])
         self.log.close()
 
     def db_bytes(self) -> dict[str, int]:
@@ -280,20 +184,12 @@ class Server:
         return {p.name: p.stat().st_size for p in sorted(d.iterdir()) if p.is_file()}
 
 
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def get(url: str) -> tuple[float, int, bytes]:
     t0 = time.perf_counter()
-    with _opener.open(url, timeout=120) as r:
+    with urllib.request.urlopen(url, timeout=120) as r:
         body = r.read()
         status = r.status
     return time.perf_counter() - t0, status, body
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def ms(x: float) -> str:
@@ -304,23 +200,13 @@ def mib(x: float) -> str:
     return f"{x / (1 << 20):.0f}"
 
 
-def machine() -> dict[str, Any]:
-    model = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {"nproc": os.cpu_count(), "cpu": model, "loadavg_1m_at_start": os.getloadavg()[0], "kernel": platform.release(), "python": platform.python_version(),
-            "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1)}
-
-
 def feed(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     print(f"aggregator pid {server.popen.pid} ready; feeding {args.hosts} hosts x {args.vms} VMs over {args.streams} streams ...",
           file=sys.stderr)
     feeder = subprocess.run(
         [sys.executable, __file__, "--feed", "--target", server.target, "--hosts", str(args.hosts), "--vms", str(args.vms),
          "--streams", str(args.streams), "--batch", str(args.batch), "--compression", args.compression],
-        capture_output=True, text=True, env=env(), timeout=args.ingest_timeout)
+        capture_output=True, text=True, timeout=args.ingest_timeout)
     if feeder.returncode != 0:
         raise SystemExit(f"feeder failed: {feeder.stderr[-3000:]}")
     return json.loads(feeder.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -329,17 +215,17 @@ def feed(args: argparse.Namespace, server: Server) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     workdir = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="eptwatch-fleet-scale-", dir="/tmp"))
-    _, releases = bodies(args.vms)
     server = Server(workdir, args.top_n, args.aggregator_pythonpath)
     res: dict[str, Any] = {"hosts": args.hosts, "vms_per_host": args.vms, "streams": args.streams, "batch": args.batch,
-                           "compression": args.compression, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+                           "compression": args.compression, "machine": {**machine(), "loadavg_1m_at_start": os.getloadavg()[0]},
+                           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     try:
         server.wait_ready()
         pid = server.popen.pid
         res["rss_idle"] = proc_status(pid)
         cpu0 = cpu_seconds(pid)
         if args.reuse:  # development: the state of a --keep run, loaded at start; no ingest
-            fed = {"seconds": float("nan"), "applied": args.hosts, "not_applied": 0, "report_bytes_mean": float("nan")}
+            fed = {"seconds": float("nan"), "applied": args.hosts, "not_applied": 0, "report_bytes_mean": float("nan"), "releases": None}
         else:
             during: list[float] = []
             stop = threading.Event()
@@ -362,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sampler.join()
             if during:
                 res["metrics_during_ingest"] = {"n": len(during), "median": statistics.median(during), "max": max(during)}
+        res["releases"] = fed.pop("releases")
         res["ingest"] = {**fed, "reports_per_second": fed["applied"] / fed["seconds"], "server_cpu_seconds": cpu_seconds(pid) - cpu0}
         if fed["applied"] != args.hosts:
             raise SystemExit(f"only {fed['applied']} of {args.hosts} reports applied")
@@ -449,7 +336,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     res["wall_seconds"] = time.monotonic() - t_start
     res["loadavg_1m_at_end"] = os.getloadavg()[0]
-    res["releases"] = releases
     return res
 
 
@@ -487,6 +373,7 @@ def markdown(res: dict[str, Any], argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    clear_proxy_env()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hosts", type=int, default=100_000)
     p.add_argument("--vms", type=int, default=20, help="VMs per host report")

@@ -5,7 +5,7 @@ Simulated agents (one gRPC stream, one TCP connection, one host_id/agent_instanc
 1, 2, 3, ...) send realistic 20-VM HostReports to one aggregator process (`eptwatch-server`, SQLite
 with synchronous=FULL on a state directory under /tmp; every report is acknowledged only after the
 transaction holding it committed). The load generator runs in separate processes; payloads are
-serialised once and framed per report (host, instance, sequence, sample_time prepended as protobuf
+serialised once and framed per report (host, labels, instance, sequence, sample_time prepended as protobuf
 fields) with `encode_agent_message`, as the agent frames its spool, so the clients stay cheap.
 
 Phases (each run against the real aggregator, then against a bare grpc.aio server started from this
@@ -38,11 +38,9 @@ import collections
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -54,14 +52,15 @@ from typing import Any
 
 import grpc
 
-from eptwatch.agent.delivery import STREAM_METHOD, DeliveryConfig, channel_options, encode_agent_message, varint
+from _common import (body_of, check_body, clear_proxy_env, cpu_seconds, cpu_times, free_port, frame, host_prefix, machine,
+                     pct, stop_processes, wait_http_ready, widen)
+from eptwatch.agent.delivery import STREAM_METHOD, DeliveryConfig, channel_options, encode_agent_message
 from eptwatch.v1 import ingest_pb2
-from eptwatch.v1 import report_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "linux-6.6-pages2m"
+LABELS = (("rack", "r17"), ("az", "b"))  # every simulated agent's labels
 BIN = Path(sys.executable).parent
-TICK = os.sysconf("SC_CLK_TCK")
 
 # Targets from the issue.
 TARGET_SATURATED = 5000.0  # reports per aggregator core-second, hot streams
@@ -72,57 +71,12 @@ TARGET_BARE_RATIO = 0.6  # aggregator rate / bare server rate, per core-second
 # --- reports -----------------------------------------------------------------------------------
 
 def report_body(n_vms: int) -> bytes:
-    """A real sample of a fixture host (eptwatch.agent: Sampler -> host_report), its VMs replicated to
-    n_vms with distinct ids, serialised without host_id, agent_instance, sequence and sample_time
-    (those are prepended per report by `frame_report`)."""
-    from eptwatch.agent.hostroot import HostRoot
-    from eptwatch.agent.report import host_report
-    from eptwatch.agent.sampler import Sampler
+    """A real sample of a fixture host (`eptwatch.server.simulate.sample_fixture`: Sampler -> host_report),
+    its VMs replicated to n_vms with distinct ids, serialised without the per-host fields (host_id,
+    labels, agent_instance, sequence, sample_time: prepended per report by `host_prefix` + `frame`)."""
+    from eptwatch.server.simulate import sample_fixture
 
-    r = host_report(Sampler(HostRoot.from_root(FIXTURE)).sample(), sequence=1, agent_instance="x", labels={"rack": "r17", "az": "b"})
-    vms = list(r.vms)
-    ests = {e.vm_id: e for e in r.estimates}
-    del r.vms[:]
-    del r.estimates[:]
-    for i in range(n_vms):
-        src = vms[i % len(vms)]
-        vm_id = f"{src.vm_id[:-4]}{i:04d}"
-        v = r.vms.add()
-        v.CopyFrom(src)
-        v.vm_id, v.uuid, v.name, v.pid = vm_id, vm_id, f"{src.name}-{i}", 10000 + i
-        e = r.estimates.add()
-        e.CopyFrom(ests[src.vm_id])
-        e.vm_id = vm_id
-    for f in ("host_id", "agent_instance", "sequence", "sample_time"):
-        r.ClearField(f)
-    return r.SerializeToString()
-
-
-def stream_prefix(host_id: str, agent_instance: str) -> bytes:
-    h, i = host_id.encode(), agent_instance.encode()
-    return b"\x0a" + varint(len(h)) + h + b"\x22" + varint(len(i)) + i
-
-
-def frame_report(prefix: bytes, body: bytes, sequence: int, t: float) -> bytes:
-    """HostReport bytes: fields 1, 4 (prefix), 5 (sequence), 6 (sample_time), then the body. Protobuf
-    accepts fields in any order, so no report is re-encoded."""
-    secs = int(t)
-    nanos = int((t - secs) * 1e9)
-    ts = b"\x08" + varint(secs) + (b"\x10" + varint(nanos) if nanos else b"")
-    return prefix + b"\x28" + varint(sequence) + b"\x32" + varint(len(ts)) + ts + body
-
-
-def check_report(body: bytes) -> int:
-    """The framed report parses and passes the aggregator's validation; returns its size."""
-    from eptwatch.server.validate import validate_report
-
-    raw = frame_report(stream_prefix("hv-check-1", "inst-check"), body, 7, time.time())
-    r = pb.HostReport.FromString(raw)
-    assert r.host_id == "hv-check-1" and r.agent_instance == "inst-check" and r.sequence == 7, r
-    assert len(r.vms) == len(r.estimates)
-    reason = validate_report(r, time.time())
-    assert reason is None, reason
-    return len(raw)
+    return body_of(widen(sample_fixture(FIXTURE), n_vms))
 
 
 # --- the bare server ---------------------------------------------------------------------------
@@ -130,7 +84,7 @@ def check_report(body: bytes) -> int:
 def serve_bare(listen: str) -> None:
     """Ingest.Stream that parses each AgentMessage and acks every report APPLIED at once."""
     from eptwatch.server.app import ServerConfig, grpc_server_options
-    from eptwatch.server.ingest import ACK_COMPRESSION
+    from eptwatch.server.ingest import ACK_COMPRESSION, INGEST_SERVICE
 
     cfg = ServerConfig(listen=listen, insecure_plaintext=True, insecure_no_auth=True)
 
@@ -145,7 +99,7 @@ def serve_bare(listen: str) -> None:
     async def main() -> None:
         server = grpc.aio.server(options=grpc_server_options(cfg), maximum_concurrent_rpcs=cfg.max_concurrent_streams,
                                  compression=grpc.Compression.Gzip)
-        handler = grpc.method_handlers_generic_handler("eptwatch.v1.Ingest", {
+        handler = grpc.method_handlers_generic_handler(INGEST_SERVICE, {
             "Stream": grpc.stream_stream_rpc_method_handler(
                 stream, request_deserializer=ingest_pb2.AgentMessage.FromString,
                 response_serializer=ingest_pb2.ServerMessage.SerializeToString),
@@ -165,23 +119,6 @@ def serve_bare(listen: str) -> None:
 
 
 # --- server processes --------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of all the process's threads: /proc/PID/stat fields 14 and 15."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
-
-
-def cpu_seconds(pid: int) -> float:
-    return sum(cpu_times(pid))
-
 
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies over all CPUs, from /proc/stat."""
@@ -214,7 +151,7 @@ class Server:
     def _spawn(self, args: list[str], k: int = 0) -> subprocess.Popen[bytes]:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / f"{self.kind}-{k}.log", "ab") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_env())
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -225,15 +162,7 @@ class Server:
         asyncio.run(ready())
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
 
     def counters(self) -> dict[str, float]:
         return {}
@@ -253,17 +182,7 @@ class FullServer(Server):
         for k, (http, state) in enumerate(zip(self.http_ports, self.states)):
             proc = self._spawn([*self.cmd, "--listen", self.target, "--http", f"127.0.0.1:{http}", "--state", str(state),
                                 "--insecure-plaintext", "--insecure-no-auth", "--log-level", "WARNING"], k)
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{http}/readyz", timeout=1) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"aggregator did not become ready; see {self.workdir}/{self.kind}-{k}.log")
-                time.sleep(0.05)
+            wait_http_ready(f"http://127.0.0.1:{http}/readyz", proc, self.workdir / f"{self.kind}-{k}.log", 30)
         return self
 
     def counters(self) -> dict[str, float]:
@@ -300,18 +219,10 @@ class BareServer(Server):
         return self
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy", "no_grpc_proxy"):
-        env.pop(k, None)
-    return env
-
-
 # --- the load generator (runs in child processes) -------------------------------------------------
 
 def client_main(spec: dict[str, Any], conn: Any) -> None:
-    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "grpc_proxy"):
-        os.environ.pop(k, None)
+    clear_proxy_env()
     try:
         result = asyncio.run(_client(spec, conn))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -344,7 +255,7 @@ async def _client(spec: dict[str, Any], conn: Any) -> dict[str, Any]:
 
     async def one(ch: grpc.aio.Channel, host_id: str, instance: str, offset: float) -> None:
         nonlocal acked_window, acked_total, sent_total
-        prefix = stream_prefix(host_id, instance)
+        prefix = host_prefix(host_id, instance, LABELS)
         call = ch.stream_stream(STREAM_METHOD, request_serializer=lambda b: b,
                                 response_deserializer=ingest_pb2.ServerMessage.FromString)(
             compression=compression, timeout=t_end - time.monotonic() + 60)
@@ -383,7 +294,7 @@ async def _client(spec: dict[str, Any], conn: Any) -> dict[str, Any]:
                         await asyncio.sleep(d)
                     now = time.time()
                     pending.append((time.monotonic(), 1))
-                    await call.write(encode_agent_message([frame_report(prefix, body, seq, now)], 0))
+                    await call.write(encode_agent_message([frame(prefix, body, seq, now)], 0))
                     seq += 1
                     sent_total += 1
                     t += interval
@@ -397,7 +308,7 @@ async def _client(spec: dict[str, Any], conn: Any) -> dict[str, Any]:
                     if time.monotonic() >= t_m1 or recv.done():
                         break
                     # A replayed backlog: samples from the past, in order, a second apart.
-                    msg = encode_agent_message([frame_report(prefix, body, seq + k, past + seq + k) for k in range(batch)], 0)
+                    msg = encode_agent_message([frame(prefix, body, seq + k, past + seq + k) for k in range(batch)], 0)
                     pending.append((time.monotonic(), batch))
                     await call.write(msg)
                     seq += batch
@@ -405,7 +316,7 @@ async def _client(spec: dict[str, Any], conn: Any) -> dict[str, Any]:
             await call.done_writing()
             await asyncio.wait_for(recv, max(5.0, t_end - time.monotonic()))
         except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError) as exc:
-            errors.append(f"{host_id}: {type(exc).__name__}: {getattr(exc, 'details', lambda: exc)()}")
+            errors.append(f"{host_id}: {type(exc).__name__}: {exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc}")
             recv.cancel()
             call.cancel()
 
@@ -421,19 +332,12 @@ async def _client(spec: dict[str, Any], conn: Any) -> dict[str, Any]:
 
 # --- orchestration -------------------------------------------------------------------------------
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 def run_phase(server: Server, phase: dict[str, Any], body: bytes, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     n_streams = phase["streams"]
     n_procs = max(1, min(args.client_procs, n_streams))
     instance = f"i{os.getpid():x}{int(time.time()) & 0xFFFFFF:06x}"
-    host_prefix = f"bench-{tag}-{phase['name']}-"
-    streams = [(f"{host_prefix}{i:05d}", instance) for i in range(n_streams)]
+    id_prefix = f"bench-{tag}-{phase['name']}-"
+    streams = [(f"{id_prefix}{i:05d}", instance) for i in range(n_streams)]
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
     for k in range(n_procs):
@@ -511,7 +415,7 @@ def run_phase(server: Server, phase: dict[str, Any], body: bytes, args: argparse
         out["commits_around_window"] = int(commits)
         out["reports_per_commit"] = round((after.get("applied", 0) - before.get("applied", 0)) / commits, 1) if commits else None
     if isinstance(server, FullServer):
-        out["host_prefix"] = host_prefix
+        out["host_prefix"] = id_prefix
     return out
 
 
@@ -528,20 +432,6 @@ def phases(args: argparse.Namespace) -> list[dict[str, Any]]:
         wanted = {x.strip() for x in args.only.split(",")}
         out = [ph for ph in out if ph["name"] in wanted]
     return out
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import google.protobuf
-    from google.protobuf.internal import api_implementation
-    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(), "python": platform.python_version(),
-            "grpcio": grpc.__version__, "protobuf": f"{google.protobuf.__version__} ({api_implementation.Type()})",
-            "loadavg_before": open("/proc/loadavg").read().split()[:3]}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -571,6 +461,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    clear_proxy_env()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller run, under a minute: fleet, hot-50, backlog-50, 3 s windows")
     p.add_argument("--fleet-streams", type=int, default=1000, help="paced streams (0: skip the fleet phase)")
@@ -607,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     body = report_body(args.vms)
-    size = check_report(body)
-    info = {"machine": machine(), "report_bytes": size, "vms_per_report": args.vms, "gzip": not args.no_gzip,
+    size = check_body(body, LABELS)
+    info = {"machine": {**machine(), "loadavg_before": open("/proc/loadavg").read().split()[:3]},
+            "report_bytes": size, "vms_per_report": args.vms, "gzip": not args.no_gzip,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
             "sqlite_synchronous": "FULL"}
     print(f"report: {args.vms} VMs, {size} bytes; machine: {info['machine']}", file=sys.stderr)

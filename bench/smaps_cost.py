@@ -28,7 +28,6 @@ old inline read + scan (Sampler._scan_smaps) or is reported as None (hostroot.Re
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from eptwatch.agent import hostroot
@@ -81,24 +81,23 @@ sys.stdin.read()
 """
 
 
-def cpu_of(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    samples = []
-    for _ in range(repeat):
-        t0 = time.thread_time()
-        fn()
-        samples.append(time.thread_time() - t0)
-    return statistics.median(samples)
+def cpu_of(fn: Callable[[], object]) -> float:
+    """CPU seconds (this thread's user+system) of one call of fn."""
+    t0 = time.thread_time()
+    fn()
+    return time.thread_time() - t0
 
 
-def cat_cpu(paths: list[str], repeat: int) -> float:
+def cat_cpu(paths: list[str]) -> float:
+    """CPU seconds of `cat paths > /dev/null` (child rusage) minus those of an empty `cat /dev/null`."""
     def one(args: list[str]) -> float:
         with open(os.devnull, "wb") as null:
             p = subprocess.Popen(args, stdout=null)
             _, _, ru = os.wait4(p.pid, 0)
         return ru.ru_utime + ru.ru_stime
 
-    full = statistics.median(one(["cat", *paths]) for _ in range(repeat))
-    empty = statistics.median(one(["cat", os.devnull]) for _ in range(repeat))
+    full = one(["cat", *paths])
+    empty = one(["cat", os.devnull])
     return max(full - empty, 1e-9)
 
 
@@ -142,8 +141,7 @@ def main() -> int:
 
         def read_reused() -> None:
             assert reuse is not None
-            with reuse.lend():
-                HostRoot.read_bytes(smaps_path)
+            HostRoot.read_bytes(smaps_path, into=reuse)
 
         in_memory = HostRoot.read_bytes(smaps_path)
 
@@ -174,20 +172,20 @@ def main() -> int:
                 "agent_smaps_regex", "scan_smaps_regex")
         rounds: dict[str, list[float]] = {k: [] for k in keys}
         for _ in range(args.repeat):
-            rounds["cat_smaps"].append(cat_cpu([smaps], 1))
-            rounds["read_smaps"].append(cpu_of(lambda: raw_read([smaps]), 1))
-            rounds["agent_smaps"].append(cpu_of(agent_smaps, 1))
-            rounds["cat_vm"].append(cat_cpu(vm_files, 1))
-            rounds["read_vm"].append(cpu_of(lambda: raw_read(vm_files), 1))
+            rounds["cat_smaps"].append(cat_cpu([smaps]))
+            rounds["read_smaps"].append(cpu_of(lambda: raw_read([smaps])))
+            rounds["agent_smaps"].append(cpu_of(agent_smaps))
+            rounds["cat_vm"].append(cat_cpu(vm_files))
+            rounds["read_vm"].append(cpu_of(lambda: raw_read(vm_files)))
             if vm is not None:
-                rounds["agent_vm"].append(cpu_of(agent_vm, 1))
+                rounds["agent_vm"].append(cpu_of(agent_vm))
             if reuse is not None:
-                rounds["read_smaps_reused"].append(cpu_of(read_reused, 1))
-            rounds["scan_smaps"].append(cpu_of(scan_only, 1))
-            rounds["cat_maps"].append(cat_cpu([maps], 1))
+                rounds["read_smaps_reused"].append(cpu_of(read_reused))
+            rounds["scan_smaps"].append(cpu_of(scan_only))
+            rounds["cat_maps"].append(cat_cpu([maps]))
             if compiled_search is not None and regex_search is not None:
-                rounds["agent_smaps_regex"].append(cpu_of(with_regex(agent_smaps), 1))
-                rounds["scan_smaps_regex"].append(cpu_of(with_regex(scan_only), 1))
+                rounds["agent_smaps_regex"].append(cpu_of(with_regex(agent_smaps)))
+                rounds["scan_smaps_regex"].append(cpu_of(with_regex(scan_only)))
         med = {k: statistics.median(v) if v else None for k, v in rounds.items()}
 
         def per_round(num: str, den: str) -> float | None:
