@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run sample test venv system-deps proto bench clean
+.PHONY: run sample test fuzz venv system-deps proto bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py agent/_smapscan.c server/_reportscan.c
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ sample: venv
 
 test: venv system-deps
 	$(PY) -m pytest
+
+# The property tests over outside input (parsers, report checks) with 100,000 inputs each; long, on
+# demand. Counts per test are printed by hypothesis (--hypothesis-show-statistics).
+fuzz: venv
+	EPTWATCH_FUZZ_EXAMPLES=$${EPTWATCH_FUZZ_EXAMPLES:-100000} $(PY) -m pytest -m fuzz --hypothesis-show-statistics -q
 
 proto: venv
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto \

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from eptwatch.v1 import report_pb2 as eptwatch_dot_v1_dot_report__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65ptwatch/v1/ingest.proto\x12\x0b\x65ptwatch.v1\x1a\x18\x65ptwatch/v1/report.proto\"h\n\x0c\x41gentMessage\x12(\n\x07reports\x18\x01 \x03(\x0b\x32\x17.eptwatch.v1.HostReport\x12\x1b\n\x13spool_dropped_total\x18\x02 \x01(\x04\x12\x11\n\tdeparting\x18\x03 \x01(\x08\"~\n\tReportAck\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_instance\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.eptwatch.v1.AckStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\"5\n\rServerMessage\x12$\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x16.eptwatch.v1.ReportAck*r\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_APPLIED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32M\n\x06Ingest\x12\x43\n\x06Stream\x12\x19.eptwatch.v1.AgentMessage\x1a\x1a.eptwatch.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65ptwatch/v1/ingest.proto\x12\x0b\x65ptwatch.v1\x1a\x18\x65ptwatch/v1/report.proto\"h\n\x0c\x41gentMessage\x12(\n\x07reports\x18\x01 \x03(\x0b\x32\x17.eptwatch.v1.HostReport\x12\x1b\n\x13spool_dropped_total\x18\x02 \x01(\x04\x12\x11\n\tdeparting\x18\x03 \x01(\x08\"\x9b\x01\n\tReportAck\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_instance\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.eptwatch.v1.AckStatus\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x1b\n\x13high_water_sequence\x18\x06 \x01(\x04\"5\n\rServerMessage\x12$\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x16.eptwatch.v1.ReportAck*r\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x43K_STATUS_APPLIED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x17\n\x13\x41\x43K_STATUS_REJECTED\x10\x03\x32M\n\x06Ingest\x12\x43\n\x06Stream\x12\x19.eptwatch.v1.AgentMessage\x1a\x1a.eptwatch.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'eptwatch.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACKSTATUS']._serialized_start=356
-  _globals['_ACKSTATUS']._serialized_end=470
+  _globals['_ACKSTATUS']._serialized_start=386
+  _globals['_ACKSTATUS']._serialized_end=500
   _globals['_AGENTMESSAGE']._serialized_start=67
   _globals['_AGENTMESSAGE']._serialized_end=171
-  _globals['_REPORTACK']._serialized_start=173
-  _globals['_REPORTACK']._serialized_end=299
-  _globals['_SERVERMESSAGE']._serialized_start=301
-  _globals['_SERVERMESSAGE']._serialized_end=354
-  _globals['_INGEST']._serialized_start=472
-  _globals['_INGEST']._serialized_end=549
+  _globals['_REPORTACK']._serialized_start=174
+  _globals['_REPORTACK']._serialized_end=329
+  _globals['_SERVERMESSAGE']._serialized_start=331
+  _globals['_SERVERMESSAGE']._serialized_end=384
+  _globals['_INGEST']._serialized_start=502
+  _globals['_INGEST']._serialized_end=579
 # @@protoc_insertion_point(module_scope)

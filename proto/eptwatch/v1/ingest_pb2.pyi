@@ -30,18 +30,20 @@ class AgentMessage(_message.Message):
     def __init__(self, reports: _Optional[_Iterable[_Union[_report_pb2.HostReport, _Mapping]]] = ..., spool_dropped_total: _Optional[int] = ..., departing: _Optional[bool] = ...) -> None: ...
 
 class ReportAck(_message.Message):
-    __slots__ = ("host_id", "agent_instance", "sequence", "status", "reason")
+    __slots__ = ("host_id", "agent_instance", "sequence", "status", "reason", "high_water_sequence")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    HIGH_WATER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     agent_instance: str
     sequence: int
     status: AckStatus
     reason: str
-    def __init__(self, host_id: _Optional[str] = ..., agent_instance: _Optional[str] = ..., sequence: _Optional[int] = ..., status: _Optional[_Union[AckStatus, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    high_water_sequence: int
+    def __init__(self, host_id: _Optional[str] = ..., agent_instance: _Optional[str] = ..., sequence: _Optional[int] = ..., status: _Optional[_Union[AckStatus, str]] = ..., reason: _Optional[str] = ..., high_water_sequence: _Optional[int] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("acks",)

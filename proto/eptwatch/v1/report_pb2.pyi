@@ -61,6 +61,7 @@ class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAUSE_HOST_MAPPING_NOT_HUGE: _ClassVar[Cause]
     CAUSE_UNEXPLAINED: _ClassVar[Cause]
     CAUSE_UNKNOWN: _ClassVar[Cause]
+    CAUSE_IMPLAUSIBLE: _ClassVar[Cause]
 PREDICATE_ERA_UNSPECIFIED: PredicateEra
 PREDICATE_ERA_MAPCOUNT_HEURISTIC: PredicateEra
 PREDICATE_ERA_COMPOUND_MAP_UNFIXED: PredicateEra
@@ -95,6 +96,7 @@ CAUSE_THP_DISABLED: Cause
 CAUSE_HOST_MAPPING_NOT_HUGE: Cause
 CAUSE_UNEXPLAINED: Cause
 CAUSE_UNKNOWN: Cause
+CAUSE_IMPLAUSIBLE: Cause
 
 class SourceStatus(_message.Message):
     __slots__ = ("source", "state", "reason", "path")
