@@ -144,6 +144,12 @@ class Spool:
         except FileNotFoundError:
             pass
         try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return
+        if st.f_bavail * st.f_frsize < self.reserve_bytes + self._headroom_bytes():
+            return  # not yet: taking the last free bytes would only make the next write fail
+        try:
             fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
             try:
                 os.posix_fallocate(fd, 0, self.reserve_bytes)  # really allocated, unlike a sparse file
@@ -168,14 +174,17 @@ class Spool:
         except OSError:
             return
         free_bytes = st.f_bavail * st.f_frsize
-        # Room kept for the WAL (twice its checkpoint size) besides the reserve file.
-        headroom_bytes = 2 * _WAL_AUTOCHECKPOINT_PAGES * self._page_size + 4 * self._page_size
         pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
-        extra = max(0, (free_bytes - headroom_bytes) // self._page_size)
+        extra = max(0, (free_bytes - self._headroom_bytes()) // self._page_size)
         self._db.execute(f"PRAGMA max_page_count={max(pages, pages + extra, 2)}")
 
-    def _write(self, work: Callable[[], None]) -> None:
-        """Run `work` in one IMMEDIATE transaction; on a full disk release the reserve and try once more."""
+    def _headroom_bytes(self) -> int:
+        """Free space kept for the WAL (twice its checkpoint size) besides the reserve file."""
+        return 2 * _WAL_AUTOCHECKPOINT_PAGES * self._page_size + 4 * self._page_size
+
+    def _write(self, work: Callable[[], None], use_reserve: bool = True) -> None:
+        """Run `work` in one IMMEDIATE transaction; on a full disk release the reserve and try once more.
+        New reports never spend the reserve (use_reserve=False): it is for acks, drops and the drop count."""
         for attempt in (0, 1):
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -184,7 +193,7 @@ class Spool:
                 return
             except BaseException as exc:
                 self._rollback()
-                if attempt == 0 and _is_full(exc) and self._release_reserve():
+                if attempt == 0 and use_reserve and _is_full(exc) and self._release_reserve():
                     continue
                 raise
 
@@ -216,7 +225,7 @@ class Spool:
                     out["dropped"] = self._enforce_bounds(self._bytes + len(payload))
 
                 try:
-                    self._write(work)
+                    self._write(work, use_reserve=False)
                 except BaseException as exc:
                     self._bytes = self._sum_bytes()
                     if not _is_full(exc):
@@ -244,7 +253,7 @@ class Spool:
         rows = self._db.execute("SELECT seq, size FROM reports ORDER BY seq LIMIT 64").fetchall()
         if not rows:
             return False
-        target = max(2 * want_bytes, 16 * self._page_size)
+        target = max(2 * want_bytes, 4 * self._page_size)  # a few pages: drop little, but not one by one
         chosen: list[int] = []
         counted = 0
         freed = 0
