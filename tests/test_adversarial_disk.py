@@ -23,9 +23,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from eptwatch.agent.daemon import AgentConfig, AgentDaemon
 from eptwatch.agent.delivery import Delivery, DeliveryConfig
+from eptwatch.agent.metrics import AgentCollector, AgentState
 from eptwatch.agent.spool import Spool
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
@@ -94,6 +96,14 @@ def on_disk(path: Path) -> tuple[list[int], int, int]:
 
 def real_file_bytes(path: Path) -> int:
     return sum(os.stat(f"{path}{s}").st_size for s in ("", "-wal", "-shm") if os.path.exists(f"{path}{s}"))
+
+
+def agg_dropped(agg: Aggregator) -> dict[tuple[str, str], int]:
+    db = sqlite3.connect(agg.workdir / "state" / "eptwatch.sqlite3")
+    try:
+        return {(h, i): int(n) for h, i, n in db.execute("SELECT host_id, agent_instance, spool_dropped_total FROM agents")}
+    finally:
+        db.close()
 
 
 def server_duplicates(agg: Aggregator) -> float:
@@ -193,6 +203,8 @@ def test_full_disk_drops_oldest_counted_once_then_acks_apply_and_nothing_is_rese
             # repeat the newest acked report to a replica; one stream here, so none).
             assert seen["duplicates"] == 0 == server_duplicates(agg)
             assert d.counters.reports_sent_total == len(seqs) + 5
+            # The count of lost samples reached the aggregator, exactly.
+            assert agg_dropped(agg) == {(HOST, spool.agent_instance): dropped_on_disk}
             # Freeing space later invents no drops.
             filler.unlink()
             spool.append(lambda n: report_bytes(n, spool.agent_instance))
@@ -292,6 +304,11 @@ def test_rewound_spool_starts_a_new_instance_on_a_duplicate_ack_with_a_high_wate
     assert [(i, s) for i, s, st in servicer.received if st == ingest_pb2.ACK_STATUS_APPLIED] == [(new, 1), (new, 2), (new, 3)]
     assert {(i, st) for i, _, st in servicer.received if i == old} == {(old, ingest_pb2.ACK_STATUS_DUPLICATE)}
     assert "spool was rewound" in caplog.text and new in caplog.text
+    # Exported: the restart, and the spool's real size on disk.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(AgentState(delivery=d.counters, spool=spool)))
+    assert registry.get_sample_value("eptwatch_agent_instance_restarts_total") == 1
+    assert registry.get_sample_value("eptwatch_agent_spool_file_bytes") == real_file_bytes(tmp_path / "s.db") > 0
     # Reports made afterwards carry the new instance, and a reopened spool keeps it.
     spool.append(lambda n: report_bytes(n, spool.agent_instance))
     spool.close()
