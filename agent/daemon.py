@@ -66,8 +66,8 @@ class AgentConfig:
     stream_max_age_seconds: float = 600.0
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
-    # On SIGTERM: time to deliver what is spooled. Small, so that with the sampler's grace the agent
-    # is gone within 2 s whatever a read is doing (a pod's grace period is not spent here).
+    # On SIGTERM: all the time the agent takes to go (delivering what is spooled; a sample in progress
+    # gets a short grace inside it). Small, so the agent is gone within 2 s whatever a read is doing.
     shutdown_flush_seconds: float = 1.5
     load_balancing: str = "pick_first"  # round_robin over a headless Service's replicas
 
@@ -176,7 +176,8 @@ class AgentDaemon:
         while not stop.is_set():
             try:
                 self._sample_once(stop)
-                notify()
+                if not stop.is_set():  # once stopping, the loop may be gone
+                    notify()
             except SpoolFull as exc:
                 log.warning("sample not spooled: %s", exc)
             except Exception:  # noqa: BLE001 - a sampler bug must not stop delivery of what is spooled
@@ -205,17 +206,21 @@ class AgentDaemon:
         await stopping.wait()
         log.info("stopping: no more samples; flushing the spool for up to %.1f s", self.cfg.shutdown_flush_seconds)
         stop_sampling.set()
+        # One budget for everything below: delivery keeps running while the sampler gets its grace.
+        deadline = loop.time() + max(self.cfg.shutdown_flush_seconds, self.SAMPLER_GRACE_SECONDS)
+        # The HTTP server takes up to its poll interval (0.5 s) to stop: do it beside the grace and flush.
+        http_stopped = asyncio.create_task(asyncio.to_thread(self.http.stop)) if self.http is not None else None
         await asyncio.to_thread(sampler.join, self.SAMPLER_GRACE_SECONDS)
         if sampler.is_alive():
             log.warning("stopping: the sample in progress did not return within %.1f s; leaving it behind. It is stuck at:\n%s",
                         self.SAMPLER_GRACE_SECONDS, stuck_frame(sampler))
         self.delivery.notify()
         try:
-            await asyncio.wait_for(delivering, self.cfg.shutdown_flush_seconds)
+            await asyncio.wait_for(delivering, max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             log.info("flush incomplete: %d report(s) stay spooled for the next start", self.spool.stats().depth)
-        if self.http is not None:
-            self.http.stop()
+        if http_stopped is not None:
+            await http_stopped
         self.spool.close()  # a sample still stuck finds it closed and spools nothing when it returns
         return 0
 

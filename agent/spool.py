@@ -95,8 +95,10 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
-        self._db.execute("PRAGMA journal_size_limit=0")  # truncate the WAL after each checkpoint
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        # After a checkpoint the WAL is cut back to this, not to 0: the space it keeps is reused by the
+        # next writes, which on a full disk could not get it back.
+        self._db.execute(f"PRAGMA journal_size_limit={_WAL_AUTOCHECKPOINT_PAGES * self._page_size}")
         self._db.executescript(_SCHEMA)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
