@@ -146,7 +146,8 @@ def insecure(target: str):  # type: ignore[no-untyped-def]
 
 # --- full disk ---
 
-def test_full_disk_drops_oldest_counted_once_then_acks_apply_and_nothing_is_resent(tmp_path: Path) -> None:
+def test_full_disk_drops_oldest_counted_once_then_acks_apply_and_nothing_is_resent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     with small_tmpfs("2m") as mnt:
         path = mnt / "spool.sqlite3"
         (mnt / "filler").touch()
@@ -205,6 +206,7 @@ def test_full_disk_drops_oldest_counted_once_then_acks_apply_and_nothing_is_rese
             assert d.counters.reports_sent_total == len(seqs) + 5
             # The count of lost samples reached the aggregator, exactly.
             assert agg_dropped(agg) == {(HOST, spool.agent_instance): dropped_on_disk}
+            assert "cannot rollback" not in caplog.text and "delivery failed unexpectedly" not in caplog.text
             # Freeing space later invents no drops.
             filler.unlink()
             spool.append(lambda n: report_bytes(n, spool.agent_instance))
