@@ -242,7 +242,8 @@ def test_helm_refuses_values_the_schema_refuses(helm: Helm) -> None:
 # through agent.config / aggregator.config and must be in the schema, and nothing else may be.
 AGENT_WIRED = {"server", "host_id", "spool_path", "metrics_listen", "labels_file", "token_file", "tls_ca", "tls_cert", "tls_key",
                "tls_server_name", "insecure_plaintext", "root", "procfs", "sysfs", "debugfs", "era_overrides_file"}
-SERVER_WIRED = {"listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "insecure_plaintext", "insecure_no_auth"}
+SERVER_WIRED = {"listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "insecure_plaintext", "insecure_no_auth",
+                 "insecure_allow_non_loopback"}
 
 
 def _schema_config_keys(component: str) -> set[str]:
