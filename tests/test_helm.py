@@ -615,6 +615,8 @@ def test_aggregator_command_line_and_config_load(rendered: dict[str, Rendered], 
     vals = case_values(case)
     assert cfg.insecure_plaintext == (not vals["tls"]["enabled"])
     assert cfg.insecure_no_auth == (not vals["auth"]["enabled"])
+    # The pod listens on its own address, so the insecure flags need the explicit override (and only they do).
+    assert cfg.insecure_allow_non_loopback == (cfg.insecure_plaintext or cfg.insecure_no_auth)
     assert bool(cfg.tls_client_ca) == (vals["tls"]["enabled"] and vals["tls"]["clientAuth"]["enabled"])
     agent_interval = vals["agent"]["config"].get("interval_seconds")
     if agent_interval and "report_interval_seconds" not in vals["aggregator"]["config"]:
