@@ -78,6 +78,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("a", "b"):
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
                  "-keyout", f"{name}.key", "-out", f"{name}.crt", cwd=d)
+    # An encrypted key: OpenSSL would prompt on the terminal for its passphrase unless told not to.
+    _openssl("genpkey", "-algorithm", "RSA", "-aes256", "-pass", "pass:secret", "-out", "enc.key", cwd=d)
+    _openssl("req", "-x509", "-key", "enc.key", "-passin", "pass:secret", "-days", "2", "-subj", "/CN=enc", "-out", "enc.crt", cwd=d)
     (d / "garbled.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
     (d / "garbled.key").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     (d / "empty.pem").write_text("")
@@ -141,6 +144,13 @@ def test_server_state_not_writable(tmp_path: Path) -> None:
     assert_one_line_error(out, "eptwatch-server", str(ro), "not writable")
 
 
+def test_server_state_that_cannot_be_created(tmp_path: Path) -> None:
+    """procfs refuses new directories even to root, so this runs where the read-only case is skipped."""
+    state = "/proc/eptwatch-no-such-state/state"
+    out = run("eptwatch-server", *server_args(tmp_path, "--state", state), cwd=tmp_path)
+    assert_one_line_error(out, "eptwatch-server", "state_dir", "cannot create directory")
+
+
 def test_server_state_holding_a_foreign_database(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
@@ -174,11 +184,12 @@ def test_server_missing_tls_file(tmp_path: Path, certs: Path, which: str) -> Non
     ("a.crt", "garbled.key", "private key"),
     ("a.crt", "a.crt", "private key"),
     ("a.crt", "b.key", "does not match"),
+    ("enc.crt", "enc.key", "encrypted"),
 ])
 def test_server_garbled_or_mismatched_tls(tmp_path: Path, certs: Path, cert: str, key: str, says: str) -> None:
     out = run("eptwatch-server", *server_args(tmp_path, "--insecure-no-auth", "--tls-cert", str(certs / cert),
                                               "--tls-key", str(certs / key), insecure=False), cwd=tmp_path)
-    bad = cert if says == "certificate" else key
+    bad = cert if says == "certificate" else key  # the key's file for every key problem
     assert_one_line_error(out, "eptwatch-server", str(certs / bad), says)
 
 
