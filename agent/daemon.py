@@ -18,7 +18,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import read_config_file, read_era_overrides
+from .config import check_agent_values, read_config_file, read_era_overrides
 from .delivery import Delivery, DeliveryConfig, channel_options
 from .hostroot import HostRoot
 from .httpserve import HttpServer
@@ -74,6 +74,7 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if not self.server:
             raise ValueError("server: the aggregator's HOST:PORT is required")
+        check_agent_values(self)
         if not self.tls_ca and not self.insecure_plaintext:
             raise ValueError("no TLS configured: give tls_ca (and tls_cert/tls_key for mutual TLS), or insecure_plaintext: true")
         if bool(self.tls_cert) != bool(self.tls_key):
