@@ -29,6 +29,9 @@ class _BoundedServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with a cap on handler threads; counts what it refused and timed out."""
 
     daemon_threads = True
+    # listen() backlog: socketserver's default of 5 leaves a burst of connections waiting in SYN retries
+    # (seconds each) instead of being accepted and answered (served, or 503 at the cap).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
         self._slots = threading.BoundedSemaphore(max_connections)

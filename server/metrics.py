@@ -47,6 +47,8 @@ METRICS: dict[str, str] = {
     "eptwatch_fleet_label_lost_huge_2m": "Lost huge mappings per value of a configured host label",
     "eptwatch_fleet_label_lost_unexplained_2m": "Unexplained lost huge mappings per value of a configured host label",
     "eptwatch_fleet_hosts_stale": "Hosts whose agent has been silent longer than the staleness bound",
+    "eptwatch_fleet_hosts_departed": "Hosts whose agent closed its stream here cleanly (stopped or moved to another replica)",
+    "eptwatch_fleet_hosts_invalid": "Hosts whose latest report cannot be evaluated (named per host on /api/v1/hosts?status=invalid)",
     "eptwatch_fleet_agent_spool_dropped": "Reports fresh hosts' agents dropped from their spools (latest count)",
     # Verdicts, with their evidence on the API.
     "eptwatch_kernel_regressed": "1 for a kernel release the detector judges regressed (label: compared_to)",
@@ -121,6 +123,8 @@ class AggregatorCollector(Collector):
                 g.add_metric([lk, lv], get(r))
             yield g
         yield GaugeMetricFamily("eptwatch_fleet_hosts_stale", METRICS["eptwatch_fleet_hosts_stale"], value=v.hosts_stale)
+        yield GaugeMetricFamily("eptwatch_fleet_hosts_departed", METRICS["eptwatch_fleet_hosts_departed"], value=v.hosts_departed)
+        yield GaugeMetricFamily("eptwatch_fleet_hosts_invalid", METRICS["eptwatch_fleet_hosts_invalid"], value=len(v.invalid))
         yield GaugeMetricFamily("eptwatch_fleet_agent_spool_dropped", METRICS["eptwatch_fleet_agent_spool_dropped"], value=v.total.spool_dropped)
         reg = GaugeMetricFamily("eptwatch_kernel_regressed", METRICS["eptwatch_kernel_regressed"], labels=["kernel_release", "compared_to"])
         bad = GaugeMetricFamily("eptwatch_kernel_known_bad_hosts", METRICS["eptwatch_kernel_known_bad_hosts"], labels=["kernel_release"])
