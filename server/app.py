@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import signal
@@ -238,6 +239,8 @@ class Aggregator:
             # Never raises: a stored report that cannot be evaluated (an aggregator with looser checks wrote
             # it) makes its host invalid, with the problem named, until its next report.
             summary = summarise(h.report, h.received, dropped.get((h.host_id, h.agent_instance), 0))
+            if h.problem:
+                summary = dataclasses.replace(summary, problem=h.problem)
             if summary.problem:
                 log.warning("stored report of %r: host shown invalid: %s", h.host_id[:80], summary.problem)
             self.fleet.put(summary)

@@ -78,6 +78,7 @@ class StoredHost:
     sample_time: float
     received: float
     report: report_pb2.HostReport
+    problem: str = ""  # the stored bytes do not decode: `report` is then empty but for the row's identity
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,12 @@ class Store:
             "SELECT host_id, agent_instance, sequence, sample_time, received, report FROM hosts"
         ):
             r = report_pb2.HostReport()
-            r.ParseFromString(blob)
+            try:
+                r.ParseFromString(blob)
+            except Exception as exc:  # noqa: BLE001 - one corrupt row costs only its host (shown invalid)
+                r = report_pb2.HostReport(host_id=host_id, agent_instance=inst)
+                out.append(StoredHost(host_id, inst, seq, st, rcv, r, f"stored report does not decode: {str(exc)[:200]}"))
+                continue
             out.append(StoredHost(host_id, inst, seq, st, rcv, r))
         return out
 

@@ -184,6 +184,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     now = time.time()
     rows = [(r.host_id, r.agent_instance, r.sequence, now, now, r.SerializeToString())
             for r in (report("hv-good"), absurd("hv-absurd"))]
+    rows.append(("hv-corrupt", "inst-1", 1, now, now, b"\xff\xff\xff not a report"))
     c = sqlite3.connect(store.path)
     c.executemany("INSERT INTO hosts VALUES (?, ?, ?, ?, ?, ?)", rows)
     c.commit()
@@ -197,25 +198,28 @@ def seeded(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 
 def test_stored_absurd_report_leaves_fleet_answering_with_the_host_invalid(seeded: Aggregator) -> None:
     code, fleet = get_json(seeded, "/api/v1/fleet")
-    assert code == 200 and fleet["hosts_invalid"] == "1" and fleet["total"]["hosts"] == "1"
+    assert code == 200 and fleet["hosts_invalid"] == "2" and fleet["total"]["hosts"] == "1"
     assert fleet["total"]["host_huge_capacity_2m"] == "283"
     code, hosts = get_json(seeded, "/api/v1/hosts?status=invalid")
-    assert code == 200 and [h["host_id"] for h in hosts["hosts"]] == ["hv-absurd"]
-    assert "capacity_2m 18446744073709551615" in hosts["hosts"][0]["problem"]
-    code, detail = get_json(seeded, "/api/v1/hosts/hv-absurd")
-    assert code == 200 and detail["summary"]["status"] == "invalid"
+    problems = {h["host_id"]: h["problem"] for h in hosts["hosts"]}
+    assert code == 200 and set(problems) == {"hv-absurd", "hv-corrupt"}
+    assert problems["hv-absurd"].startswith("capacity_2m 18446744073709551615")
+    assert problems["hv-corrupt"].startswith("stored report does not decode")
+    for host in ("hv-absurd", "hv-corrupt"):
+        code, detail = get_json(seeded, f"/api/v1/hosts/{host}")
+        assert code == 200 and detail["summary"]["status"] == "invalid" and detail["summary"]["problem"], detail
     code, page = http_fetch(seeded.http + "/")
-    assert code == 200 and b"hv-absurd" in page and b"1 invalid" in page
+    assert code == 200 and b"hv-absurd" in page and b"hv-corrupt" in page and b"2 invalid" in page
     code, metrics = http_fetch(seeded.http + "/metrics")
     samples = {s.name: s.value for f in text_string_to_metric_families(metrics.decode()) for s in f.samples}
-    assert samples["eptwatch_fleet_hosts_invalid"] == 1 and samples["eptwatch_fleet_hosts"] == 1
+    assert samples["eptwatch_fleet_hosts_invalid"] == 2 and samples["eptwatch_fleet_hosts"] == 1
 
     async def grpc_fleet() -> query_pb2.FleetSummary:
         async with grpc.aio.insecure_channel(seeded.target) as ch:
             return await query_pb2_grpc.QueryStub(ch).GetFleet(query_pb2.GetFleetRequest(), timeout=15)
 
     f = asyncio.run(grpc_fleet())
-    assert f.hosts_invalid == 1 and f.total.hosts == 1
+    assert f.hosts_invalid == 2 and f.total.hosts == 1
 
 
 @pytest.mark.parametrize("path, needle", [
