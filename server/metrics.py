@@ -55,6 +55,10 @@ METRICS: dict[str, str] = {
     "eptwatch_kernel_known_bad_hosts": "Fresh hosts running a kernel the model predicts to have the page-cache THP bug",
     "eptwatch_fleet_worst_host_lost_ratio": "Top-N hosts by lost / capacity (labels: host_id, kernel_release)",
     "eptwatch_fleet_worst_host_lost_huge_2m": "Top-N hosts' lost huge mappings (labels: host_id, kernel_release)",
+    # This HTTP server's own limits (http_idle_timeout_seconds, http_max_connections).
+    "eptwatch_server_http_connections_open": "HTTP connections being served now",
+    "eptwatch_server_http_connections_refused_total": "HTTP connections answered 503 at the connection cap",
+    "eptwatch_server_http_connections_timed_out_total": "HTTP connections closed for sending nothing within the idle timeout",
 }
 
 
@@ -64,7 +68,7 @@ class AggregatorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # Each section is guarded: one failing section must not sink the whole scrape.
-        for section in (self._ingest, self._fleet):
+        for section in (self._ingest, self._fleet, self._http):
             try:
                 yield from section()
             except Exception:  # noqa: BLE001
@@ -141,3 +145,15 @@ class AggregatorCollector(Collector):
             lost.add_metric([h.host_id, h.kernel_release], h.lost_2m)
         yield ratio
         yield lost
+
+    def _http(self) -> Iterator[Metric]:
+        http = self.agg.http
+        if http is None:
+            return
+        h = http.httpd
+        yield GaugeMetricFamily("eptwatch_server_http_connections_open", METRICS["eptwatch_server_http_connections_open"],
+                                value=h.connections_active)
+        yield CounterMetricFamily("eptwatch_server_http_connections_refused", METRICS["eptwatch_server_http_connections_refused_total"],
+                                  value=h.connections_refused_total)
+        yield CounterMetricFamily("eptwatch_server_http_connections_timed_out",
+                                  METRICS["eptwatch_server_http_connections_timed_out_total"], value=h.connections_timed_out_total)

@@ -285,8 +285,11 @@ def test_200_silent_connections_are_closed_by_the_aggregator(seeded: Aggregator)
     # Each was closed by the server: silent ones after the idle timeout (nothing sent), those beyond the
     # connection cap at once with a 503.
     assert all(a == b"" or a.startswith(b"HTTP/1.0 503") for a in answers)
-    code, _ = http_fetch(seeded.http + "/healthz")
+    code, metrics = http_fetch(seeded.http + "/metrics")
     assert code == 200
+    samples = {s.name: s.value for f in text_string_to_metric_families(metrics.decode()) for s in f.samples}
+    # Every one of the 200 was either timed out or refused (the scrape itself is the one open now).
+    assert samples["eptwatch_server_http_connections_timed_out_total"] + samples["eptwatch_server_http_connections_refused_total"] >= 200
 
 
 # --- the HTTP server itself: idle timeout and connection cap, counted ---
