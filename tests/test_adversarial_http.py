@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from eptwatch.agent.httpserve import HttpServer
@@ -28,6 +30,7 @@ from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc, query_pb2, query_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
 
 from .conftest import sampled_report_bytes
+from .fuzzing import fuzz_settings
 from .procs import Aggregator, http_fetch
 
 INSECURE = ["--insecure-plaintext", "--insecure-no-auth"]
@@ -132,6 +135,55 @@ def test_every_host_is_in_exactly_one_state() -> None:
     assert [h.stale for h in everyone if h.host_id == "stale"] == [True]
     f = fleet_pb(v)
     assert (f.total.hosts, f.hosts_stale, f.hosts_departed, f.hosts_invalid) == (1, 1, 2, 1)
+
+
+def _every_read_path(reports: list[pb.HostReport]) -> None:
+    """What each read path does with these reports as the stored latest ones: none may raise, and each
+    host is either counted within the bounds or invalid with its problem named."""
+    now = time.time()
+    state = FleetState(FleetConfig(), clock=lambda: now, max_view_age=0)
+    for r in reports:
+        state.put(summarise(r, now, spool_dropped_total=U64_MAX))
+    v = state.view()
+    for h in v.fresh.values():
+        assert not h.problem and 0 <= h.lost_2m <= h.capacity_2m <= MAX_HOST_HUGE_2M
+    assert all(h.problem for h in v.invalid.values())
+    message_to_dict(fleet_pb(v))
+    for status in ("all", "fresh", "invalid"):
+        message_to_dict(list_hosts(v, query_pb2.ListHostsRequest(status=status)))
+    render_fleet_page(v, now=now)
+
+
+U64 = st.integers(min_value=0, max_value=U64_MAX)
+
+
+@pytest.mark.fuzz
+@fuzz_settings(200)
+@given(cap=U64, obs=U64, lost=U64, share=U64, allowed=U64, cause=st.integers(0, 2**31 - 1),
+       seconds=st.integers(-(2**63), 2**63 - 1), nanos=st.integers(0, 999_999_999))
+def test_no_stored_numbers_make_a_read_path_fail(cap: int, obs: int, lost: int, share: int, allowed: int, cause: int,
+                                                 seconds: int, nanos: int) -> None:
+    r = report("hv-fuzz")
+    e = r.estimates[0]
+    e.host_huge_capacity_2m, e.observed_huge_2m, e.lost_huge_2m, e.allowed_huge_2m = cap, obs, lost, allowed
+    e.breakdown[0].lost_huge_2m = share
+    e.cause = cause  # type: ignore[assignment]
+    r.sample_time.seconds, r.sample_time.nanos = seconds, nanos
+    _every_read_path([report("hv-good"), r])
+
+
+@pytest.mark.fuzz
+@fuzz_settings(200)
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8))
+def test_no_mutated_stored_report_makes_a_read_path_fail(flips: list[tuple[int, int]]) -> None:
+    data = bytearray(report("hv-mutant").SerializeToString())
+    for at, byte in flips:
+        data[at % len(data)] = byte
+    try:
+        r = pb.HostReport.FromString(bytes(data))
+    except Exception:  # noqa: BLE001 - bytes that do not decode are the store loader's case (tested above)
+        return
+    _every_read_path([report("hv-good"), r])
 
 
 def test_rollups_beyond_uint64_are_clamped_not_raised() -> None:
