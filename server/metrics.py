@@ -47,6 +47,8 @@ METRICS: dict[str, str] = {
     "eptwatch_fleet_label_lost_huge_2m": "Lost huge mappings per value of a configured host label",
     "eptwatch_fleet_label_lost_unexplained_2m": "Unexplained lost huge mappings per value of a configured host label",
     "eptwatch_fleet_hosts_stale": "Hosts whose agent has been silent longer than the staleness bound",
+    "eptwatch_fleet_hosts_departed": "Hosts whose agent closed its stream here cleanly (stopped or moved to another replica)",
+    "eptwatch_fleet_hosts_invalid": "Hosts whose latest report cannot be evaluated (named per host on /api/v1/hosts?status=invalid)",
     "eptwatch_fleet_agent_spool_dropped": "Reports fresh hosts' agents dropped from their spools (latest count)",
     # Verdicts, with their evidence on the API.
     # Identifying labels only, so a verdict flip changes a value, never the series; what the verdict was
@@ -56,6 +58,10 @@ METRICS: dict[str, str] = {
     "eptwatch_kernel_known_bad_hosts": "Fresh hosts running a kernel the model predicts to have the page-cache THP bug",
     "eptwatch_fleet_worst_host_lost_ratio": "Top-N hosts by lost / capacity (labels: host_id, kernel_release)",
     "eptwatch_fleet_worst_host_lost_huge_2m": "Top-N hosts' lost huge mappings (labels: host_id, kernel_release)",
+    # This HTTP server's own limits (http_idle_timeout_seconds, http_max_connections).
+    "eptwatch_server_http_connections_open": "HTTP connections being served now",
+    "eptwatch_server_http_connections_refused_total": "HTTP connections answered 503 at the connection cap",
+    "eptwatch_server_http_connections_timed_out_total": "HTTP connections closed for sending nothing within the idle timeout",
 }
 
 
@@ -65,7 +71,7 @@ class AggregatorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # Each section is guarded: one failing section must not sink the whole scrape.
-        for section in (self._ingest, self._fleet):
+        for section in (self._ingest, self._fleet, self._http):
             try:
                 yield from section()
             except Exception:  # noqa: BLE001
@@ -124,6 +130,8 @@ class AggregatorCollector(Collector):
                 g.add_metric([lk, lv], get(r))
             yield g
         yield GaugeMetricFamily("eptwatch_fleet_hosts_stale", METRICS["eptwatch_fleet_hosts_stale"], value=v.hosts_stale)
+        yield GaugeMetricFamily("eptwatch_fleet_hosts_departed", METRICS["eptwatch_fleet_hosts_departed"], value=v.hosts_departed)
+        yield GaugeMetricFamily("eptwatch_fleet_hosts_invalid", METRICS["eptwatch_fleet_hosts_invalid"], value=len(v.invalid))
         yield GaugeMetricFamily("eptwatch_fleet_agent_spool_dropped", METRICS["eptwatch_fleet_agent_spool_dropped"], value=v.total.spool_dropped)
         reg = GaugeMetricFamily("eptwatch_kernel_regressed", METRICS["eptwatch_kernel_regressed"], labels=kl)
         compared = GaugeMetricFamily("eptwatch_kernel_comparison_info", METRICS["eptwatch_kernel_comparison_info"],
@@ -146,3 +154,15 @@ class AggregatorCollector(Collector):
             lost.add_metric([h.host_id, h.kernel_release], h.lost_2m)
         yield ratio
         yield lost
+
+    def _http(self) -> Iterator[Metric]:
+        http = self.agg.http
+        if http is None:
+            return
+        h = http.httpd
+        yield GaugeMetricFamily("eptwatch_server_http_connections_open", METRICS["eptwatch_server_http_connections_open"],
+                                value=h.connections_active)
+        yield CounterMetricFamily("eptwatch_server_http_connections_refused", METRICS["eptwatch_server_http_connections_refused_total"],
+                                  value=h.connections_refused_total)
+        yield CounterMetricFamily("eptwatch_server_http_connections_timed_out",
+                                  METRICS["eptwatch_server_http_connections_timed_out_total"], value=h.connections_timed_out_total)

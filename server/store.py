@@ -16,6 +16,7 @@ join it (0: a lone report commits at once).
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import sqlite3
 import threading
@@ -77,6 +78,7 @@ class StoredHost:
     sample_time: float
     received: float
     report: report_pb2.HostReport
+    problem: str = ""  # the stored bytes do not decode: `report` is then empty but for the row's identity
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,12 @@ class Store:
             "SELECT host_id, agent_instance, sequence, sample_time, received, report FROM hosts"
         ):
             r = report_pb2.HostReport()
-            r.ParseFromString(blob)
+            try:
+                r.ParseFromString(blob)
+            except Exception as exc:  # noqa: BLE001 - one corrupt row costs only its host (shown invalid)
+                r = report_pb2.HostReport(host_id=host_id, agent_instance=inst)
+                out.append(StoredHost(host_id, inst, seq, st, rcv, r, f"stored report does not decode: {str(exc)[:200]}"))
+                continue
             out.append(StoredHost(host_id, inst, seq, st, rcv, r))
         return out
 
@@ -276,6 +283,86 @@ class Store:
         self.commits_total += 1
         self.reports_committed_total += sum(len(b) for b in batches)
         return results
+
+
+_departed_log = logging.getLogger("eptwatch.server.store")
+_DEPARTED_SCHEMA = "CREATE TABLE IF NOT EXISTS departed (host_id TEXT PRIMARY KEY, departed_at REAL NOT NULL)"
+
+
+class DepartedLog:
+    """Which hosts departed (their agent closed its stream cleanly), durable across restarts, so that such a
+    host comes back departed rather than fresh. Departures and returns are rare (agents stopping or
+    rotating), so they are written by their own small thread on their own connection, never on the
+    ingest path: `record` only queues. WAL lets this writer and the report writer take turns.
+    A lost write (the process killed before it lands) costs only how one host is shown until it reports."""
+
+    def __init__(self, db_path: Path, synchronous: str = "NORMAL") -> None:
+        self.path = db_path
+        self._queue: queue.Queue[tuple[str, float | None] | None] = queue.Queue()
+        self._conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._conn.execute(f"PRAGMA synchronous={synchronous if synchronous in ('FULL', 'NORMAL', 'EXTRA') else 'NORMAL'}")
+        self._conn.execute(_DEPARTED_SCHEMA)
+        self._thread: threading.Thread | None = None
+        self.writes_failed_total = 0
+
+    def load(self) -> dict[str, float]:
+        """host -> when it departed."""
+        return dict(self._conn.execute("SELECT host_id, departed_at FROM departed").fetchall())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="eptwatch-departed-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, host_id: str, departed_at: float | None) -> None:
+        """Queue a departure (`departed_at`) or a return (None); written in order."""
+        self._queue.put((host_id, departed_at))
+
+    def close(self) -> None:
+        """Writes what is queued, then stops."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            stop = False
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            self._write(items)
+            if stop:
+                return
+
+    def _write(self, items: list[tuple[str, float | None]]) -> None:
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for host_id, at in items:  # in order: a departure then a return leaves no row
+                    if at is None:
+                        c.execute("DELETE FROM departed WHERE host_id=?", (host_id,))
+                    else:
+                        c.execute("INSERT INTO departed VALUES (?, ?) ON CONFLICT(host_id) DO UPDATE SET departed_at=excluded.departed_at",
+                                  (host_id, at))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self.writes_failed_total += 1
+            _departed_log.warning("%s: %d departure(s) not recorded: %s", self.path, len(items), exc)
 
 
 def _wake(jobs: list[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]]],
