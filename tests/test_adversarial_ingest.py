@@ -293,13 +293,19 @@ def test_out_of_range_integers_are_rejected_by_name_and_cost_only_themselves(agg
     (reply,) = asyncio.run(exchange(agg.target, [ingest_pb2.AgentMessage(reports=[implausible(report(1, host="hv-d-1"))])]))
     assert reply.acks[0].status == ingest_pb2.ACK_STATUS_APPLIED
     assert agg.applied() == {("hv-a-1", "inst-1"): (1, 1), ("hv-d-1", "inst-1"): (1, 1)}
-    fleet = _fleet_ok(agg)
-    assert fleet  # the fleet API answers 200 with the absurd ones refused and the implausible one held
+    _fleet_ok(agg)  # 200, with the absurd ones refused and the implausible one held
     assert _metric(agg, "eptwatch_server_reports_total", '{result="rejected"}') == 4
-    # ... and again after a restart, from what was stored.
+    # ... and after a restart, even with an absurd report that an older, looser aggregator stored.
     agg.proc.kill9()  # type: ignore[union-attr]
+    old = absurd_capacity(report(1, host="hv-z-1"))
+    db = sqlite3.connect(agg.workdir / "state" / "eptwatch.sqlite3")
+    with db:
+        db.execute("INSERT INTO hosts VALUES (?, ?, ?, ?, ?, ?)", ("hv-z-1", "inst-1", 1, time.time(), time.time(), old.SerializeToString()))
+    db.close()
     agg.start()
-    _fleet_ok(agg)
+    fleet = _fleet_ok(agg)
+    assert "hv-z-1" not in json.dumps(fleet)
+    assert "stored report not loaded" in agg.proc.output()  # type: ignore[union-attr]
 
 
 def test_undecodable_bytes_get_invalid_argument_and_one_log_line(agg: Aggregator) -> None:
