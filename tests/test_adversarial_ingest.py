@@ -388,6 +388,29 @@ def test_one_tenants_unstorable_report_costs_only_its_own_ack(tmp_path: Path) ->
         reopened.close()
 
 
+def test_a_value_sqlite_cannot_hold_fails_only_its_own_report(tmp_path: Path) -> None:
+    """Defence in depth below the checks: a sequence of 2^63 handed to the store directly (the checks
+    refuse it first on the wire) fails only its own report; the group's other messages and reports land."""
+    from eptwatch.server.store import Incoming
+
+    store = Store(tmp_path / "state")
+
+    async def run() -> list[list[object]]:
+        futures = [store.submit([Incoming(report(1, host="hv-a-1")), Incoming(report(2**63, host="hv-a-2"))]),
+                   store.submit([Incoming(report(1, host="hv-b-1"), spool_dropped_total=5)])]
+        store.start()  # both queued before the writer runs: one group
+        return [[(r.status, r.reason) for r in await f] for f in futures]
+
+    try:
+        (a1, a2), (b1,) = asyncio.run(run())
+        assert a1 == b1 == (ingest_pb2.ACK_STATUS_APPLIED, "")
+        assert a2[0] == ingest_pb2.ACK_STATUS_REJECTED and "OverflowError" in a2[1]
+        assert store.commit_failures_total == {"report": 1}
+        assert sorted(a.host_id for a in store.load_agents()) == ["hv-a-1", "hv-b-1"]
+    finally:
+        store.close()
+
+
 def test_store_error_names_a_full_disk() -> None:
     from eptwatch.server.store import _store_error
 
