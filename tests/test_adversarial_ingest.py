@@ -178,6 +178,59 @@ def test_report_checks_with_unbounded_integers(fixture: str, edits: list[tuple[i
     assert got.observed_2m <= validate.MAX_VMS * MAX_HUGE_2M
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(number: int, wire_type: int, body: bytes) -> bytes:
+    return _varint(number << 3 | wire_type) + (_varint(len(body)) + body if wire_type == 2 else body)
+
+
+@pytest.mark.fuzz
+@fuzz_settings(300)
+@given(st.data())
+def test_vm_ids_and_guest_ram_in_odd_encodings(data: st.DataObject) -> None:
+    """Extra VMs and estimates appended as raw bytes: repeated vm_id/guest_ram_bytes fields (the last
+    one wins), wrong wire types (kept as unknown fields by the runtime), varints of any size. The
+    compiled walk answers as Python does, or leaves it to Python."""
+    r = report(1, fixture="linux-6.6-pages2m")
+    r.sample_time.FromSeconds(int(NOW))
+    base = r.SerializeToString()
+    ids = [b"a", b"b", r.vms[0].vm_id.encode()]
+    vm = b""
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["id", "ram", "ram-wrong-type", "id-wrong-type"]))
+        if kind == "id":
+            vm += _field(1, 2, data.draw(st.sampled_from(ids)))
+        elif kind == "ram":
+            vm += _field(10, 0, _varint(data.draw(st.one_of(st.sampled_from(_EDGES[:-1]), st.integers(0, 2**80)))))
+        elif kind == "ram-wrong-type":
+            vm += _field(10, 1, b"\xff" * 8)
+        else:
+            vm += _field(1, 0, _varint(7))
+    cap = data.draw(st.one_of(st.sampled_from([0, 1, 2048, 2049, 4096, 4097, MAX_HUGE_2M + 1]), st.integers(0, 2**64 - 1)))
+    estimate = _field(1, 2, data.draw(st.sampled_from(ids))) + _field(2, 0, _varint(cap)) + _field(7, 0, _varint(
+        data.draw(st.sampled_from([pb.CAUSE_HEALTHY, pb.CAUSE_IMPLAUSIBLE, pb.CAUSE_UNKNOWN]))))
+    wire = base + _field(9, 2, vm) + _field(10, 2, estimate)
+    if data.draw(st.booleans()):
+        wire += _field(12, 2, _field(2, 0, _varint(cap)))  # a host-level estimate too
+    try:
+        parsed = pb.HostReport.FromString(wire)
+    except Exception:  # noqa: BLE001 - the runtime refuses it: nothing reaches the checks
+        return
+    with mock.patch.object(validate, "_walk_wire", None):
+        python = check_report(parsed, NOW)
+    assert check_report(parsed, NOW, (wire, 0, len(wire))) == python
+
+
 @functools.cache
 def _message_bytes() -> bytes:
     """The same bytes for every example (hypothesis replays its draws against them)."""
