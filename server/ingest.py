@@ -85,7 +85,7 @@ def decode_agent_message(data: bytes) -> Received | Undecodable:
     try:
         message = ingest_pb2.AgentMessage.FromString(data)
     except (DecodeError, ValueError, RuntimeError) as exc:  # RuntimeError: protobuf's recursion limit
-        return Undecodable(len(data), str(exc)[:200] or type(exc).__name__)
+        return Undecodable(len(data), " ".join(str(exc).split())[:200] or type(exc).__name__)  # one line
     return Received(message, data, report_spans(data, len(message.reports)))
 
 
