@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from eptwatch.agent import __version__
 
+from .store import DATABASE, DISK_FULL, REPORT
 from .validate import WALKER
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ METRICS: dict[str, str] = {
     "eptwatch_server_streams_refused_total": "Agent streams refused, by gRPC status code",
     "eptwatch_server_reports_total": "Reports received, by result (applied, duplicate, rejected)",
     "eptwatch_server_store_commits_total": "SQLite transactions committed (each acknowledges a batch)",
+    "eptwatch_server_store_commit_failures_total": "SQLite commits that failed, by reason (disk_full, database: nothing "
+                                                   "acknowledged; report: one report could not be written and was rejected)",
     # Fleet rollups: counts and sums only (never ratios), so replicas add up in PromQL. Hosts that went
     # stale have left these. Labels: kernel_release, era.
     "eptwatch_fleet_hosts": "Fresh hosts, by kernel release and predicate era",
@@ -97,6 +100,13 @@ class AggregatorCollector(Collector):
         yield reports
         yield CounterMetricFamily("eptwatch_server_store_commits", METRICS["eptwatch_server_store_commits_total"],
                                   value=self.agg.store.commits_total)
+        failures = CounterMetricFamily("eptwatch_server_store_commit_failures", METRICS["eptwatch_server_store_commit_failures_total"],
+                                       labels=["reason"])
+        # Every reason always exported (0 until it happens), so that an alert's rate() has a series to start from.
+        counts = self.agg.store.commit_failures_total
+        for reason in (DISK_FULL, DATABASE, REPORT):
+            failures.add_metric([reason], counts.get(reason, 0))
+        yield failures
 
     def _fleet(self) -> Iterator[Metric]:
         from .fleet import CAUSE_NAMES, ERA_NAMES
