@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
+from .bounds import MAX_KB, MAX_U64, parse_bounded
 from .status import ParseError
 
 KIB = 1024
@@ -94,7 +95,11 @@ def _kb(text: str, name: str, body_start: int, key: str, value: str) -> int:
         # Line numbers cost a scan of the text: computed only on the error path.
         line = _line_of(text, text.index(f"{key}:", body_start))
         raise ParseError(name, f"field {key!r}: expected '<digits> kB', got {value.strip()[:40]!r}", line)
-    return int(m.group(1)) * KIB
+    digits = m.group(1)
+    if len(digits.lstrip("0")) > len(str(MAX_KB)) or int(digits) > MAX_KB:
+        line = _line_of(text, text.index(f"{key}:", body_start))
+        raise ParseError(name, f"field {key!r}: {len(digits)}-digit value {digits[:20]} kB out of range (at most {MAX_KB} kB)", line)
+    return int(digits) * KIB
 
 
 def _line_of(text: str, pos: int) -> int:
@@ -171,7 +176,9 @@ def parse_smaps(text: str, name: str = "smaps") -> list[Vma]:
         for key in _REQUIRED:
             if _KB_FIELDS[key] not in values:
                 raise ParseError(name, f"VMA block has no {key} field", _line_of(text, h.start()))
-        start, end = int(h.group(1), 16), int(h.group(2), 16)
+        where = f"{name}:{_line_of(text, h.start())}"
+        # Addresses and offsets are u64 (16 hex digits), inodes u64: bounded before int() and the wire.
+        start, end = parse_bounded(h.group(1), where, "VMA start", MAX_U64, 16), parse_bounded(h.group(2), where, "VMA end", MAX_U64, 16)
         if end < start:
             raise ParseError(name, f"VMA end {end:#x} below start {start:#x}", _line_of(text, h.start()))
         path = (h.group(7) or "").rstrip()
@@ -184,9 +191,9 @@ def parse_smaps(text: str, name: str = "smaps") -> list[Vma]:
                 start=start,
                 end=end,
                 perms=h.group(3),
-                offset=int(h.group(4), 16),
+                offset=parse_bounded(h.group(4), where, "file offset", MAX_U64, 16),
                 dev=h.group(5),
-                inode=int(h.group(6)),
+                inode=parse_bounded(h.group(6), where, "inode", MAX_U64),
                 path=path,
                 deleted=deleted,
                 thp_eligible=eligible,
@@ -261,10 +268,20 @@ def _big_size_pattern(digits: int) -> re.Pattern[bytes]:
     return pattern
 
 
+# `Size:` lines that are not `[ \t]*<digits> kB\n` (`Size: lots kB`): reported so that their block is
+# parsed strictly and fails, instead of being skipped as "small" and the file read as healthy.
+_MALFORMED_SIZE = re.compile(rb"ze:(?<=\nSize:)(?![ \t]*+\d++ kB\n)")
+
+
 def _big_size_lines_regex(data: bytes | bytearray, digits: int) -> list[tuple[int, int, int]]:
     """(offset of the newline before `Size:`, start, end of its digits) for each `Size:` line of at
-    least `digits` digits: the fallback for _smapscan.big_size_lines, which returns the same."""
-    return [(m.start() - 3, m.start(1), m.end(1)) for m in _big_size_pattern(digits).finditer(data)]
+    least `digits` digits, and (offset of that newline, end of `Size:`, the same) for each malformed
+    `Size:` line: the fallback for _smapscan.big_size_lines, which returns the same."""
+    if digits < 1:
+        raise ValueError("min_digits must be at least 1")
+    found = [(m.start() - 3, m.start(1), m.end(1)) for m in _big_size_pattern(digits).finditer(data)]
+    bad = [(m.start() - 3, m.end(), m.end()) for m in _MALFORMED_SIZE.finditer(data)]
+    return sorted(found + bad) if bad else found
 
 
 try:
@@ -315,7 +332,10 @@ def scan_large_vmas(data: bytes | bytearray, name: str, min_bytes: int) -> list[
     out: list[Vma] = []
     seen_starts: set[int] = set()
     for newline, digits_start, digits_end in _big_size_lines(data, max(1, len(str(min_kb)))):
-        if int(data[digits_start:digits_end]) < min_kb:
+        # An empty digit range is a malformed Size line: its block is parsed (and fails) below. A
+        # value longer than any real size is parsed too (and fails its bound) rather than int()ed here.
+        n_digits = digits_end - digits_start
+        if 0 < n_digits <= 18 and int(data[digits_start:digits_end]) < min_kb:
             continue
         start, end = _block_bounds(data, newline)
         seen_starts.add(start)

@@ -353,7 +353,7 @@ def test_compiled_search_edges() -> None:
     compiled = SEARCHES["c"]
     line = b"\nSize:      65536 kB\n"
     assert compiled(line, 5) == [(0, 12, 17)] and compiled(line, 6) == []
-    assert compiled(line[:-1], 5) == [] and compiled(line[1:], 1) == []  # no closing / opening newline
+    assert compiled(line[:-1], 5) == [(0, 6, 6)] and compiled(line[1:], 1) == []  # no closing newline: malformed; no opening one: not a Size line
     assert compiled(b"", 1) == [] and compiled(b"z", 1) == [] and compiled(b"\nSiz", 1) == []
     assert compiled(line * 3, 5) == [(0, 12, 17), (21, 33, 38), (42, 54, 59)]  # back to back
     with pytest.raises(ValueError):
