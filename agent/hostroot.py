@@ -217,6 +217,8 @@ _libc: ctypes.CDLL | None = None
 
 def _raw_openat2(dirfd: int, rel: str, flags: int) -> int:
     global _libc
+    if _SYS_OPENAT2 is None:
+        raise OSError(errno.ENOSYS, "openat2: syscall number unknown on this architecture")
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.syscall.restype = ctypes.c_long
