@@ -167,6 +167,21 @@ def _check_consistent(text: str, name: str, found: list[tuple[int, frozenset[str
             )
 
 
+_HEADER_BASE = {1: 16, 2: 16, 4: 16, 6: 10}
+
+
+def _header_int(text: str, name: str, h: re.Match[str], group: int, what: str) -> int:
+    """A header number: addresses, offsets and inodes are u64, bounded before int() and the wire.
+    The line number (a scan of the text) is computed only for the error."""
+    raw, base = h.group(group), _HEADER_BASE[group]
+    if len(raw) <= (16 if base == 16 else 19):  # cannot exceed u64: the common case, no further check
+        return int(raw, base)
+    try:
+        return parse_bounded(raw, name, what, MAX_U64, base)
+    except ParseError as exc:
+        raise ParseError(name, str(exc).removeprefix(f"{name}: "), _line_of(text, h.start())) from None
+
+
 def parse_smaps(text: str, name: str = "smaps") -> list[Vma]:
     """Parse a whole /proc/PID/smaps. Raises ParseError naming `name` and the line on bad input."""
     vmas: list[Vma] = []
@@ -176,9 +191,7 @@ def parse_smaps(text: str, name: str = "smaps") -> list[Vma]:
         for key in _REQUIRED:
             if _KB_FIELDS[key] not in values:
                 raise ParseError(name, f"VMA block has no {key} field", _line_of(text, h.start()))
-        where = f"{name}:{_line_of(text, h.start())}"
-        # Addresses and offsets are u64 (16 hex digits), inodes u64: bounded before int() and the wire.
-        start, end = parse_bounded(h.group(1), where, "VMA start", MAX_U64, 16), parse_bounded(h.group(2), where, "VMA end", MAX_U64, 16)
+        start, end = _header_int(text, name, h, 1, "VMA start"), _header_int(text, name, h, 2, "VMA end")
         if end < start:
             raise ParseError(name, f"VMA end {end:#x} below start {start:#x}", _line_of(text, h.start()))
         path = (h.group(7) or "").rstrip()
@@ -191,9 +204,9 @@ def parse_smaps(text: str, name: str = "smaps") -> list[Vma]:
                 start=start,
                 end=end,
                 perms=h.group(3),
-                offset=parse_bounded(h.group(4), where, "file offset", MAX_U64, 16),
+                offset=_header_int(text, name, h, 4, "file offset"),
                 dev=h.group(5),
-                inode=parse_bounded(h.group(6), where, "inode", MAX_U64),
+                inode=_header_int(text, name, h, 6, "inode"),
                 path=path,
                 deleted=deleted,
                 thp_eligible=eligible,
@@ -268,9 +281,18 @@ def _big_size_pattern(digits: int) -> re.Pattern[bytes]:
     return pattern
 
 
-# `Size:` lines that are not `[ \t]*<digits> kB\n` (`Size: lots kB`): reported so that their block is
-# parsed strictly and fails, instead of being skipped as "small" and the file read as healthy.
-_MALFORMED_SIZE = re.compile(rb"ze:(?<=\nSize:)(?![ \t]*+\d++ kB\n)")
+# The same search plus the `Size:` lines that are not `[ \t]*<digits> kB\n` (`Size: lots kB`), in one
+# pass: those are reported so that their block is parsed strictly and fails, instead of being skipped
+# as "small" and the file read as healthy. A small well-formed size matches neither branch.
+_CANDIDATES: dict[int, re.Pattern[bytes]] = {}
+
+
+def _candidate_pattern(digits: int) -> re.Pattern[bytes]:
+    pattern = _CANDIDATES.get(digits)
+    if pattern is None:
+        pattern = _CANDIDATES[digits] = re.compile(
+            rb"ze:(?<=\nSize:)(?:[ \t]*+(\d{%d,}+) kB(?=\n)|(?![ \t]*+\d++ kB\n))" % digits)
+    return pattern
 
 
 def _big_size_lines_regex(data: bytes | bytearray, digits: int) -> list[tuple[int, int, int]]:
@@ -279,9 +301,8 @@ def _big_size_lines_regex(data: bytes | bytearray, digits: int) -> list[tuple[in
     `Size:` line: the fallback for _smapscan.big_size_lines, which returns the same."""
     if digits < 1:
         raise ValueError("min_digits must be at least 1")
-    found = [(m.start() - 3, m.start(1), m.end(1)) for m in _big_size_pattern(digits).finditer(data)]
-    bad = [(m.start() - 3, m.end(), m.end()) for m in _MALFORMED_SIZE.finditer(data)]
-    return sorted(found + bad) if bad else found
+    return [(m.start() - 3, m.start(1), m.end(1)) if m.group(1) is not None else (m.start() - 3, m.end(), m.end())
+            for m in _candidate_pattern(digits).finditer(data)]
 
 
 try:
