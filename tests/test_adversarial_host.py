@@ -320,9 +320,14 @@ def test_dot_dot_and_paths_outside_every_anchor_are_refused(host: Path, secret: 
 
 def test_the_live_host_keeps_the_kernels_own_links() -> None:
     """On / the kernel's own links (/proc/self) resolve as they always did."""
-    for root in (HostRoot(), HostRoot.from_root("/")):
-        assert root.read_text(root.proc("self", "stat")).startswith(str(os.getpid()))
-        assert root.listdir(root.proc("self", "fd"))
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for root in (HostRoot(), HostRoot.from_root("/")):
+            assert root.read_text(root.proc("self", "stat")).startswith(str(os.getpid()))
+            assert str(fd) in root.listdir(root.proc("self", "fd"))
+            assert root.readlink(root.proc("self", "fd", str(fd))) == os.devnull
+    finally:
+        os.close(fd)
 
 
 # --- only regular files, bounded in time ----------------------------------------------------------
