@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from .bounds import MAX_PLAUSIBLE_COUNT
 from .guest_ram import PMD_BYTES, Backing, GuestRamMapping
 from .kernel import parse_release
 from .kvm_debugfs import CounterScope, KvmCounterValues
@@ -41,6 +42,8 @@ class Cause(enum.Enum):
     HOST_MAPPING_NOT_HUGE = "host_mapping_not_huge"
     UNEXPLAINED = "unexplained"
     UNKNOWN = "unknown"
+    # Readings that contradict each other or the host: no verdict, never healthy (wire CAUSE_IMPLAUSIBLE).
+    IMPLAUSIBLE = "implausible"
 
 
 # First stable release of each branch that carries 169226f7e0 (domain.md). Other 4.8..5.3 branches
@@ -268,6 +271,33 @@ def _host_side_reason(m: GuestRamMapping, era: Era, thp: ThpSettings, thp_enable
     return Cause.HOST_MAPPING_NOT_HUGE, f"{where}: THP-eligible but not PMD-mapped (not collapsed yet, or fragmented; defrag={thp.defrag or '?'})"
 
 
+def noise_allowance_2m(capacity: int, config: ModelConfig) -> float:
+    """Loss (or excess) in 2 MiB units that is measurement noise for this capacity."""
+    return max(config.healthy_lost_2m, config.healthy_lost_ratio * capacity)
+
+
+def implausible_reading(inputs: VmInputs, capacity: int | None, observed: int | None, config: ModelConfig) -> str:
+    """Why these readings cannot all be true (a counter no machine can reach, more huge pages than
+    guest RAM, KVM mapping more huge than the host has beyond the noise allowance); "" if none."""
+    c = inputs.counters
+    if c is not None:
+        for attr in ("pages_4k", "pages_2m", "pages_1g", "large_pages", "nx_lpage_splits"):
+            value = getattr(c, attr)
+            if value is not None and value > MAX_PLAUSIBLE_COUNT:
+                return f"KVM counter {attr} = {value} at {c.path or c.scope.value}: above {MAX_PLAUSIBLE_COUNT}, no machine has that many mappings"
+    host = inputs.host_huge
+    if host is not None and capacity is not None:
+        guest_ram_bytes = sum(m.size_bytes for m in inputs.mappings)
+        # Full smaps: huge pages lie within guest RAM; smaps_rollup: within what is resident.
+        bound_bytes, what = (guest_ram_bytes, "guest RAM") if inputs.mappings else (host.resident_bytes, "resident memory")
+        if (inputs.mappings or inputs.whole_process) and capacity * PMD_BYTES > bound_bytes:
+            return f"host huge capacity of {capacity} x 2 MiB exceeds the VM's {what} of {bound_bytes} bytes"
+    if capacity is not None and observed is not None and observed > capacity + noise_allowance_2m(capacity, config):
+        return (f"KVM maps {observed} huge pages but the host has only {capacity} huge pages of guest RAM "
+                f"(beyond the {noise_allowance_2m(capacity, config):.0f}-page noise allowance)")
+    return ""
+
+
 def estimate_vm(inputs: VmInputs, era: Era, thp: ThpSettings, config: ModelConfig = ModelConfig()) -> Estimate:
     notes: list[str] = list(inputs.extra_uncertainty)
     host = inputs.host_huge
@@ -287,6 +317,14 @@ def estimate_vm(inputs: VmInputs, era: Era, thp: ThpSettings, config: ModelConfi
     def unknown(why: str) -> Estimate:
         return Estimate(inputs.vm_id, era, capacity, observed, allowed, None, None, Cause.UNKNOWN, (), tuple(notes), why)
 
+    def implausible(why: str) -> Estimate:
+        # The numbers are left out (they may be absurd, and the wire and the fleet would carry them as
+        # if measured); the explanation names the readings.
+        return Estimate(inputs.vm_id, era, None, None, None, None, None, Cause.IMPLAUSIBLE, (), tuple(notes), why)
+
+    why_implausible = implausible_reading(inputs, capacity, observed, config)
+    if why_implausible:
+        return implausible(why_implausible)
     if host is None:
         return unknown("guest RAM mappings could not be read: no host capacity")
     if observed is None:
@@ -322,7 +360,7 @@ def estimate_vm(inputs: VmInputs, era: Era, thp: ThpSettings, config: ModelConfi
     if remaining:
         shares.append((Cause.UNEXPLAINED, remaining))
 
-    tolerance = max(config.healthy_lost_2m, config.healthy_lost_ratio * capacity)
+    tolerance = noise_allowance_2m(capacity, config)
     if lost > tolerance:
         cause = max(shares, key=lambda s: s[1])[0]
         if cause is Cause.UNEXPLAINED:
