@@ -358,9 +358,9 @@ def test_out_of_range_integers_are_rejected_by_name_and_cost_only_themselves(agg
     agg.start()
     fleet = _fleet_ok(agg)
     # Shown, as invalid with its problem named, never as healthy and never in the sums.
-    assert fleet["hosts_invalid"] == 1
+    assert fleet["hosts_invalid"] == "1"  # proto3 JSON: 64-bit integers are strings
     host = json.loads(http_get(agg.http + "/api/v1/hosts/hv-z-1"))
-    assert host["status"] == "invalid" and host["problem"]
+    assert host["summary"]["status"] == "invalid" and host["summary"]["problem"]
     assert "stored report of 'hv-z-1': host shown invalid" in agg.proc.output()  # type: ignore[union-attr]
 
 
