@@ -213,9 +213,23 @@ def _capture(case: str, vm: QemuVm, s: Sampled) -> None:
         "thp_enabled": _bracketed(THP / "enabled"), "shmem_enabled": _bracketed(THP / "shmem_enabled"),
         "kvm_counters": s.truth.counts, "backing": s.vm.mappings[0].backing.value if s.vm.mappings else None,
         "capacity_2m": e.host_huge_capacity_2m, "observed_2m": e.observed_huge_2m, "cause": e.cause.value,
-        "explanation": e.explanation,
+        "explanation": e.explanation, "memory_mib": vm.memory_mib, "mountinfo": _mount_line(vm.pid, s.truth.vma.pathname),
     }
     (out / f"{case}.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def _mount_line(pid: int, pathname: str) -> str | None:
+    """QEMU's mountinfo line for the mount a file mapping lies on (longest mount point prefix)."""
+    path = pathname.removesuffix(" (deleted)")
+    if not path.startswith("/") or path.startswith(("/memfd:", "/dev/zero")):
+        return None
+    best: tuple[int, str] | None = None
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        mp = line.split()[4]
+        if mp == "/" or path.startswith(mp.rstrip("/") + "/"):
+            if best is None or len(mp) >= best[0]:
+                best = (len(mp), line)
+    return best[1] if best else None
 
 
 def _memory_args(vm: QemuVm) -> list[str]:
