@@ -46,6 +46,7 @@ EXPECTED = {
     "ram-thp": (Backing.ANONYMOUS, 0),
     "ram-nothp": (Backing.ANONYMOUS, 0),
     "ram-shared": (Backing.SHMEM, 0),
+    "ram-shared-thp": (Backing.SHMEM, 0),
     "memfd": (Backing.MEMFD, 0),
     "memfd-thp": (Backing.MEMFD, 0),
     "memfd-hugetlb-2m": (Backing.HUGETLBFS, 2 * MIB),
@@ -61,6 +62,8 @@ EXPECTED = {
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 def test_captured_real_smaps_are_classified_by_backend(case: str) -> None:
+    # (every captured case is listed: a new one must say what it is)
+    assert {p.stem for p in CAPTURED.glob("*.smaps")} - {"tmpfs-advise", "tmpfs-within_size"} == set(EXPECTED)
     (vma,) = parse_smaps(_captured(case), case)
     backing, page = EXPECTED[case]
     # Every name goes through the mount lookup as the sampler does: the root filesystem is ext4, so a

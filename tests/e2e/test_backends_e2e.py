@@ -334,6 +334,16 @@ class TestRam:
             _check(case, vm)
 
 
+    def test_shared_with_shmem_thp_advise_is_huge(self, guest_elf: Path, tmp_path: Path) -> None:
+        # The same /dev/zero mapping is 2 MiB aligned (QEMU aligns anonymous RAM) and madvised, so
+        # shmem_enabled=advise alone makes it huge: shmem_enabled, not a mount, decides for it.
+        with ExitStack() as stack:
+            stack.enter_context(_shmem_enabled("advise"))
+            vm = _boot(guest_elf, tmp_path, stack, "ram-shared-thp", backend="object",
+                       object_spec=f"memory-backend-ram,id=ram0,size={MEM_MIB}M,share=on")
+            _check(Case("ram-shared-thp", Backing.SHMEM, Cause.HEALTHY, name_pattern=r"/dev/zero \(deleted\)", huge=True), vm)
+
+
 # memory-backend-memfd --------------------------------------------------------------------------------------
 
 MEMFD_NAME = r"/memfd:memory-backend-memfd \(deleted\)"
@@ -347,6 +357,8 @@ class TestMemfd:
                        object_spec=f"memory-backend-memfd,id=ram0,size={MEM_MIB}M")
             if mode in ("never", "deny"):
                 case = Case("memfd", Backing.MEMFD, Cause.THP_DISABLED, (f"shmem_enabled is {mode}", "memfd"), name_pattern=MEMFD_NAME)
+            elif vm.ram_vma().start % TWO_MIB:
+                case = Case("memfd", Backing.MEMFD, Cause.HOST_MAPPING_NOT_HUGE, ("not 2 MiB aligned",), name_pattern=MEMFD_NAME)
             else:
                 case = Case("memfd", Backing.MEMFD, Cause.HEALTHY, name_pattern=MEMFD_NAME, huge=True)
             _check(case, vm)
