@@ -79,9 +79,11 @@ def is_memfd(vma: Vma) -> bool:
 
 
 def unreal_mapping_name(name: str) -> str | None:
-    """Why ``name`` (a smaps/maps pathname, " (deleted)" included or not) cannot have been printed by a
-    real kernel, or None when it can. Guards the fixtures against hand-written names: the slash-less
-    "memfd:NAME" form, which no kernel prints, once hid that real memfd guest RAM was misread."""
+    """Why ``name`` (a smaps/maps pathname as printed, " (deleted)" included) cannot have been printed
+    by a real kernel, or None when it can. Guards the fixtures against hand-written names: the
+    slash-less "memfd:NAME" form, which no kernel prints, once hid that real memfd guest RAM was misread."""
+    if name.startswith(MEMFD_PREFIX) and not name.endswith(" (deleted)"):
+        return "a memfd is never linked: the kernel prints /memfd:NAME (deleted)"
     if name == "" or name.startswith("/"):
         return None
     if name.startswith("memfd:"):
@@ -124,7 +126,9 @@ def on_internal_shm_mount(m: GuestRamMapping) -> str | None:
     "SysV shared memory"), or None. Those follow transparent_hugepage/shmem_enabled, not a tmpfs huge=."""
     if m.backing is Backing.MEMFD:
         return "memfd"
-    if m.backing is Backing.SHMEM and m.tmpfs_huge is None:
+    # By name alone, whatever mount the name seems to lie under: in a container /dev is often a tmpfs,
+    # and a tmpfs_huge found for "/dev/zero" there would describe the wrong filesystem.
+    if m.backing is Backing.SHMEM:
         if m.path == SHARED_ANON_NAME or m.path.startswith("[anon_shmem:"):
             return "shared anonymous memory"
         if m.path.startswith(SYSV_SHM_PREFIX):

@@ -93,6 +93,11 @@ def test_internal_shm_mount_kinds() -> None:
         if case == "tmpfs-never":
             m = replace(m, tmpfs_huge="never")  # the sampler fills this from mountinfo
         assert on_internal_shm_mount(m) == kind, case
+    # /dev on a tmpfs (containers): the shared anonymous mapping is still on the internal mount.
+    (m,) = attribute_guest_ram(parse_smaps(_captured("ram-shared")), lambda _p: "tmpfs")
+    assert m.backing is Backing.SHMEM and on_internal_shm_mount(replace(m, tmpfs_huge="never")) == "shared anonymous memory"
+    cause, why = _host_side_reason(replace(m, tmpfs_huge="never"), Era.HOST_PAGE_WALK, ThpSettings(shmem_enabled="never"), True)
+    assert cause is Cause.THP_DISABLED and "shmem_enabled is never" in why
 
 
 @pytest.mark.parametrize(
@@ -107,6 +112,7 @@ def test_internal_shm_mount_kinds() -> None:
         ("/usr/bin/qemu-system-x86_64", True),
         ("memfd:pc.ram (deleted)", False),
         ("memfd:pc.ram", False),
+        ("/memfd:pc.ram", False),
         ("dev/shm/x", False),
     ],
 )
