@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -50,7 +50,6 @@ from eptwatch.agent.sampler import Sampler, SamplerConfig, VmSample
 MEM_MIB = 256  # ~124 huge pages touched: enough to tell huge from small, quick to touch
 TOUCH_TIMEOUT = 90.0
 TWO_MIB = 2 << 20
-GIB = 1 << 30
 KB = 1024
 THP = Path("/sys/kernel/mm/transparent_hugepage")
 HUGEPAGES = Path("/sys/kernel/mm/hugepages")
@@ -253,7 +252,6 @@ class Case:
     huge: bool = False  # the host maps most of guest RAM huge
     tmpfs_huge: str | None = None
     hugetlb_page_bytes: int = 0
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _boot(guest_elf: Path, tmp: Path, stack: ExitStack, case: str, *, memory_mib: int = MEM_MIB, **kw: object) -> QemuVm:
