@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import yaml
 
 from .bounds import MAX_PLAUSIBLE_COUNT
-from .guest_ram import PMD_BYTES, Backing, GuestRamMapping
+from .guest_ram import PMD_BYTES, Backing, GuestRamMapping, on_internal_shm_mount
 from .kernel import parse_release
 from .kvm_debugfs import CounterScope, KvmCounterValues
 from .status import ParseError
@@ -240,15 +240,37 @@ def allowed_huge_2m(era: Era, host: HostHuge) -> int | None:
     return None
 
 
+def _not_aligned(m: GuestRamMapping, where: str) -> tuple[Cause, str]:
+    # QEMU 7.2 (checked on real VMs): memory-backend-file without align=2M, -mem-path and
+    # memory-backend-memfd (which has no align= option) map their file only 4 KiB aligned.
+    fix = (
+        "QEMU's memory-backend-memfd has no align= option; memory-backend-file on a huge= tmpfs with align=2M has"
+        if m.backing is Backing.MEMFD
+        else "QEMU memory-backend-file needs align=2M; -mem-path cannot ask for it"
+    )
+    return (
+        Cause.HOST_MAPPING_NOT_HUGE,
+        f"{where}: address and file offset are not 2 MiB aligned, so no THP can be PMD-mapped ({fix})",
+    )
+
+
 def _host_side_reason(m: GuestRamMapping, era: Era, thp: ThpSettings, thp_enabled_for_process: bool | None) -> tuple[Cause, str]:
     """Why this mapping is (mostly) not huge on the host."""
     where = f"{m.backing.value} guest RAM {m.path or '[anonymous]'} at {m.start:#x}"
     if m.backing is Backing.HUGETLBFS:
         return Cause.HOST_MAPPING_NOT_HUGE, f"{where}: hugetlbfs pages not yet faulted in"
     if m.backing is Backing.FILE:
-        return Cause.THP_DISABLED, f"{where}: THP does not apply to writable regular files"
+        if not m.pmd_aligned:
+            return _not_aligned(m, where)
+        # Not "THP never applies to writable files": on 6.18 a shared writable file on ext4 was
+        # PMD-mapped (FilePmdMapped) in a real VM. Older kernels only had read-only file THP.
+        return Cause.THP_DISABLED, (
+            f"{where}: a regular file, and this kernel/filesystem does not give it PMD-size page-cache folios "
+            "(writable file THP needs filesystem large folios, e.g. ext4 on 6.18; older kernels have only read-only file THP)"
+        )
     if thp_enabled_for_process is False:
         return Cause.THP_DISABLED, f"{where}: THP disabled for the QEMU process (prctl PR_SET_THP_DISABLE)"
+    internal = on_internal_shm_mount(m)
     if m.backing is Backing.ANONYMOUS:
         if thp.enabled == "never":
             return Cause.THP_DISABLED, f"{where}: transparent_hugepage/enabled is never"
@@ -257,17 +279,13 @@ def _host_side_reason(m: GuestRamMapping, era: Era, thp: ThpSettings, thp_enable
             return Cause.THP_DISABLED, f"{where}: this kernel has no shmem THP (before 4.8)"
         if thp.shmem_enabled == "deny":
             return Cause.THP_DISABLED, f"{where}: transparent_hugepage/shmem_enabled is deny"
-        if m.backing is Backing.MEMFD and thp.shmem_enabled == "never":
-            return Cause.THP_DISABLED, f"{where}: transparent_hugepage/shmem_enabled is never (memfd uses the internal shm mount)"
-        if m.backing is Backing.SHMEM and thp.shmem_enabled != "force" and m.tmpfs_huge in (None, "never"):
+        if internal is not None and thp.shmem_enabled == "never":
+            return Cause.THP_DISABLED, f"{where}: transparent_hugepage/shmem_enabled is never ({internal} uses the internal shm mount)"
+        if internal is None and m.backing is Backing.SHMEM and thp.shmem_enabled != "force" and m.tmpfs_huge in (None, "never"):
             mount = "without huge=" if m.tmpfs_huge is None else "huge=never"
             return Cause.HOST_MAPPING_NOT_HUGE, f"{where}: its tmpfs is mounted {mount}, so its pages are never huge"
     if not m.pmd_aligned:
-        return (
-            Cause.HOST_MAPPING_NOT_HUGE,
-            f"{where}: address and file offset are not 2 MiB aligned, so no THP can be PMD-mapped "
-            "(QEMU memory-backend-file needs align=2M)",
-        )
+        return _not_aligned(m, where)
     return Cause.HOST_MAPPING_NOT_HUGE, f"{where}: THP-eligible but not PMD-mapped (not collapsed yet, or fragmented; defrag={thp.defrag or '?'})"
 
 

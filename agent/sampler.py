@@ -21,7 +21,7 @@ from pathlib import Path
 from . import kvm_binary_stats, kvm_qmp
 from .bounds import MAX_BYTES, MAX_PID, MAX_U64, small_decimal
 from .discovery import DiscoveredVm, discover_vms, parse_stat, parse_status_thp_enabled
-from .guest_ram import DEFAULT_GUEST_RAM_MIN_BYTES, Backing, GuestRamMapping, attribute_guest_ram
+from .guest_ram import DEFAULT_GUEST_RAM_MIN_BYTES, Backing, GuestRamMapping, attribute_guest_ram, on_internal_shm_mount
 from .hostroot import HostReadError, HostRoot, ReadBuffer
 from .kernel import KernelIdentity, read_kernel_identity
 from .kvm_debugfs import CounterScope, KvmCounterValues, debugfs_kvm_dir, list_vm_dirs, read_counters
@@ -384,7 +384,9 @@ class Sampler:
 
     @staticmethod
     def _with_tmpfs_huge(m: GuestRamMapping, mounts: list[Mount]) -> GuestRamMapping:
-        if m.backing is not Backing.SHMEM or not m.path.startswith("/"):
+        # /dev/zero and SysV segments live on the kernel's internal shm mount, whose policy is
+        # shmem_enabled: the tmpfs mounted at /dev (containers) says nothing about them.
+        if m.backing is not Backing.SHMEM or not m.path.startswith("/") or on_internal_shm_mount(m):
             return m
         mount = mount_for_path(mounts, m.path)
         if mount is None or mount.fstype != "tmpfs":
