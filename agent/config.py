@@ -16,7 +16,7 @@ import socket
 import ssl
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,6 +65,10 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a YAML "\\ud800" escape: no report, path or log line can carry it
+                raise ConfigError(f"{where}: not encodable as UTF-8: {value[:80]!r}") from None
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     if origin is tuple:
@@ -77,6 +81,23 @@ def _check(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return {_check(k, str, f"{where} key"): _check(v, str, f"{where}.{k}") for k, v in value.items()}
     raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover - schema bug
+
+
+E = TypeVar("E", bound=Exception)
+
+
+def safe_load_yaml(text: str, name: str, error: Callable[[str], E]) -> Any:
+    """yaml.safe_load, with every way a hostile file makes it fail raised as `error` naming `name`:
+    besides YAMLError, nesting deeper than the recursion limit (RecursionError) and an integer longer
+    than Python converts (ValueError: "Exceeds the limit (4300 digits)")."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{name}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise error(f"{name}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:
+        raise error(f"{name}: not valid YAML: {exc}") from None
 
 
 def load_config(cls: type[T], path: Path | None, env: Mapping[str, str] | None = None,
@@ -95,10 +116,7 @@ def load_config(cls: type[T], path: Path | None, env: Mapping[str, str] | None =
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        doc = safe_load_yaml(text, str(path), ConfigError)
         if doc is None:
             doc = {}
         if not isinstance(doc, dict):

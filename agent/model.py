@@ -77,8 +77,10 @@ def load_era_overrides(text: str, name: str) -> tuple[EraOverride, ...]:
     """
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer past Python's 4,300-digit limit
         raise ParseError(name, f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ParseError(name, "not valid YAML: nested too deeply") from None
     if doc is None:
         return ()
     if not isinstance(doc, dict) or set(doc) - {"overrides"}:

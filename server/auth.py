@@ -19,10 +19,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 # One error type for every configuration problem, agent and aggregator alike (re-exported here).
-from eptwatch.agent.config import ConfigError
+from eptwatch.agent.config import ConfigError, safe_load_yaml
 
 __all__ = ["ConfigError", "Principal", "TlsFiles", "TokenTable", "hash_token"]
 
@@ -51,10 +50,7 @@ class TokenTable:
 
     @classmethod
     def from_yaml(cls, text: str, name: str) -> TokenTable:
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{name}: not valid YAML: {exc}") from None
+        doc = safe_load_yaml(text, name, ConfigError)
         if not isinstance(doc, dict) or set(doc) != {"tokens"} or not isinstance(doc["tokens"], list):
             raise ConfigError(f"{name}: expected a mapping with the single key 'tokens' holding a list")
         if not doc["tokens"]:

@@ -404,3 +404,51 @@ def test_agent_token_file_that_cannot_be_a_header_is_refused_without_echoing_it(
     out = run("eptwatch-agent", *agent_args(tmp_path, "--insecure-plaintext", "--token-file", str(token)), cwd=tmp_path)
     line = assert_one_line_error(out, "eptwatch-agent", str(token), "printable ASCII")
     assert "secret" not in line and "words" not in line and "inside" not in line
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs found by the property fuzz (tests/test_config_parsers_fuzz.py), kept as they were found: each
+# used to end in a traceback (RecursionError, "Exceeds the limit (4300 digits)") or, for a label, in an
+# agent whose every report failed to encode.
+
+DEEP_YAML = "[" * 20000 + "\n"
+LONG_INT = "9" * 5000
+
+
+@pytest.mark.parametrize("text", [DEEP_YAML, f"interval_seconds: {LONG_INT}\n", 'labels: {a: "\\ud800"}\n',
+                                  'tls_server_name: "\\udfff"\n'])
+def test_agent_config_found_by_fuzzing(tmp_path: Path, text: str) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(text)
+    out = run("eptwatch-agent", *agent_args(tmp_path, "--insecure-plaintext", "--config", str(cfg)), cwd=tmp_path)
+    assert_one_line_error(out, "eptwatch-agent", str(cfg))
+
+
+@pytest.mark.parametrize("text", [DEEP_YAML, f"report_interval_seconds: {LONG_INT}\n", 'page_title: "\\ud800"\n'])
+def test_server_config_found_by_fuzzing(tmp_path: Path, text: str) -> None:
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text(text)
+    out = run("eptwatch-server", *server_args(tmp_path, "--config", str(cfg)), cwd=tmp_path)
+    assert_one_line_error(out, "eptwatch-server", str(cfg))
+
+
+@pytest.mark.parametrize("text", [DEEP_YAML, "tokens: " + "[" * 20000 + "\n", f"tokens: [{LONG_INT}]\n"])
+def test_server_tokens_file_found_by_fuzzing(tmp_path: Path, text: str) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(text)
+    out = run("eptwatch-server", *server_args(tmp_path, "--insecure-plaintext", "--tokens-file", str(tokens), insecure=False),
+              cwd=tmp_path)
+    assert_one_line_error(out, "eptwatch-server", str(tokens))
+
+
+@pytest.mark.parametrize(("flag", "text"), [
+    ("--labels-file", 'zone="\\ud800"\n'),  # JSON's escape for a lone surrogate: no report can carry it
+    ("--labels-file", 'ok="x"\nzone="a\\udc00b"\n'),
+    ("--era-overrides", DEEP_YAML),
+    ("--era-overrides", f"overrides: {LONG_INT}\n"),
+])
+def test_agent_files_found_by_fuzzing(tmp_path: Path, flag: str, text: str) -> None:
+    path = tmp_path / "input"
+    path.write_text(text)
+    out = run("eptwatch-agent", *agent_args(tmp_path, "--insecure-plaintext", flag, str(path)), cwd=tmp_path)
+    assert_one_line_error(out, "eptwatch-agent", str(path))
