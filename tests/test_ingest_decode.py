@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from eptwatch.agent.delivery import encode_agent_message, varint
@@ -17,6 +17,8 @@ from eptwatch.server.ingest import decode_agent_message, report_spans
 from eptwatch.server.store import Incoming, Store
 from eptwatch.v1 import ingest_pb2
 from eptwatch.v1 import report_pb2 as pb
+
+from .fuzzing import fuzz_settings
 
 
 def _report(host: str, seq: int, extra: bytes = b"") -> bytes:
@@ -27,7 +29,8 @@ def _report(host: str, seq: int, extra: bytes = b"") -> bytes:
 
 @given(st.lists(st.tuples(st.text("abc-", min_size=1, max_size=20), st.integers(1, 2**31)), max_size=60),
        st.integers(0, 2**64 - 1), st.booleans())
-@settings(max_examples=200, deadline=None)
+@pytest.mark.fuzz
+@fuzz_settings(200)
 def test_spans_are_the_reports_as_sent(reports: list[tuple[str, int]], dropped: int, departing: bool) -> None:
     # An unknown field (a newer agent's) inside a report travels with it: field 99, varint 7.
     bodies = [_report(h, s, b"\x98\x06\x07" if s % 2 else b"") for h, s in reports]
@@ -50,7 +53,8 @@ def test_fields_in_any_order_and_unknown_top_level_fields() -> None:
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=300, deadline=None)
+@pytest.mark.fuzz
+@fuzz_settings(300)
 def test_garbage_is_refused_or_framed_exactly(data: bytes) -> None:
     """Whatever protobuf accepts, the spans either match its reports or are None; never an exception."""
     report_spans(data, 0)  # must not raise, whatever the bytes

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from eptwatch.agent.kvm_binary_stats import (
@@ -46,6 +46,8 @@ from eptwatch.agent.kvm_binary_stats import (
     read_vm_binary_stats,
     to_counters,
 )
+
+from .fuzzing import fuzz_settings
 
 KVM_CREATE_VM = 0xAE01
 KVM_CREATE_VCPU = 0xAE41
@@ -302,7 +304,8 @@ def _assert_sane(stats: KvmBinaryStats) -> None:
         assert all(isinstance(v, int) and 0 <= v < 2**64 for v in vals)
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@pytest.mark.fuzz
+@fuzz_settings(300)
 @given(stats=_stat_lists, name_size=st.integers(21, 64), reverse=st.booleans())
 def test_property_valid_blobs_roundtrip(stats: list[Stat], name_size: int, reverse: bool) -> None:
     parsed = parse_kvm_stats(build_blob(stats, name_size=name_size, reverse_data=reverse), SRC)
@@ -310,7 +313,8 @@ def test_property_valid_blobs_roundtrip(stats: list[Stat], name_size: int, rever
     assert all(parsed.descriptors[s.name].flags == s.flags for s in stats)
 
 
-@settings(max_examples=500, deadline=None, database=None)
+@pytest.mark.fuzz
+@fuzz_settings(500)
 @given(blob=st.binary(max_size=2048))
 def test_property_random_bytes_parse_or_format_error(blob: bytes) -> None:
     try:
@@ -321,7 +325,8 @@ def test_property_random_bytes_parse_or_format_error(blob: bytes) -> None:
         _assert_sane(stats)
 
 
-@settings(max_examples=500, deadline=None, database=None)
+@pytest.mark.fuzz
+@fuzz_settings(500)
 @given(blob=st.binary(min_size=24, max_size=600).map(lambda b: with_u32(with_u32(b, HDR_NAME_SIZE, 8), HDR_NUM_DESC, 3)))
 def test_property_random_bytes_with_plausible_header(blob: bytes) -> None:
     # Pin name_size and num_desc so that hypothesis reaches the descriptor and
@@ -336,7 +341,8 @@ _header_field = st.sampled_from([0, HDR_NAME_SIZE, HDR_NUM_DESC, HDR_ID_OFF, HDR
 _u32_edge = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 7, 8, 24, 48, 64, 4096, 2**31, 2**32 - 1]))
 
 
-@settings(max_examples=800, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.fuzz
+@fuzz_settings(800)
 @given(
     stats=_stat_lists,
     byte_edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),

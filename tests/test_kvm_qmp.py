@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from eptwatch.agent import kvm_qmp
@@ -39,6 +39,7 @@ from eptwatch.agent.status import ParseError, SourceState
 from eptwatch.v1 import report_pb2 as pb
 
 from .conftest import FIXTURES
+from .fuzzing import fuzz_settings
 
 # What QEMU 7.2.22 answered on the development host for a 512 MiB guest on tmpfs huge=always.
 REAL_REPLY: list[dict[str, Any]] = [
@@ -131,7 +132,8 @@ _json = st.recursive(
 )
 
 
-@settings(max_examples=500, deadline=None, database=None)
+@pytest.mark.fuzz
+@fuzz_settings(500)
 @given(_json)
 def test_parse_random_json_never_crashes(reply: object) -> None:
     try:
@@ -146,7 +148,8 @@ def test_parse_random_json_never_crashes(reply: object) -> None:
 _stat = st.fixed_dictionaries({"name": st.sampled_from(STAT_NAMES + ("mmu_unsync", "exits")), "value": st.integers(0, 2**64 - 1)})
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@pytest.mark.fuzz
+@fuzz_settings(300)
 @given(st.lists(_stat, max_size=8, unique_by=lambda s: s["name"]))
 def test_parse_valid_replies_round_trip(stats: list[dict[str, Any]]) -> None:
     got = parse_query_stats([{"provider": "kvm", "stats": stats}], "t")
@@ -198,7 +201,8 @@ def test_find_sockets_tolerates_truncated_argv() -> None:
     assert find_qmp_sockets([]) == ([], [])
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@pytest.mark.fuzz
+@fuzz_settings(300)
 @given(st.lists(st.sampled_from(["-qmp", "-mon", "-chardev", "unix:", "unix:/a,server", "socket,id=x,path=/p,server",
                                  "chardev=x,mode=control", "x", ",,", "=", ""]) | st.text(max_size=10), max_size=12))
 def test_find_sockets_random_argv_never_crashes(argv: list[str]) -> None:

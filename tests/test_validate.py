@@ -7,13 +7,14 @@ import time
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from eptwatch.server.validate import validate_report
 from eptwatch.v1 import report_pb2 as pb
 
 from .conftest import have_compiler, sampled_report_bytes
+from .fuzzing import fuzz_settings
 
 NOW = time.time()
 
@@ -98,7 +99,8 @@ _OPTIONAL = ("host_huge_capacity_2m", "observed_huge_2m", "allowed_huge_2m", "lo
 
 
 @given(st.data())
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.fuzz
+@fuzz_settings(400)
 def test_single_pass_agrees_with_the_reference(report: pb.HostReport, data: st.DataObject) -> None:
     from eptwatch.server.validate import EXPLAINED_CAUSES, check_report
 
@@ -185,7 +187,8 @@ def test_compiled_walk_matches_on_a_real_report(report: pb.HostReport) -> None:
 
 
 @needs_walker
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.fuzz
+@fuzz_settings(300)
 @given(st.data())
 def test_compiled_walk_on_wire_variants(report: pb.HostReport, data: st.DataObject) -> None:
     """Encodings a protobuf runtime accepts but a plain serializer never writes: appended fields
@@ -224,7 +227,8 @@ def _agrees(wire: bytes) -> None:
 
 
 @needs_walker
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.fuzz
+@fuzz_settings(300)
 @given(st.data())
 def test_compiled_walk_survives_mutated_bytes(report: pb.HostReport, data: st.DataObject) -> None:
     wire = bytearray(report.SerializeToString())
