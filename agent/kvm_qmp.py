@@ -274,6 +274,10 @@ class _Conn:
                     # (Garbage after a "{" ends at the size cap or the deadline.)
                     if not text.startswith("{"):
                         raise QmpUnavailable(REASON_PROTOCOL, f"{self.label}: not a QMP JSON stream: {text[:40]!r}") from None
+                except (ValueError, RecursionError) as exc:
+                    # Complete JSON that Python will not build: an integer past the 4,300-digit
+                    # conversion limit (ValueError), or arrays nested past the recursion limit.
+                    raise QmpUnavailable(REASON_PROTOCOL, f"{self.label}: unreadable JSON: {str(exc)[:80]}") from None
                 else:
                     self.buf = text[end:]
                     if not isinstance(msg, dict):

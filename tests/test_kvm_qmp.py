@@ -370,6 +370,9 @@ def test_client_full_backlog_is_busy(sockdir: Path) -> None:
         (send_then_hang(b'{"QMP": {'), kvm_qmp.REASON_PROTOCOL),  # half a greeting, then silence
         (send_then_hang(b"{" * (1100 * 1024)), kvm_qmp.REASON_PROTOCOL),  # never a complete message: size cap
         (lambda conn: None, kvm_qmp.REASON_PROTOCOL),  # closed at once
+        # Found by fuzzing: complete JSON that Python refuses to build escaped as ValueError/RecursionError.
+        (send_then_hang(b'{"QMP": {"version": ' + b"9" * 5000 + b"}}\n"), kvm_qmp.REASON_PROTOCOL),  # past 4,300 digits
+        (send_then_hang(b'{"QMP": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"), kvm_qmp.REASON_PROTOCOL),  # nested too deep
         (send_then_hang(json.dumps(GREETING).encode() + b"\r\n"), kvm_qmp.REASON_TIMEOUT),  # greets, then hangs
     ],
 )
