@@ -1,6 +1,7 @@
 """Property fuzz of the input files both programs read and of the QMP stream (issue 11): the agent and
 aggregator configuration, the aggregator's tokens file, the era override table, the downward-API
-labels file, host:port values and the JSON stream a QMP monitor sends. Byte mutations of the shipped
+labels file, host:port values, the JSON stream a QMP monitor sends, and the HTTP API's paths and
+query parameters. Byte mutations of the shipped
 examples (deploy/examples) and of a real QEMU transcript, with unbounded integers and deep nesting
 spliced in. Whatever comes in, the loader returns a value that can go on the wire, or raises the
 project's own error for that input (ConfigError, ParseError, QmpUnavailable); nothing else.
@@ -26,8 +27,9 @@ from eptwatch.agent.kvm_qmp import STAT_NAMES, QmpUnavailable, _Conn, parse_quer
 from eptwatch.agent.labels import parse_labels_file
 from eptwatch.agent.model import era_for, load_era_overrides
 from eptwatch.agent.status import ParseError
-from eptwatch.server.app import ServerConfig
+from eptwatch.server.app import Aggregator, ServerConfig
 from eptwatch.server.auth import TokenTable, hash_token
+from eptwatch.server.fleet import summarise
 from eptwatch.v1 import report_pb2 as pb
 
 from .fuzzing import fuzz_settings
@@ -199,3 +201,41 @@ def test_qmp_stream(raw: bytes, cuts: list[int]) -> None:
                     continue
                 assert set(got) == set(STAT_NAMES)
                 assert all(v is None or 0 <= v < 2**64 for v in got.values())
+
+
+# --- the HTTP API's paths and query parameters -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def aggregator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Aggregator]:
+    """An in-process aggregator (not started: http_routes needs only its fleet view and store) holding
+    two hosts, one of them from an absurd report."""
+    from .test_adversarial_http import absurd, report
+
+    d = tmp_path_factory.mktemp("fuzzhttp")
+    agg = Aggregator(ServerConfig(state_dir=str(d), insecure_plaintext=True, insecure_no_auth=True, listen="127.0.0.1:0",
+                                  http="127.0.0.1:0"))
+    for r in (report("hv-good"), absurd("hv-absurd")):
+        agg.fleet.put(summarise(r, time.time()))
+    yield agg
+    agg.store.close()
+
+
+_param_names = st.sampled_from(["limit", "offset", "kernel", "label", "status", "cause", "era", "verdict", "x", ""])
+_param_values = st.one_of(number_text, st.text(max_size=40), st.sampled_from(["-1", "4294967296", "all", "invalid", "fresh",
+                                                                             "cluster=prod-a", "=", "zone", "%00", "\x00"]))
+
+
+@fuzz_settings(300)
+@given(st.sampled_from(["/", "/api/v1/fleet", "/api/v1/kernels", "/api/v1/hosts", "/api/v1/hosts/hv-good",
+                        "/api/v1/hosts/hv-absurd", "/api/v1/hosts/", "/api/v1/hostsx"]) | st.text(max_size=40).map(lambda t: "/api/v1/hosts/" + t),
+       st.dictionaries(_param_names, st.lists(_param_values, min_size=1, max_size=3), max_size=4))
+def test_http_paths_and_query_parameters(aggregator: Aggregator, path: str, query: dict[str, list[str]]) -> None:
+    """Whatever the path and query, the API answers 200, 400 (naming the parameter) or 404, or leaves
+    the path to the next router (None); it never raises, which the HTTP server would turn into a 500."""
+    got = aggregator.http_routes(path, query)
+    if got is None:
+        return
+    code, _ctype, body = got
+    assert code in (200, 400, 404), (code, body[:200])
+    if code != 200:
+        assert json.loads(body)["error"]
