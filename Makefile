@@ -34,10 +34,11 @@ sample: venv
 test: venv system-deps helm
 	$(PY) -m pytest
 
-# The property tests over outside input (parsers, report checks) with 100,000 inputs each; long, on
-# demand. Counts per test are printed by hypothesis (--hypothesis-show-statistics).
+# The property tests over outside input (parsers, report checks) with 100,000 inputs each; long (hours
+# on 2 cores), on demand. Counts per test are printed by hypothesis (--hypothesis-show-statistics);
+# docs/fuzzing.md has the last run. FUZZ_ARGS picks tests, e.g. FUZZ_ARGS=tests/test_config_parsers_fuzz.py.
 fuzz: venv
-	EPTWATCH_FUZZ_EXAMPLES=$${EPTWATCH_FUZZ_EXAMPLES:-100000} $(PY) -m pytest -m fuzz --hypothesis-show-statistics -q
+	EPTWATCH_FUZZ_EXAMPLES=$${EPTWATCH_FUZZ_EXAMPLES:-100000} $(PY) -m pytest -m fuzz --hypothesis-show-statistics -q $(FUZZ_ARGS)
 
 proto: venv
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
