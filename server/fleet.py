@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from eptwatch.v1 import report_pb2 as pb
 
-from .validate import ReportTotals, report_totals
+from .validate import EXPLAINED_CAUSES, ReportTotals, report_totals
 
 CAUSE_NAMES = {v: pb.Cause.Name(v).removeprefix("CAUSE_").lower() for v in pb.Cause.values()}
 T = TypeVar("T")
@@ -335,7 +335,11 @@ def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
                            f"{k.known_bug_vms} VM(s) losing huge mappings to the bug")
         if not reasons:
             ratio = "n/a" if k.lost_ratio is None else f"{k.lost_ratio:.1%}"
-            explained = f", explained {k.lost_explained_2m / k.capacity_2m:.1%}" if k.capacity_2m and k.lost_explained_2m else ""
+            explained = ""
+            if k.capacity_2m and k.lost_explained_2m:
+                by = ", ".join(CAUSE_NAMES.get(c, str(c)) for c, n in sorted(k.lost_by_cause.items(), key=lambda cn: (-cn[1], cn[0]))
+                               if c in EXPLAINED_CAUSES)
+                explained = f", explained {k.lost_explained_2m / k.capacity_2m:.1%}" + (f" by {by}" if by else "")
             reasons.append(f"{k.hosts} host(s), loss ratio {ratio}{explained}, unexplained {(k.unexplained_ratio or 0.0):.1%}")
         k.evidence = "; ".join(reasons)
 

@@ -14,7 +14,7 @@ from eptwatch.v1 import query_pb2 as q
 from eptwatch.v1 import report_pb2 as pb
 
 from .fleet import ERA_NAMES, FleetView, HostSummary
-from .page import _age, _pct, _utc, cause_name, causes_cell, e, page, table
+from .page import _age, _pct, _utc, absent_hosts, cause_name, causes_cell, e, page, table
 from .query import ReportReader, host_detail
 
 MIB = 1 << 20
@@ -78,7 +78,6 @@ def render_host_page(detail: q.HostDetail, summary: HostSummary | None, now: flo
     received = s.received.seconds + s.received.nanos / 1e9
     sample_time = s.sample_time.seconds + s.sample_time.nanos / 1e9
     labels = ", ".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-    lost_by_cause = summary.lost_by_cause if summary is not None else ()
     facts = [
         ("state", state), ("kernel", s.kernel_release), ("era", ERA_NAMES.get(s.era, str(s.era))),
         ("era basis", r.kernel.era_basis), ("kernel version", r.kernel.version), ("machine", r.kernel.machine),
@@ -106,7 +105,8 @@ def render_host_page(detail: q.HostDetail, summary: HostSummary | None, now: flo
 <span>unexplained <b>{s.lost_unexplained_2m}</b></span><span>VMs by cause: {e(by_cause) or 'none'}</span></div>
 {table("host-facts", ["", ""], fact_rows, "")}
 <h2>Loss by cause</h2>
-<div id="host-causes">{causes_cell(lost_by_cause, s.host_huge_capacity_2m)}</div>
+<div id="host-causes">{causes_cell(summary.lost_by_cause, s.host_huge_capacity_2m) if summary is not None else
+                         '<span class="muted">not known: the fleet view holds no summary of this host</span>'}</div>
 <h2>Estimates</h2>
 {table("estimates", ["VM", "cause", "capacity 2M", "observed 2M", "allowed 2M", "lost 2M", "loss", "loss by cause", "explanation"],
        est_rows, "No estimates in the latest report.")}
@@ -139,4 +139,6 @@ def host_page_response(v: FleetView, reader: ReportReader, raw_id: str, title: s
     if d is None:
         return 404, HTML, render_host_not_found(host_id, title).encode()
     summary = v.fresh.get(host_id) or v.stale.get(host_id)
+    for _, pool in absent_hosts(v):
+        summary = summary or pool.get(host_id)
     return 200, HTML, render_host_page(d, summary, title=title).encode()

@@ -295,3 +295,15 @@ def test_no_table_overflows_at_1400_and_800_px(agg: Aggregator, templates: dict[
         _chromium(tmp_path, f"--screenshot={shot}", f"--window-size={width},1600", agg.http + "/")
         png = shot.read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (width, 1600)
+
+
+def test_host_page_without_stored_report_or_summary_says_so() -> None:
+    from eptwatch.server.hostpage import render_host_page
+    from eptwatch.v1 import query_pb2 as q
+
+    detail = q.HostDetail(summary=q.HostSummary(host_id="h1", kernel_release="6.6.15", vms=2, host_huge_capacity_2m=10,
+                                                lost_huge_2m=4, lost_ratio=0.4))
+    page = render_host_page(detail, None, now=1000.0)
+    assert "not in the store" in page and "holds no summary of this host" in page
+    assert "No estimates in the latest report." in page and "4</b> of <b>10</b> (40.0%)" in page
+    assert "none lost" not in page  # an absent summary is never shown as no loss
