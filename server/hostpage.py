@@ -13,8 +13,8 @@ from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from eptwatch.v1 import query_pb2 as q
 from eptwatch.v1 import report_pb2 as pb
 
-from .fleet import ERA_NAMES, FleetView, HostSummary
-from .page import _age, _pct, _utc, absent_hosts, cause_name, causes_cell, e, page, table
+from .fleet import ERA_NAMES, FleetView, HostSummary, host_status
+from .page import _age, _pct, _utc, cause_name, causes_cell, e, page, table
 from .query import ReportReader, host_detail
 
 MIB = 1 << 20
@@ -74,7 +74,7 @@ def render_host_page(detail: q.HostDetail, summary: HostSummary | None, now: flo
     s = detail.summary
     r = detail.latest_report
     host_id = s.host_id
-    state = "stale" if s.stale else "fresh"
+    state = s.status or ("stale" if s.stale else "fresh")
     received = s.received.seconds + s.received.nanos / 1e9
     sample_time = s.sample_time.seconds + s.sample_time.nanos / 1e9
     labels = ", ".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
@@ -97,6 +97,8 @@ def render_host_page(detail: q.HostDetail, summary: HostSummary | None, now: flo
         source_rows += _sources_rows(vm.vm_id, vm.sources)
     missing = "" if detail.HasField("latest_report") else \
         '<p class="alert known_bad">The latest report of this host is not in the store: only its summary is shown.</p>'
+    if s.problem:  # an invalid host, or a stored report that does not decode: named, never shown as healthy
+        missing += f'<p class="alert regressed" id="problem">Not counted: {e(s.problem)}</p>'
     body = f"""<p class="muted"><a href="/">&larr; fleet</a></p>
 <h1 id="host-id">Host {e(host_id)}</h1>
 {missing}
@@ -138,7 +140,6 @@ def host_page_response(v: FleetView, reader: ReportReader, raw_id: str, title: s
     d = host_detail(v, reader, host_id)
     if d is None:
         return 404, HTML, render_host_not_found(host_id, title).encode()
-    summary = v.fresh.get(host_id) or v.stale.get(host_id)
-    for _, pool in absent_hosts(v):
-        summary = summary or pool.get(host_id)
+    found = host_status(v, host_id)
+    summary = found[0] if found is not None else None
     return 200, HTML, render_host_page(d, summary, title=title).encode()

@@ -109,8 +109,18 @@ def _fleet_view(templates: dict[str, pb.HostReport]):  # type: ignore[no-untyped
     evil.CopyFrom(templates["anon-thp"])
     evil.kernel.release = HOSTILE
     hosts += _summaries({"evil": evil}, [(f'h"><img src=x>{HOSTILE}', "evil", 1000.0)], labels=(("zone", HOSTILE),))
+    # A host whose agent left, and one whose report cannot be evaluated (a long problem to wrap).
+    hosts += _summaries(templates, [("left-0", "linux-5.4-fixed", 1000.0)])
+    absurd = pb.HostReport()
+    absurd.CopyFrom(templates["linux-5.3-unfixed"])
+    absurd.estimates[0].host_huge_capacity_2m = absurd.estimates[0].observed_huge_2m = (1 << 64) - 1
+    absurd.estimates[0].lost_huge_2m = 0
+    del absurd.estimates[0].breakdown[:]
+    hosts += _summaries({"absurd": absurd}, [("absurd-0", "absurd", 1000.0)])
     cfg = FleetConfig(stale_after_seconds=120, rollup_labels=("cluster", "zone"), top_n=4)
-    return build_view(hosts, set(), 1010.0, cfg)
+    v = build_view(hosts, {"left-0"}, 1010.0, cfg)
+    assert set(v.departed) == {"left-0"} and set(v.invalid) == {"absurd-0"}
+    return v
 
 
 def test_page_shows_loss_per_cause_for_each_kernel(templates: dict[str, pb.HostReport]) -> None:
@@ -307,3 +317,29 @@ def test_host_page_without_stored_report_or_summary_says_so() -> None:
     assert "not in the store" in page and "holds no summary of this host" in page
     assert "No estimates in the latest report." in page and "4</b> of <b>10</b> (40.0%)" in page
     assert "none lost" not in page  # an absent summary is never shown as no loss
+
+
+def test_invalid_hosts_listed_with_their_problem_and_host_page_names_it(templates: dict[str, pb.HostReport]) -> None:
+    from eptwatch.server.hostpage import render_host_page
+    from eptwatch.server.query import host_pb
+    from eptwatch.v1 import query_pb2 as q
+
+    v = _fleet_view(templates)
+    bad = pb.HostReport()
+    bad.CopyFrom(templates["linux-5.4-fixed"])
+    bad.host_id = "hv-bad"
+    bad.estimates[0].host_huge_capacity_2m = (1 << 64) - 1  # absurd: the summary names it, the sums skip it
+    h = summarise(bad, received=1000.0)
+    assert h.problem and h.lost_by_cause == ()
+    v.invalid[h.host_id] = h
+    page = render_fleet_page(v, now=1010.0)
+    listed = page[page.index('id="invalid-hosts"'):]
+    listed = listed[:listed.index("</table>")]
+    assert 'href="/hosts/hv-bad"' in listed and e_html(h.problem) in listed
+    host = render_host_page(q.HostDetail(summary=host_pb(h, "invalid"), latest_report=bad), h, now=1010.0)
+    assert "state</th><td>invalid" in host and 'id="problem">Not counted: ' in host
+
+
+def e_html(s: str) -> str:
+    import html
+    return html.escape(s)
