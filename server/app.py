@@ -21,6 +21,7 @@ from eptwatch.v1 import query_pb2, query_pb2_grpc
 
 from .auth import TlsFiles, TokenTable
 from .fleet import FleetConfig, FleetState, summarise
+from .hostpage import host_page_response
 from .http import HttpServer, json_bytes
 from .ingest import INGEST_SERVICE, IngestServicer
 from .page import render_fleet_page
@@ -184,6 +185,8 @@ class Aggregator:
                                      f"{' (known: ' + ', '.join(known) + ')' if known else ''}")
             if path == "/":
                 return 200, "text/html; charset=utf-8", render_fleet_page(self.fleet.view(), title=self.cfg.page_title).encode()
+            if path.startswith("/hosts/"):
+                return host_page_response(self.fleet.view(), self.reader, path.removeprefix("/hosts/"), self.cfg.page_title)
             if path == "/api/v1/fleet":
                 return js(fleet_pb(self.fleet.view()))
             if path == "/api/v1/kernels":
