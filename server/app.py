@@ -22,8 +22,8 @@ from .fleet import FleetConfig, FleetState, summarise
 from .http import HttpServer, json_bytes
 from .ingest import INGEST_SERVICE, IngestServicer
 from .page import render_fleet_page
-from .query import QueryError, QueryServicer, ReportReader, fleet_pb, host_detail, list_hosts, list_kernels
-from .store import Store
+from .query import QueryError, QueryServicer, fleet_pb, host_detail, list_hosts, list_kernels
+from .storebase import open_store
 
 log = logging.getLogger("eptwatch.server")
 
@@ -115,10 +115,11 @@ def grpc_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 class Aggregator:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.store = Store(Path(cfg.state_dir), synchronous=cfg.sqlite_synchronous,
-                           commit_delay_seconds=cfg.store_commit_delay_seconds)
+        # --state: a directory (SQLite) or a postgresql:// URL (a store several replicas share).
+        self.store = open_store(cfg.state_dir, synchronous=cfg.sqlite_synchronous,
+                                commit_delay_seconds=cfg.store_commit_delay_seconds)
         self.fleet = FleetState(self.fleet_config())
-        self.reader = ReportReader(self.store.path)
+        self.reader = self.store.report_reader()
         tokens = TokenTable.from_file(Path(cfg.tokens_file)) if cfg.tokens_file else None
         self.ingest = IngestServicer(self.store, self.fleet, tokens, cfg.stream_idle_timeout_seconds)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML configuration (see docs/configuration.md)")
     p.add_argument("--listen", metavar="HOST:PORT", help="gRPC ingest address (default 127.0.0.1:9861)")
     p.add_argument("--http", metavar="HOST:PORT", help="HTTP address for /metrics, the API and the fleet page (default 127.0.0.1:9862)")
-    p.add_argument("--state", dest="state_dir", metavar="DIR", help="state directory (SQLite, WAL)")
+    p.add_argument("--state", dest="state_dir", metavar="DIR|URL",
+                   help="state: a directory (SQLite, WAL; the default) or a postgresql:// URL shared by several aggregators")
     p.add_argument("--tokens-file", metavar="FILE", help="agent tokens (SHA-256 digests scoped to host patterns)")
     p.add_argument("--tls-cert", metavar="FILE")
     p.add_argument("--tls-key", metavar="FILE")

@@ -21,6 +21,7 @@ from eptwatch.v1 import query_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
 
 from .fleet import CAUSE_NAMES, ERA_NAMES, FleetView, HostSummary, KernelRollup, Rollup
+from .storebase import LatestReports
 
 VERDICTS = {"ok": q.KERNEL_VERDICT_OK, "regressed": q.KERNEL_VERDICT_REGRESSED, "known_bad": q.KERNEL_VERDICT_KNOWN_BAD,
             "insufficient_hosts": q.KERNEL_VERDICT_INSUFFICIENT_HOSTS}
@@ -205,7 +206,7 @@ class ReportReader:
         return r
 
 
-def host_detail(v: FleetView, reader: ReportReader, host_id: str) -> q.HostDetail | None:
+def host_detail(v: FleetView, reader: LatestReports, host_id: str) -> q.HostDetail | None:
     h = v.fresh.get(host_id)
     stale = False
     if h is None:
@@ -220,7 +221,7 @@ def host_detail(v: FleetView, reader: ReportReader, host_id: str) -> q.HostDetai
 
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
-    def __init__(self, view: Callable[[], FleetView], reader: ReportReader) -> None:
+    def __init__(self, view: Callable[[], FleetView], reader: LatestReports) -> None:
         self._view = view
         self._reader = reader
 

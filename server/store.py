@@ -23,9 +23,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eptwatch.v1 import ingest_pb2, report_pb2
+
+if TYPE_CHECKING:
+    from .query import ReportReader
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -141,6 +144,12 @@ class Store:
             "SELECT host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen FROM agents"
         ).fetchall()
         return [AgentRecord(*r) for r in rows]
+
+    def report_reader(self) -> ReportReader:
+        """Read-only connections beside the writer (WAL), for a host's full latest report."""
+        from .query import ReportReader  # query builds on the store, not the other way round
+
+        return ReportReader(self.path)
 
     # --- the writer thread ---
 
