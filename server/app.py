@@ -9,6 +9,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,7 +24,10 @@ from .http import HttpServer, json_bytes
 from .ingest import INGEST_SERVICE, IngestServicer
 from .page import render_fleet_page
 from .query import QueryError, QueryServicer, fleet_pb, host_detail, list_hosts, list_kernels
-from .storebase import open_store
+from .storebase import is_postgres_url, open_store
+
+if TYPE_CHECKING:
+    from .follow import Followable, StoreFollower
 
 log = logging.getLogger("eptwatch.server")
 
@@ -119,6 +123,14 @@ class Aggregator:
         self.store = open_store(cfg.state_dir, synchronous=cfg.sqlite_synchronous,
                                 commit_delay_seconds=cfg.store_commit_delay_seconds)
         self.fleet = FleetState(self.fleet_config())
+        # A shared store: this replica serves the whole fleet by following what every replica commits.
+        self.follower: StoreFollower | None = None
+        self._follow_task: asyncio.Task[None] | None = None
+        if is_postgres_url(cfg.state_dir):
+            from .follow import SharedFleetState, StoreFollower
+
+            self.fleet = SharedFleetState(self.fleet_config())
+            self.follower = StoreFollower(cast("Followable", self.store), self.fleet)
         self.reader = self.store.report_reader()
         tokens = TokenTable.from_file(Path(cfg.tokens_file)) if cfg.tokens_file else None
         self.ingest = IngestServicer(self.store, self.fleet, tokens, cfg.stream_idle_timeout_seconds)
@@ -194,12 +206,16 @@ class Aggregator:
         # high-water mark, and the fleet view must not start empty after a restart.
         await asyncio.get_running_loop().run_in_executor(None, self._load)
         self.store.start()
+        if self.follower is not None:
+            self._follow_task = asyncio.create_task(self.follower.run(), name="eptwatch-store-follower")
         for svc in ("", INGEST_SERVICE):
             await _set_health(self.health, svc, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
         log.info("serving gRPC on %s (port %d), HTTP on %s, %d hosts loaded", cfg.listen, self.grpc_port, cfg.http, len(self.fleet))
 
     def _load(self) -> None:
+        if self.follower is not None:
+            self.follower.start_at_high_water()  # before loading: what commits meanwhile is followed
         dropped = {(a.host_id, a.agent_instance): a.spool_dropped_total for a in self.store.load_agents()}
         for h in self.store.load_hosts():
             try:
@@ -220,6 +236,9 @@ class Aggregator:
             await self.server.stop(self.cfg.shutdown_grace_seconds)
         if self.http is not None:
             self.http.stop()
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            await asyncio.gather(self._follow_task, return_exceptions=True)
         self.store.close()
 
     async def serve_forever(self) -> None:

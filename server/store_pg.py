@@ -96,6 +96,7 @@ class FollowedHost:
 
     ingest_id: int
     host: StoredHost
+    spool_dropped_total: int  # of the agent instance that sent the report
 
 
 class PgStore:
@@ -177,10 +178,19 @@ class PgStore:
         follower that asks from the highest id it has seen misses nothing."""
         with self._pool.connection() as c:
             rows = c.execute(
-                "SELECT host_id, agent_instance, sequence, sample_time, received, report, ingest_id FROM hosts "
-                "WHERE ingest_id > %s ORDER BY ingest_id, host_id LIMIT %s", (after_ingest_id, limit)
+                "SELECT h.host_id, h.agent_instance, h.sequence, h.sample_time, h.received, h.report, h.ingest_id, "
+                "COALESCE(a.spool_dropped_total, 0) FROM hosts h LEFT JOIN agents a "
+                "ON a.host_id = h.host_id AND a.agent_instance = h.agent_instance "
+                "WHERE h.ingest_id > %s ORDER BY h.ingest_id, h.host_id LIMIT %s", (after_ingest_id, limit)
             ).fetchall()
-        return [FollowedHost(int(row[6]), _stored_host(row[:6])) for row in rows]
+        return [FollowedHost(int(row[6]), _stored_host(row[:6]), int(row[7])) for row in rows]
+
+    def ingest_high_water(self) -> int:
+        """The highest ingest id committed: every change up to it is visible now, so a follower that
+        loads the hosts after reading this and then follows from it misses nothing."""
+        with self._pool.connection() as c:
+            row = c.execute("SELECT last_id FROM ingest_clock WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
 
     def report_reader(self) -> PgReportReader:
         return PgReportReader(self._pool)
