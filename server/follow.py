@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -25,12 +26,18 @@ FOLLOW_INTERVAL_SECONDS = 0.5
 STALENESS_BOUND_SECONDS = 2.0  # what the docs promise: FOLLOW_INTERVAL_SECONDS plus a poll, with room
 FOLLOW_BATCH = 10_000  # rows per query; a longer list of changes is read in several queries at once
 _ERROR_LOG_EVERY_SECONDS = 30.0
+# The fleet rollups go to Prometheus from one replica only (the others would double every sum): the one
+# holding this lease, renewed at every poll. After a holder dies another takes over within the TTL.
+FLEET_EXPORT_LEASE = "fleet-metrics-exporter"
+FLEET_EXPORT_LEASE_TTL_SECONDS = 5.0
 
 
 class Followable(Protocol):
     def reports_since(self, after_ingest_id: int, limit: int = ...) -> list[FollowedHost]: ...
 
     def ingest_high_water(self) -> int: ...
+
+    def hold_lease(self, name: str, holder: str, ttl_seconds: float) -> bool: ...
 
 
 class SharedFleetState(FleetState):
@@ -52,6 +59,21 @@ class StoreFollower:
         self.hosts_followed_total = 0  # changes put into the fleet view (others' commits, mostly)
         self.polls_failed_total = 0
         self._last_error_log = 0.0
+        self.holder_id = uuid.uuid4().hex  # this process, as a lease holder
+        self._lease_until = 0.0  # monotonic time until which this process holds the export lease
+
+    def exports_fleet(self) -> bool:
+        """Whether this replica exports the fleet rollups to Prometheus now. The local expiry is half the
+        TTL, so a holder gives up before another can take over: two exporters overlap, at worst, by
+        nothing but a renewal in flight."""
+        return time.monotonic() < self._lease_until
+
+    def renew_lease(self) -> None:
+        started = time.monotonic()
+        if self.store.hold_lease(FLEET_EXPORT_LEASE, self.holder_id, FLEET_EXPORT_LEASE_TTL_SECONDS):
+            self._lease_until = started + FLEET_EXPORT_LEASE_TTL_SECONDS / 2
+        else:
+            self._lease_until = 0.0
 
     def start_at_high_water(self) -> None:
         """Call before loading the hosts: changes committed after this are followed, none missed."""
@@ -91,6 +113,7 @@ class StoreFollower:
         while True:
             try:
                 await asyncio.to_thread(self.poll_once)
+                await asyncio.to_thread(self.renew_lease)
             except Exception as exc:  # noqa: BLE001 - the store may be away for a while; keep following
                 self.polls_failed_total += 1
                 now = time.monotonic()

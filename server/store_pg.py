@@ -79,6 +79,8 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS hosts_by_ingest_id ON hosts (ingest_id)",
     "CREATE TABLE IF NOT EXISTS ingest_clock (id INT PRIMARY KEY, last_id BIGINT NOT NULL)",
     "INSERT INTO ingest_clock (id, last_id) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    # Leases: one replica does what must be done once (export the fleet rollups to Prometheus).
+    "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)",
 )
 # Transient conflicts between concurrent transactions: the whole transaction is run again.
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
@@ -191,6 +193,19 @@ class PgStore:
         with self._pool.connection() as c:
             row = c.execute("SELECT last_id FROM ingest_clock WHERE id = 1").fetchone()
         return int(row[0]) if row else 0
+
+    def hold_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        """Take or renew the lease `name` for `holder` for `ttl_seconds`; whether `holder` holds it now.
+        A plain conditional upsert judged on the database's clock (replicas' clocks may differ); a
+        holder that stops renewing loses the lease `ttl_seconds` after its last renewal."""
+        with self._pool.connection() as c:
+            row = c.execute(
+                "INSERT INTO leases (name, holder, expires) VALUES (%s, %s, EXTRACT(EPOCH FROM now()) + %s) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires "
+                "WHERE leases.holder = excluded.holder OR leases.expires < EXTRACT(EPOCH FROM now()) RETURNING holder",
+                (name, holder, ttl_seconds),
+            ).fetchone()
+        return row is not None and row[0] == holder
 
     def report_reader(self) -> PgReportReader:
         return PgReportReader(self._pool)

@@ -135,3 +135,28 @@ def _fleet(a: Aggregator) -> dict[str, object]:
 def _host_sequence(a: Aggregator, host: str) -> int:
     """The sequence of the host's state in the replica's fleet view (not read from the store)."""
     return int(json.loads(http_get(a.http + f"/api/v1/hosts/{host}"))["summary"]["sequence"])
+
+
+def _metric(a: Aggregator, name: str) -> list[float]:
+    return [s.value for fam in text_string_to_metric_families(http_get(a.http + "/metrics")) for s in fam.samples if s.name == name]
+
+
+def test_fleet_rollups_are_exported_by_one_replica_and_taken_over_when_it_dies(replicas: list[Aggregator]) -> None:
+    """Prometheus sums over replicas: with a shared view, only the lease holder exports the rollups."""
+    a, b = replicas
+    asyncio.run(exchange(a.target, [ingest_pb2.AgentMessage(reports=[report(1, host="hv-exp", instance="x")])]))
+    wait_for(lambda: all(_fresh_hosts(agg) == {"hv-exp"} for agg in replicas), 5)
+
+    def exporters() -> list[Aggregator]:
+        return [agg for agg in replicas if agg.proc and agg.proc.popen and agg.proc.popen.poll() is None
+                and _metric(agg, "eptwatch_server_fleet_exporter") == [1.0]]
+
+    wait_for(lambda: len(exporters()) == 1, 10)
+    (holder,) = exporters()
+    other = b if holder is a else a
+    assert sum(_metric(holder, "eptwatch_fleet_hosts")) == 1
+    assert _metric(other, "eptwatch_fleet_hosts") == []  # not exported twice
+    assert _metric(other, "eptwatch_server_reports_total") != []  # its own ingest metrics stay
+    holder.proc.kill9()  # type: ignore[union-attr]
+    wait_for(lambda: _metric(other, "eptwatch_server_fleet_exporter") == [1.0], 15)  # lease TTL 5 s
+    assert sum(_metric(other, "eptwatch_fleet_hosts")) == 1
