@@ -14,7 +14,8 @@ from .app import Aggregator, ServerConfig
 from .auth import ConfigError as AuthConfigError
 from .auth import hash_token
 
-SECRET_PATHS = ("tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+# Also taken from EPTWATCH_<KEY> (a mounted Secret): state_dir may be a postgresql:// URL with a password.
+SECRET_PATHS = ("tokens_file", "tls_cert", "tls_key", "tls_client_ca", "state_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -188,3 +188,14 @@ def test_a_commit_after_the_database_connection_dropped_reconnects(pg_dsn: str) 
         assert (agent.last_sequence, agent.applied_total) == (3, 3)
     finally:
         st.close()
+
+
+def test_server_with_an_unreachable_database_exits_2_without_showing_the_password(capsys: pytest.CaptureFixture[str]) -> None:
+    from eptwatch.server.cli import main
+
+    from .procs import free_port
+
+    url = f"postgresql://agg:hunter2@127.0.0.1:{free_port()}/ept"
+    assert main(["--state", url, "--insecure-plaintext", "--insecure-no-auth", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "agg:***@127.0.0.1" in err and "hunter2" not in err, err
