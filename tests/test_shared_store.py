@@ -160,3 +160,36 @@ def test_fleet_rollups_are_exported_by_one_replica_and_taken_over_when_it_dies(r
     holder.proc.kill9()  # type: ignore[union-attr]
     wait_for(lambda: _metric(other, "eptwatch_server_fleet_exporter") == [1.0], 15)  # lease TTL 5 s
     assert sum(_metric(other, "eptwatch_fleet_hosts")) == 1
+
+
+def test_three_replicas_with_agents_rotating_agree_on_the_fleet_and_apply_once(tmp_path: Path) -> None:
+    dsn = pg_server().new_database()
+    aggs = [Aggregator(tmp_path / f"r{i}", INSECURE, state=dsn).start() for i in range(3)]
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("load_balancing: round_robin\nstream_max_age_seconds: 0.7\nbackoff_initial_seconds: 0.05\nbackoff_max_seconds: 0.5\n")
+    target = "ipv4:" + ",".join(f"127.0.0.1:{a.grpc_port}" for a in aggs)
+    fixtures = ["linux-5.3-unfixed", "linux-5.4-fixed", "anon-thp", "linux-6.6-pages2m"]
+    spools = {f"hv-rot-{i}": tmp_path / f"hv-rot-{i}" / "spool.sqlite3" for i in range(len(fixtures))}
+    agents = [Proc(agent_args(target, spool, h, fixture=fixtures[i], interval=0.1, extra=["--insecure-plaintext", "--config", str(cfg)]),
+                   tmp_path / h / "agent.log").start() for i, (h, spool) in enumerate(spools.items())]
+    try:
+        wait_for(lambda: all(spool_state(s)[1] > 15 for s in spools.values()), 60, agents[0])
+        for p in agents:
+            assert p.term() == 0, p.output()[-2000:]
+        applied = aggs[0].applied()
+        for host, spool in spools.items():
+            instance, created, depth = spool_state(spool)
+            assert depth == 0 and applied[(host, instance)] == (created, created), (host, applied.get((host, instance)), created)
+        # Every replica took part, and each ends with the same view of the whole fleet (the agents that
+        # stopped said they were departing; on a shared store that does not take them out of any view).
+        for a in aggs:
+            assert _metric(a, "eptwatch_server_reports_total") and sum(_metric(a, "eptwatch_server_reports_total")) > 0
+        wait_for(lambda: all(_fresh_hosts(a) == set(spools) for a in aggs), 5)
+        wait_for(lambda: _fleet(aggs[0]) == _fleet(aggs[1]) == _fleet(aggs[2]), 5)
+        kernels = [json.loads(http_get(a.http + "/api/v1/kernels")) for a in aggs]
+        assert kernels[0] == kernels[1] == kernels[2] and kernels[0]
+    finally:
+        for p in agents:
+            p.kill9()
+        for a in aggs:
+            a.proc.kill9()  # type: ignore[union-attr]
