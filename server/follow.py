@@ -33,7 +33,7 @@ FLEET_EXPORT_LEASE_TTL_SECONDS = 5.0
 
 
 class Followable(Protocol):
-    def reports_since(self, after_ingest_id: int, limit: int = ...) -> list[FollowedHost]: ...
+    def reports_since(self, after_ingest_id: int, limit: int = ..., after_host_id: str | None = ...) -> list[FollowedHost]: ...
 
     def ingest_high_water(self) -> int: ...
 
@@ -55,7 +55,8 @@ class StoreFollower:
         self.store = store
         self.fleet = fleet
         self.interval_seconds = interval_seconds
-        self.cursor = 0  # the highest ingest id applied to the fleet view
+        self.cursor = 0  # the last change applied to the fleet view: (ingest id, host id)
+        self.cursor_host: str | None = None  # None: every change with ingest id `cursor` is applied
         self.hosts_followed_total = 0  # changes put into the fleet view (others' commits, mostly)
         self.polls_failed_total = 0
         self._last_error_log = 0.0
@@ -83,12 +84,12 @@ class StoreFollower:
         """Apply every change since the cursor (blocking: run it in a thread); how many hosts changed."""
         n = 0
         while True:
-            changes = self.store.reports_since(self.cursor, FOLLOW_BATCH)
+            changes = self.store.reports_since(self.cursor, FOLLOW_BATCH, self.cursor_host)
             for ch in changes:
                 self._apply(ch)
             n += len(changes)
             if changes:
-                self.cursor = changes[-1].ingest_id
+                self.cursor, self.cursor_host = changes[-1].ingest_id, changes[-1].host.host_id
             if len(changes) < FOLLOW_BATCH:
                 return n
 

@@ -173,17 +173,23 @@ class PgStore:
                              "FROM agents").fetchall()
         return [AgentRecord(*r) for r in rows]
 
-    def reports_since(self, after_ingest_id: int, limit: int = 10_000) -> list[FollowedHost]:
-        """Hosts whose stored latest report changed in a transaction with an ingest id above
-        `after_ingest_id`, oldest change first, at most `limit` (ask again from the last one's id for
-        more). A host changed several times shows only its current row. See the module doc for why a
-        follower that asks from the highest id it has seen misses nothing."""
+    def reports_since(self, after_ingest_id: int, limit: int = 10_000, after_host_id: str | None = None) -> list[FollowedHost]:
+        """Hosts whose stored latest report changed after `after_ingest_id` (after the change of host
+        `after_host_id` within that ingest id, if given), in
+        (ingest id, host id) order, at most `limit`: ask again from the last one's (ingest_id, host_id)
+        for more (one transaction stamps all its hosts with one id, so a page may end inside it). A host
+        changed several times shows only its current row. See the module doc for why a follower that
+        asks from the last change it has seen misses nothing."""
+        if after_host_id is None:
+            where, args = "h.ingest_id > %s", (after_ingest_id, limit)
+        else:
+            where, args = "(h.ingest_id, h.host_id) > (%s, %s)", (after_ingest_id, after_host_id, limit)  # type: ignore[assignment]
         with self._pool.connection() as c:
             rows = c.execute(
                 "SELECT h.host_id, h.agent_instance, h.sequence, h.sample_time, h.received, h.report, h.ingest_id, "
                 "COALESCE(a.spool_dropped_total, 0) FROM hosts h LEFT JOIN agents a "
                 "ON a.host_id = h.host_id AND a.agent_instance = h.agent_instance "
-                "WHERE h.ingest_id > %s ORDER BY h.ingest_id, h.host_id LIMIT %s", (after_ingest_id, limit)
+                f"WHERE {where} ORDER BY h.ingest_id, h.host_id LIMIT %s", args,
             ).fetchall()
         return [FollowedHost(int(row[6]), _stored_host(row[:6]), int(row[7])) for row in rows]
 

@@ -166,6 +166,15 @@ def test_reports_since_follows_every_change_in_order(pg_dsn: str) -> None:
         (change,) = a.reports_since(cursor)
         assert (change.host.host_id, change.host.sequence) == ("h1", 3) and change.ingest_id > cursor
         assert [f.host.host_id for f in a.reports_since(0, limit=1)] == ["h2"]  # h1 changed since: now after h2
+        # One transaction stamps all its hosts with one id: paging inside it misses none.
+        async def three() -> None:
+            await a.submit([_incoming(h, "i", 1, 2000) for h in ("g1", "g2", "g3")])
+
+        asyncio.run(three())
+        page = a.reports_since(change.ingest_id, limit=2)
+        assert [f.host.host_id for f in page] == ["g1", "g2"] and page[0].ingest_id == page[1].ingest_id
+        rest = a.reports_since(page[-1].ingest_id, 2, page[-1].host.host_id)
+        assert [f.host.host_id for f in rest] == ["g3"]
     finally:
         a.close()
         b.close()
@@ -199,3 +208,38 @@ def test_server_with_an_unreachable_database_exits_2_without_showing_the_passwor
     assert main(["--state", url, "--insecure-plaintext", "--insecure-no-auth", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]) == 2
     err = capsys.readouterr().err
     assert "cannot connect" in err and "agg:***@127.0.0.1" in err and "hunter2" not in err, err
+
+
+def test_follower_takes_every_change_into_the_fleet_view_across_pages(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from eptwatch.server import follow
+    from eptwatch.server.fleet import FleetState
+
+    writer, mine = PgStore(pg_dsn), PgStore(pg_dsn)
+    writer.start()
+    try:
+        _run_stream(writer, "before", "i", [1], 1)
+        fleet = FleetState()
+        f = follow.StoreFollower(mine, fleet)
+        f.start_at_high_water()  # what was committed before is loaded, not followed
+        monkeypatch.setattr(follow, "FOLLOW_BATCH", 2)
+
+        async def five() -> None:
+            await writer.submit([_incoming(f"h{k}", "i", 1, 3000) for k in range(5)])
+
+        asyncio.run(five())
+        assert f.poll_once() == 5
+        assert set(fleet.hosts()) == {f"h{k}" for k in range(5)} and f.hosts_followed_total == 5
+        assert f.poll_once() == 0  # nothing new
+        async def newer() -> None:
+            await writer.submit([_incoming("h0", "i", 2, 4000)])
+
+        asyncio.run(newer())
+        assert f.poll_once() == 1 and fleet.get("h0").sequence == 2  # type: ignore[union-attr]
+        # The export lease: one holder at a time.
+        g = follow.StoreFollower(writer, FleetState())
+        f.renew_lease()
+        g.renew_lease()
+        assert f.exports_fleet() and not g.exports_fleet()
+    finally:
+        writer.close()
+        mine.close()
