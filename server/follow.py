@@ -17,6 +17,8 @@ import uuid
 from collections.abc import Iterable
 from typing import Protocol
 
+from google.protobuf.message import DecodeError
+
 from .fleet import FleetState, summarise
 from .store_pg import FollowedHost
 
@@ -89,12 +91,11 @@ class StoreFollower:
                 self._apply(ch)
             n += len(changes)
             if changes:
-                self.cursor, self.cursor_host = changes[-1].ingest_id, changes[-1].host.host_id
+                self.cursor, self.cursor_host = changes[-1].ingest_id, changes[-1].host_id
             if len(changes) < FOLLOW_BATCH:
                 return n
 
-    def _apply(self, ch: FollowedHost) -> None:
-        h = ch.host
+    def _apply(self, h: FollowedHost) -> None:
         cur = self.fleet.get(h.host_id)
         if cur is not None and (cur.agent_instance, cur.sequence, cur.sample_time) == (h.agent_instance, h.sequence, h.sample_time):
             # This replica applied it itself: only the receive time is taken from the store, so that every
@@ -103,9 +104,10 @@ class StoreFollower:
                 self.fleet.put(dataclasses.replace(cur, received=h.received))
             return
         try:
-            summary = summarise(h.report, h.received, ch.spool_dropped_total)
-        except ValueError as exc:
-            log.warning("followed report not loaded: %s", exc)
+            summary = summarise(h.report(), h.received, h.spool_dropped_total)
+        except (ValueError, DecodeError) as exc:
+            # One bad row costs only its host: the cursor moves on past it.
+            log.warning("followed report of host %r not loaded: %s", h.host_id[:80], exc)
             return
         self.fleet.put(summary)
         self.hosts_followed_total += 1

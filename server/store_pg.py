@@ -94,11 +94,22 @@ _Job = tuple[list[Incoming], asyncio.AbstractEventLoop, "asyncio.Future[list[App
 
 @dataclass(frozen=True)
 class FollowedHost:
-    """A host's stored latest report as a follower sees it: `ingest_id` orders the changes."""
+    """A host's stored latest report as a follower sees it: `ingest_id` orders the changes. The report
+    is parsed only if asked for: a replica already holds the reports it committed itself."""
 
     ingest_id: int
-    host: StoredHost
+    host_id: str
+    agent_instance: str
+    sequence: int
+    sample_time: float
+    received: float
+    report_bytes: bytes
     spool_dropped_total: int  # of the agent instance that sent the report
+
+    def report(self) -> report_pb2.HostReport:
+        r = report_pb2.HostReport()
+        r.ParseFromString(self.report_bytes)
+        return r
 
 
 class PgStore:
@@ -191,7 +202,8 @@ class PgStore:
                 "ON a.host_id = h.host_id AND a.agent_instance = h.agent_instance "
                 f"WHERE {where} ORDER BY h.ingest_id, h.host_id LIMIT %s", args,
             ).fetchall()
-        return [FollowedHost(int(row[6]), _stored_host(row[:6]), int(row[7])) for row in rows]
+        return [FollowedHost(int(iid), h, inst, int(seq), float(st), float(rcv), bytes(blob), int(dropped))
+                for h, inst, seq, st, rcv, blob, iid, dropped in rows]
 
     def ingest_high_water(self) -> int:
         """The highest ingest id committed: every change up to it is visible now, so a follower that

@@ -158,23 +158,23 @@ def test_reports_since_follows_every_change_in_order(pg_dsn: str) -> None:
         _run_stream(a, "h1", "i", [1, 2], 2)
         _run_stream(b, "h2", "i", [1], 1)
         seen = a.reports_since(0)
-        assert [f.host.host_id for f in seen] == ["h1", "h2"]
+        assert [f.host_id for f in seen] == ["h1", "h2"]
         assert seen[0].ingest_id < seen[1].ingest_id
         cursor = seen[-1].ingest_id
         assert b.reports_since(cursor) == []
         _run_stream(b, "h1", "i", [3], 1)
         (change,) = a.reports_since(cursor)
-        assert (change.host.host_id, change.host.sequence) == ("h1", 3) and change.ingest_id > cursor
-        assert [f.host.host_id for f in a.reports_since(0, limit=1)] == ["h2"]  # h1 changed since: now after h2
+        assert (change.host_id, change.sequence) == ("h1", 3) and change.ingest_id > cursor
+        assert [f.host_id for f in a.reports_since(0, limit=1)] == ["h2"]  # h1 changed since: now after h2
         # One transaction stamps all its hosts with one id: paging inside it misses none.
         async def three() -> None:
             await a.submit([_incoming(h, "i", 1, 2000) for h in ("g1", "g2", "g3")])
 
         asyncio.run(three())
         page = a.reports_since(change.ingest_id, limit=2)
-        assert [f.host.host_id for f in page] == ["g1", "g2"] and page[0].ingest_id == page[1].ingest_id
-        rest = a.reports_since(page[-1].ingest_id, 2, page[-1].host.host_id)
-        assert [f.host.host_id for f in rest] == ["g3"]
+        assert [f.host_id for f in page] == ["g1", "g2"] and page[0].ingest_id == page[1].ingest_id
+        rest = a.reports_since(page[-1].ingest_id, 2, page[-1].host_id)
+        assert [f.host_id for f in rest] == ["g3"]
     finally:
         a.close()
         b.close()
@@ -235,6 +235,14 @@ def test_follower_takes_every_change_into_the_fleet_view_across_pages(pg_dsn: st
 
         asyncio.run(newer())
         assert f.poll_once() == 1 and fleet.get("h0").sequence == 2  # type: ignore[union-attr]
+        # A row that does not parse costs only its host: the follower moves past it.
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute("UPDATE hosts SET report = %s, ingest_id = 1000, sample_time = 9999 WHERE host_id = 'h1'", (b"\xff\xff",))
+            good = _incoming("h2", "i", 7, 9999).report.SerializeToString()
+            c.execute("UPDATE hosts SET report = %s, ingest_id = 1001, sample_time = 9999, sequence = 7 WHERE host_id = 'h2'", (good,))
+        assert f.poll_once() == 2
+        assert fleet.get("h1").sequence == 1 and fleet.get("h2").sequence == 7  # type: ignore[union-attr]
+        assert f.poll_once() == 0
         # The export lease: one holder at a time.
         g = follow.StoreFollower(writer, FleetState())
         f.renew_lease()
