@@ -271,13 +271,32 @@ class PgStore:
                 count += len(nxt[0])
             try:
                 results = self._commit([j[0] for j in jobs])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                # A value the database refuses (an integer beyond BIGINT, say) fails the whole group:
+                # commit each message alone, so that the bad one fails only its own stream.
+                if len(jobs) == 1:
+                    self._fail(jobs, exc, count)
+                else:
+                    for job in jobs:
+                        self._commit_alone(job)
             except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
-                log.warning("PostgreSQL store %s: commit of %d reports failed: %s", self.where, count, str(exc).strip())
-                _wake(jobs, [exc] * len(jobs), _set_exception)
+                self._fail(jobs, exc, count)
             else:
                 _wake(jobs, results, _set_result)
             if stop:
                 return
+
+    def _commit_alone(self, job: _Job) -> None:
+        try:
+            results = self._commit([job[0]])
+        except BaseException as exc:  # noqa: BLE001 - its waiter must hear of the failure
+            self._fail([job], exc, len(job[0]))
+        else:
+            _wake([job], results, _set_result)
+
+    def _fail(self, jobs: list[_Job], exc: BaseException, count: int) -> None:
+        log.warning("PostgreSQL store %s: commit of %d reports failed: %s", self.where, count, str(exc).strip())
+        _wake(jobs, [exc] * len(jobs), _set_exception)
 
     def _commit(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
         if self._conn.closed or self._conn.broken:

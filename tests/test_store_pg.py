@@ -251,3 +251,23 @@ def test_follower_takes_every_change_into_the_fleet_view_across_pages(pg_dsn: st
     finally:
         writer.close()
         mine.close()
+
+
+def test_a_value_the_database_refuses_fails_only_its_own_message(pg_dsn: str) -> None:
+    """A sequence beyond BIGINT (until the checks refuse it earlier) must not fail the other messages
+    that share its group commit."""
+    st = PgStore(pg_dsn, commit_delay_seconds=0.2)  # both messages wait for, and join, one transaction
+    st.start()
+
+    async def go() -> tuple[object, object]:
+        good = st.submit([_incoming("h-good", "i", 1, 100)])
+        bad = st.submit([_incoming("h-bad", "i", 2**63, 100)])
+        return tuple(await asyncio.gather(good, bad, return_exceptions=True))  # type: ignore[return-value]
+
+    try:
+        good, bad = asyncio.run(go())
+        assert isinstance(bad, psycopg.DataError), bad
+        assert [r.status for r in good] == [APPLIED]  # type: ignore[attr-defined]
+        assert {(a.host_id, a.applied_total) for a in st.load_agents()} == {("h-good", 1)}
+    finally:
+        st.close()
