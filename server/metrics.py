@@ -53,7 +53,10 @@ METRICS: dict[str, str] = {
     "eptwatch_fleet_hosts_stale": "Hosts whose agent has been silent longer than the staleness bound",
     "eptwatch_fleet_agent_spool_dropped": "Reports fresh hosts' agents dropped from their spools (latest count)",
     # Verdicts, with their evidence on the API.
-    "eptwatch_kernel_regressed": "1 for a kernel release the detector judges regressed (label: compared_to)",
+    # Identifying labels only, so a verdict flip changes a value, never the series; what the verdict was
+    # compared with is its own info series (join on kernel_release, era).
+    "eptwatch_kernel_regressed": "1 for a kernel release the detector judges regressed, else 0 (labels: kernel_release, era)",
+    "eptwatch_kernel_comparison_info": "Always 1: the comparable kernel that decided a regressed verdict (labels: kernel_release, era, compared_to)",
     "eptwatch_kernel_known_bad_hosts": "Fresh hosts running a kernel the model predicts to have the page-cache THP bug",
     "eptwatch_fleet_worst_host_lost_ratio": "Top-N hosts by lost / capacity (labels: host_id, kernel_release)",
     "eptwatch_fleet_worst_host_lost_huge_2m": "Top-N hosts' lost huge mappings (labels: host_id, kernel_release)",
@@ -137,13 +140,19 @@ class AggregatorCollector(Collector):
             yield g
         yield GaugeMetricFamily("eptwatch_fleet_hosts_stale", METRICS["eptwatch_fleet_hosts_stale"], value=v.hosts_stale)
         yield GaugeMetricFamily("eptwatch_fleet_agent_spool_dropped", METRICS["eptwatch_fleet_agent_spool_dropped"], value=v.total.spool_dropped)
-        reg = GaugeMetricFamily("eptwatch_kernel_regressed", METRICS["eptwatch_kernel_regressed"], labels=["kernel_release", "compared_to"])
+        reg = GaugeMetricFamily("eptwatch_kernel_regressed", METRICS["eptwatch_kernel_regressed"], labels=kl)
+        compared = GaugeMetricFamily("eptwatch_kernel_comparison_info", METRICS["eptwatch_kernel_comparison_info"],
+                                     labels=[*kl, "compared_to"])
         bad = GaugeMetricFamily("eptwatch_kernel_known_bad_hosts", METRICS["eptwatch_kernel_known_bad_hosts"], labels=["kernel_release"])
         for k in v.kernels:
-            reg.add_metric([k.kernel_release, k.compared_to], 1 if k.regressed else 0)
+            era = ERA_NAMES.get(k.era, str(k.era))
+            reg.add_metric([k.kernel_release, era], 1 if k.regressed else 0)
+            if k.regressed and k.compared_to:
+                compared.add_metric([k.kernel_release, era, k.compared_to], 1)
             if k.known_bad:
                 bad.add_metric([k.kernel_release], k.hosts)
         yield reg
+        yield compared
         yield bad
         ratio = GaugeMetricFamily("eptwatch_fleet_worst_host_lost_ratio", METRICS["eptwatch_fleet_worst_host_lost_ratio"], labels=["host_id", "kernel_release"])
         lost = GaugeMetricFamily("eptwatch_fleet_worst_host_lost_huge_2m", METRICS["eptwatch_fleet_worst_host_lost_huge_2m"], labels=["host_id", "kernel_release"])

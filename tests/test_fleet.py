@@ -56,6 +56,26 @@ def test_rollups_and_verdicts(templates: dict[str, pb.HostReport]) -> None:
     assert {key for key in v.labels} == {("zone", "z1"), ("zone", "z2")}
     assert sum(r.hosts for r in v.labels.values()) == 19
     assert [h.kernel_release for h in v.worst_hosts] == ["5.3.0"] * 3  # 95.8% beats 6.6's 25%
+    # Kernels come in version order, not text order (5.3 before 5.10, 5.15 before 6.6).
+    assert [x.kernel_release for x in v.kernels] == ["5.3.0", "5.4.0", "5.10.0-28-amd64", "5.15.0-91-generic", "6.6.15"]
+
+
+@pytest.mark.parametrize("releases", [
+    ["4.19.0", "5.3.0", "5.4.0-150-generic", "5.10.0-28-amd64", "6.6.15", "6.18.2"],
+    ["6.1.0", "6.1.0-10-amd64", "6.1.0-rc1"],  # a bare release sorts before its suffixed builds
+    ["5.15.0-9-generic", "5.15.0-91-generic", "5.15.0-100-generic"],
+])
+def test_kernel_version_key_orders_numbers_as_numbers(releases: list[str]) -> None:
+    from eptwatch.server.fleet import kernel_version_key
+    for shuffled in (releases[::-1], releases[1:] + releases[:1]):
+        assert sorted(shuffled, key=kernel_version_key) == releases
+
+
+def test_kernel_version_key_never_raises_on_odd_releases() -> None:
+    from eptwatch.server.fleet import kernel_version_key
+    odd = ["", "unknown", "9" * 5000, "5.\u00b2.1", "\x00", "5..3", "-", "6.6.15" + "a" * 300]
+    assert len(sorted(odd, key=kernel_version_key)) == len(odd)
+    assert sorted(["5.10", "5.3", "5.9"], key=kernel_version_key) == ["5.3", "5.9", "5.10"]
 
 
 def test_margin_alone_flags_a_kernel(templates: dict[str, pb.HostReport]) -> None:

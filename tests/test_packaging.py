@@ -21,7 +21,7 @@ def test_wheel_install_works(tmp_path: Path) -> None:
     # in-place .so files of an editable install must not reach the wheel or stand in for a failed compile.
     src = tmp_path / "src"
     shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns("build", ".venv", ".git", "*.egg-info", "__pycache__", ".hypothesis",
-                                                             ".pytest_cache", ".mypy_cache", "*.so", "artifacts"))
+                                                             ".pytest_cache", ".mypy_cache", ".cache", "*.so", "artifacts"))
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)],
                    check=True, capture_output=True)

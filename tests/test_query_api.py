@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 from pathlib import Path
@@ -111,7 +112,13 @@ def test_grpc_query_answers_like_http(agg: Aggregator) -> None:
 def test_metrics_rollups_are_sums_with_bounded_labels(agg: Aggregator) -> None:
     text = http_get(agg.http + "/metrics")
     assert 'eptwatch_fleet_hosts{era="compound_map_unfixed",kernel_release="5.3.0"} 4.0' in text
-    assert 'eptwatch_kernel_regressed{compared_to="5.10.0-28-amd64",kernel_release="6.6.15"} 1.0' in text
+    regressed = re.findall(r'^eptwatch_kernel_regressed\{era="[a-z_]+",kernel_release="6\.6\.15"\} 1\.0$', text, re.M)
+    assert len(regressed) == 1
+    # The verdict's comparison is an info series beside it; the verdict series carries no changing label.
+    assert re.search(r'^eptwatch_kernel_comparison_info\{compared_to="5\.10\.0-28-amd64",era="[a-z_]+",'
+                     r'kernel_release="6\.6\.15"\} 1\.0$', text, re.M)
+    assert "compared_to" not in "".join(line for line in text.splitlines() if line.startswith("eptwatch_kernel_regressed{"))
+    assert re.search(r'^eptwatch_kernel_regressed\{era="[a-z_]+",kernel_release="5\.10\.0-28-amd64"\} 0\.0$', text, re.M)
     assert 'eptwatch_kernel_known_bad_hosts{kernel_release="5.3.0"} 4.0' in text
     assert 'eptwatch_fleet_label_hosts{label="cluster",value="prod-a"} 8.0' in text
     assert "eptwatch_fleet_worst_host_lost_ratio{" in text
