@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import __version__
 from .hostroot import HostRoot
 from .model import EraOverride
 from .report import host_report, report_to_json
@@ -25,18 +26,18 @@ def host_root_from_args(args: argparse.Namespace) -> HostRoot:
 
 
 def _overrides(path: str | None) -> tuple[EraOverride, ...]:
-    from .config import read_era_overrides  # the same loader `run` uses
+    from .config import error_line, read_era_overrides  # the same loader `run` uses
 
     try:
         return read_era_overrides(path or "")
     except ValueError as exc:  # ParseError included
-        raise SystemExit(f"eptwatch-agent: {exc}") from None
+        raise SystemExit(error_line("eptwatch-agent", exc)) from None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     root = host_root_from_args(args)
     if not root.procfs.is_dir():
-        print(f"eptwatch-agent: procfs {root.procfs} is not a directory", file=sys.stderr)
+        print(f"eptwatch-agent: error: procfs {root.procfs} is not a directory", file=sys.stderr)
         return 2
     config = SamplerConfig(
         smaps_mode=args.smaps_mode,
@@ -63,7 +64,7 @@ RUN_FLAGS = {
     "host_id": ("--host-id", "ID", "host identity (default: hostname)"),
     "labels_file": ("--labels-file", "FILE", "host labels, key=\"value\" per line (Kubernetes downward API format)"),
     "token_file": ("--token-file", "FILE", "bearer token for the aggregator"),
-    "tls_ca": ("--tls-ca", "FILE", "CA that signed the aggregator's certificate"),
+    "tls_ca": ("--tls-ca", "FILE", "CA that signed the aggregator's certificate (checked at start)"),
     "tls_cert": ("--tls-cert", "FILE", "client certificate (mutual TLS)"),
     "tls_key": ("--tls-key", "FILE", "client key (mutual TLS)"),
     "tls_server_name": ("--tls-server-name", "NAME", "expected name in the aggregator's certificate"),
@@ -75,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from .config import ConfigError, environ, load_config
+    from .config import ConfigError, check_file_parent, check_tls_files, environ, error_line, load_config
     from .daemon import AgentConfig, AgentDaemon
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -84,16 +85,20 @@ def cmd_run(args: argparse.Namespace) -> int:
                  use_qmp=args.use_qmp)
     try:
         cfg = load_config(AgentConfig, Path(args.config) if args.config else None, env=environ(), flags=flags,
-                          secret_paths=AGENT_SECRET_PATHS)
+                          secret_paths=AGENT_SECRET_PATHS, flag_names={k: v[0] for k, v in RUN_FLAGS.items()})
+        # Checked here, once: a CA that cannot be loaded would otherwise fail every handshake, forever.
+        check_tls_files(cfg.tls_cert or None, cfg.tls_key or None, cfg.tls_ca or None, server=False)
+        check_file_parent(cfg.spool_path, "spool_path")
         daemon = AgentDaemon(cfg)
     except (ConfigError, ValueError, OSError) as exc:
-        print(f"eptwatch-agent: {exc}", file=sys.stderr)
+        print(error_line("eptwatch-agent", exc), file=sys.stderr)
         return 2
     return asyncio.run(daemon.run())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eptwatch-agent", description="Estimate lost EPT/NPT huge mappings on this KVM host.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sample", help="take one sample of this host and print it")
     _add_root_flags(p)
@@ -111,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     for key, (flag, metavar, help_text) in RUN_FLAGS.items():
         # A number given as a flag is checked by argparse (exit 2 with a message, not a traceback).
         r.add_argument(flag, dest=key, metavar=metavar, help=help_text, type=float if key == "interval_seconds" else str)
-    r.add_argument("--insecure-plaintext", action="store_const", const=True, help="no TLS (loopback demos and tests only)")
+    r.add_argument("--insecure-plaintext", action="store_const", const=True, help="no TLS to the aggregator "
+                   "(demos, tests, or a network you trust: the reports and the token travel in clear)")
     # Only when given: otherwise use_qmp comes from --config (default true).
     r.add_argument("--no-qmp", dest="use_qmp", action="store_const", const=False, help=NO_QMP_HELP)
     r.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))

@@ -8,7 +8,12 @@ flags. Unknown keys are errors; every error names the file, the key and what was
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
+import re
+import socket
+import ssl
 import types
 import typing
 from collections.abc import Mapping
@@ -23,7 +28,8 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    pass
+    """A configuration value, file or start-up resource is wrong. The message names the file, key or
+    address and what was expected; the CLIs print it as one line (`<prog>: error: <message>`), exit 2."""
 
 
 def _type_name(tp: Any) -> str:
@@ -49,7 +55,13 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return number
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -68,16 +80,21 @@ def _check(value: Any, tp: Any, where: str) -> Any:
 
 
 def load_config(cls: type[T], path: Path | None, env: Mapping[str, str] | None = None,
-                flags: Mapping[str, Any] | None = None, secret_paths: tuple[str, ...] = ()) -> T:
+                flags: Mapping[str, Any] | None = None, secret_paths: tuple[str, ...] = (),
+                flag_names: Mapping[str, str] | None = None) -> T:
     """Build `cls` (a dataclass) from defaults, the YAML file, env overrides and flags."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read configuration file: {exc.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -101,11 +118,12 @@ def load_config(cls: type[T], path: Path | None, env: Mapping[str, str] | None =
         if value is not None:
             if key not in known:
                 raise ConfigError(f"flag {key!r} has no configuration key")  # pragma: no cover - wiring bug
-            values[key] = _check(value, hints[key], f"--{key.replace('_', '-')}")
+            flag = (flag_names or {}).get(key) or f"--{key.replace('_', '-')}"
+            values[key] = _check(value, hints[key], flag)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path or 'configuration'}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
 
 
 def environ() -> Mapping[str, str]:
@@ -126,3 +144,184 @@ def read_era_overrides(path: str) -> tuple[EraOverride, ...]:
     if not path:
         return ()
     return load_era_overrides(read_config_file(path, "era override file").decode("utf-8", "replace"), path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Start-up checks shared by agent and aggregator. Each raises ConfigError naming the address, file or
+# key, so both CLIs can print one line and exit 2 instead of a traceback (or, worse, starting and then
+# retrying forever against a CA that can never verify anything).
+
+_HOSTPORT = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+(?:%[\w.-]+)?)\]|(?P<host>[A-Za-z0-9_.-]*)):(?P<port>[0-9]{1,5})")
+LOOPBACK_NAMES = ("localhost",)
+
+
+def parse_hostport(value: str, key: str, *, allow_port_zero: bool = True, require_host: bool = False) -> tuple[str, int]:
+    """HOST:PORT, [IPV6]:PORT or :PORT (all interfaces) -> (host, port). Anything else is a ConfigError:
+    a bare word, '::' without brackets and ports above 65535 would otherwise be read as some other port."""
+    m = _HOSTPORT.fullmatch(value)
+    if m is None:
+        raise ConfigError(f"{key}: expected HOST:PORT (IPv6 as [ADDR]:PORT), got {value!r}")
+    port = int(m.group("port"))
+    if port > 65535 or (port == 0 and not allow_port_zero):
+        raise ConfigError(f"{key}: port {port} out of range (1-65535) in {value!r}")
+    host = m.group("v6") if m.group("v6") is not None else m.group("host")
+    if m.group("v6") is not None:
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ConfigError(f"{key}: {host!r} is not an IPv6 address in {value!r}") from None
+    if require_host and not host:
+        raise ConfigError(f"{key}: expected HOST:PORT with a host, got {value!r}")
+    return host, port
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when `host` can only be reached from this machine ('' means every interface: not loopback)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port_free(address: str, key: str, *, reuse_port: bool = False) -> None:
+    """Fail with the address named if nothing could bind it. gRPC's own failure is a RuntimeError plus
+    C-core lines on stderr; checking first gives one clear line. `reuse_port` mirrors a server that
+    sets SO_REUSEPORT (several aggregators on one port), so that case still passes."""
+    host, port = parse_hostport(address, key)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"{key}: cannot resolve {address!r}: {exc}") from None
+    errors: list[str] = []
+    for family, kind, proto, _canon, sockaddr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                s.bind(sockaddr)
+                return  # gRPC, like us, is content with one of the resolved addresses
+            except OSError as exc:
+                errors.append(exc.strerror or str(exc))
+    raise ConfigError(f"{key}: cannot listen on {address}: {'; '.join(dict.fromkeys(errors)) or 'no address'}")
+
+
+def check_state_dir(path: str, key: str) -> None:
+    """A directory we can create files in (created if missing), not a file or a read-only place."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}: {path} exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot create directory {path}: {exc.strerror}") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: directory {path} is not writable")
+
+
+def check_file_parent(path: str, key: str) -> None:
+    """A file (SQLite database) whose directory exists or can be made writable, and which is no directory."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{key}: {path} is a directory, expected a file")
+    check_state_dir(str(p.parent), f"{key}: {path}")
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key; gRPC cannot use one.
+    raise ConfigError("encrypted private keys are not supported")
+
+
+def _check_pem_cert(path: str, what: str) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cafile=path)
+    except OSError as exc:  # ssl.SSLError is an OSError too: read errors first
+        if isinstance(exc, ssl.SSLError):
+            raise ConfigError(f"{path}: {what} holds no valid PEM certificate ({exc.reason or exc})") from None
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
+def check_tls_files(cert: str | None, key: str | None, ca: str | None, *, server: bool) -> None:
+    """Load the TLS material the way it will be used, at start: a missing, garbled or mismatched file is
+    a ConfigError naming it rather than a handshake failure on every connection later."""
+    if ca:
+        _check_pem_cert(ca, "TLS CA")
+    if cert:
+        _check_pem_cert(cert, "TLS certificate")
+    if cert and key:
+        try:
+            Path(key).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read TLS private key: {exc.strerror}") from None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_cert_chain(cert, key, password=_no_password)
+        except ConfigError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc) or exc.reason == "KEY_VALUES_MISMATCH":
+                raise ConfigError(f"{key}: TLS private key does not match the certificate {cert}") from None
+            raise ConfigError(f"{key}: TLS private key is not a valid PEM private key") from None
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot read TLS private key: {exc.strerror}") from None
+
+
+# Upper bound of every duration setting: a year. Beyond it a number is a typo, and timers would overflow.
+MAX_SECONDS = 365 * 86400.0
+# A guest's RAM is at least one 2 MiB huge page; a smaller threshold would take every small mapping
+# (stacks, libraries) for guest RAM.
+MIN_GUEST_RAM_MIN_BYTES = 2 * 1024 * 1024
+
+
+# gRPC name-resolver schemes an agent's `server` may use besides plain HOST:PORT.
+_GRPC_SCHEMES = re.compile(r"(?P<scheme>dns|ipv4|ipv6|unix|unix-abstract|vsock):(?P<rest>.+)")
+
+
+def check_grpc_target(value: str, key: str) -> None:
+    """HOST:PORT, [IPV6]:PORT, or a gRPC target (`dns:///svc:9861`, `unix:/path`, `ipv4:...`). A dns
+    target's endpoint is checked as HOST[:PORT] too; other schemes are left to gRPC."""
+    m = _GRPC_SCHEMES.fullmatch(value)
+    if m is None:
+        parse_hostport(value, key, allow_port_zero=False, require_host=True)
+        return
+    if m.group("scheme") == "dns":
+        endpoint = m.group("rest").removeprefix("//").partition("/")[2] if m.group("rest").startswith("//") else m.group("rest")
+        if not endpoint:
+            raise ConfigError(f"{key}: no host in gRPC target {value!r}")
+        if ":" in endpoint.replace("[", "").replace("]", "") or endpoint.startswith("["):
+            parse_hostport(endpoint, key, allow_port_zero=False, require_host=True)
+
+
+def check_agent_values(cfg: Any) -> None:
+    """Ranges of the agent's settings (AgentConfig.__post_init__ calls this; kept here so that the
+    rules for both programs sit together). Raises ConfigError naming the key."""
+    check_grpc_target(cfg.server, "server")
+    if cfg.metrics_listen:
+        parse_hostport(cfg.metrics_listen, "metrics_listen")
+    for name in ("interval_seconds", "spool_max_age_seconds", "stream_max_age_seconds", "backoff_initial_seconds",
+                 "backoff_max_seconds"):
+        if not 0 < getattr(cfg, name) <= MAX_SECONDS:
+            raise ConfigError(f"{name}: expected a positive number up to {MAX_SECONDS:.0f}, got {getattr(cfg, name)}")
+    for name in ("smaps_budget_seconds", "shutdown_flush_seconds"):
+        if not 0 <= getattr(cfg, name) <= MAX_SECONDS:
+            raise ConfigError(f"{name}: expected 0 to {MAX_SECONDS:.0f} seconds, got {getattr(cfg, name)}")
+    if not MIN_GUEST_RAM_MIN_BYTES <= cfg.guest_ram_min_bytes <= 2**63 - 1:
+        raise ConfigError(f"guest_ram_min_bytes: expected at least {MIN_GUEST_RAM_MIN_BYTES} (2 MiB), got {cfg.guest_ram_min_bytes}")
+    # gRPC channel arguments are C ints.
+    if not 0 < cfg.max_message_bytes <= 2**31 - 1:
+        raise ConfigError(f"max_message_bytes: expected 1 to 2147483647, got {cfg.max_message_bytes}")
+    for name in ("spool_max_bytes", "batch_max_reports"):
+        if not 0 < getattr(cfg, name) <= 2**63 - 1:
+            raise ConfigError(f"{name}: expected a positive integer, got {getattr(cfg, name)}")
+
+
+def error_line(prog: str, exc: BaseException | str) -> str:
+    """`<prog>: error: <message>` on one line (YAML parser messages span several)."""
+    message = _NEWLINES.sub("; ", str(exc).strip())
+    return f"{prog}: error: {message}"
+
+
+_NEWLINES = re.compile(r"\s*\n\s*")

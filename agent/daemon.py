@@ -6,7 +6,11 @@ import asyncio
 import logging
 import random
 import signal
+import sys
+import threading
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import read_config_file, read_era_overrides
+from .config import check_agent_values, read_config_file, read_era_overrides
 from .delivery import Delivery, DeliveryConfig, channel_options
 from .hostroot import HostRoot
 from .httpserve import HttpServer
@@ -23,7 +27,7 @@ from .metrics import AgentCollector, AgentState
 from .report import host_report
 from .sampler import Sampler, SamplerConfig
 from .smaps import SCANNER
-from .spool import Spool
+from .spool import Spool, SpoolFull
 from .status import ParseError
 
 log = logging.getLogger("eptwatch.agent")
@@ -62,12 +66,15 @@ class AgentConfig:
     stream_max_age_seconds: float = 600.0
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
-    shutdown_flush_seconds: float = 5.0
+    # On SIGTERM: all the time the agent takes to go (delivering what is spooled; a sample in progress
+    # gets a short grace inside it). Small, so the agent is gone within 2 s whatever a read is doing.
+    shutdown_flush_seconds: float = 1.5
     load_balancing: str = "pick_first"  # round_robin over a headless Service's replicas
 
     def __post_init__(self) -> None:
         if not self.server:
             raise ValueError("server: the aggregator's HOST:PORT is required")
+        check_agent_values(self)
         if not self.tls_ca and not self.insecure_plaintext:
             raise ValueError("no TLS configured: give tls_ca (and tls_cert/tls_key for mutual TLS), or insecure_plaintext: true")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -147,9 +154,11 @@ class AgentDaemon:
             return (200 if ready else 503), "text/plain; charset=utf-8", b"ready\n" if ready else b"no sample yet\n"
         return 404, "text/plain; charset=utf-8", b"not found\n"
 
-    def _sample_once(self) -> None:
+    def _sample_once(self, stop: threading.Event | None = None) -> None:
         t0 = time.monotonic()
         sample = self.sampler.sample()
+        if stop is not None and stop.is_set():
+            return  # stopping: the spool is being flushed and closed
         self.state.sample_duration_seconds = time.monotonic() - t0
         self.state.sample = sample
         self.state.samples_total += 1
@@ -159,22 +168,27 @@ class AgentDaemon:
 
         self.spool.append(build)
 
-    async def _sampling(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
+    # How long a stopping agent waits for a sample in progress before leaving its thread behind.
+    SAMPLER_GRACE_SECONDS = 0.3
+
+    def _sampling(self, stop: threading.Event, notify: Callable[[], None]) -> None:
+        """The sampling loop, in its own daemon thread: a read that blocks (a FIFO, a hung mount) must
+        not hold up SIGTERM, delivery or the event loop, and cannot keep the process alive."""
+        while not stop.is_set():
             try:
-                await asyncio.to_thread(self._sample_once)
-                self.delivery.notify()
+                self._sample_once(stop)
+                if not stop.is_set():  # once stopping, the loop may be gone
+                    notify()
+            except SpoolFull as exc:
+                log.warning("sample not spooled: %s", exc)
             except Exception:  # noqa: BLE001 - a sampler bug must not stop delivery of what is spooled
                 self.state.sample_failures_total += 1
                 log.exception("sample failed")
             delay = self.cfg.interval_seconds * (1 + random.uniform(-self.cfg.jitter_ratio, self.cfg.jitter_ratio))
-            try:
-                await asyncio.wait_for(stopping.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
+            stop.wait(delay)
 
-    async def run(self) -> int:
-        stopping = asyncio.Event()
+    async def run(self, stopping: asyncio.Event | None = None) -> int:
+        stopping = stopping or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
@@ -185,17 +199,33 @@ class AgentDaemon:
         if SCANNER != "c":
             log.warning("smaps: the compiled scanner (eptwatch.agent._smapscan) is not built; the regex fallback "
                         "finds the same VMAs at several times the CPU cost on large smaps")
-        sampling = asyncio.create_task(self._sampling(stopping))
+        stop_sampling = threading.Event()
+        sampler = threading.Thread(target=self._sampling, name="eptwatch-sampler", daemon=True,
+                                   args=(stop_sampling, lambda: loop.call_soon_threadsafe(self.delivery.notify)))
+        sampler.start()
         delivering = asyncio.create_task(self.delivery.run(stopping))
         await stopping.wait()
-        log.info("stopping: no more samples; flushing the spool for up to %.0f s", self.cfg.shutdown_flush_seconds)
-        await asyncio.gather(sampling, return_exceptions=True)
+        log.info("stopping: no more samples; flushing the spool for up to %.1f s", self.cfg.shutdown_flush_seconds)
+        stop_sampling.set()
+        # One budget for everything below: delivery keeps running while the sampler gets its grace.
+        deadline = loop.time() + max(self.cfg.shutdown_flush_seconds, self.SAMPLER_GRACE_SECONDS)
+        # The HTTP server takes up to its poll interval (0.5 s) to stop: do it beside the grace and flush.
+        http_stopped = asyncio.create_task(asyncio.to_thread(self.http.stop)) if self.http is not None else None
+        await asyncio.to_thread(sampler.join, self.SAMPLER_GRACE_SECONDS)
+        if sampler.is_alive():
+            log.warning("stopping: the sample in progress did not return within %.1f s; leaving it behind. It is stuck at:\n%s",
+                        self.SAMPLER_GRACE_SECONDS, stuck_frame(sampler))
         self.delivery.notify()
         try:
-            await asyncio.wait_for(delivering, self.cfg.shutdown_flush_seconds)
+            await asyncio.wait_for(delivering, max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             log.info("flush incomplete: %d report(s) stay spooled for the next start", self.spool.stats().depth)
-        if self.http is not None:
-            self.http.stop()
-        self.spool.close()
+        if http_stopped is not None:
+            await http_stopped
+        self.spool.close()  # a sample still stuck finds it closed and spools nothing when it returns
         return 0
+
+
+def stuck_frame(thread: threading.Thread) -> str:
+    frame = sys._current_frames().get(thread.ident or -1)
+    return "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"

@@ -56,6 +56,7 @@ class DeliveryCounters:
     reports_acked_total: int = 0
     reports_rejected_total: int = 0
     reconnects_total: int = 0
+    instance_restarts_total: int = 0  # new agent instances started because the spool was rewound
     connected: bool = False
     last_error: str = ""
 
@@ -72,6 +73,11 @@ class DeliveryConfig:
     # round_robin spreads streams over every address a name resolves to (a headless Service's
     # replicas); pick_first sticks to one.
     load_balancing: str = "pick_first"
+
+
+class SpoolRewound(Exception):
+    """The aggregator holds sequences of our instance beyond what the spool has made: the stream ends
+    and the next one carries the new agent instance."""
 
 
 def channel_options(cfg: DeliveryConfig, server_name: str | None = None) -> list[tuple[str, object]]:
@@ -121,6 +127,11 @@ class Delivery:
             acked_before = self.counters.reports_acked_total
             try:
                 await self._one_stream(stopping)
+            except SpoolRewound:
+                attempt = 0  # not an outage: reconnect at once as the new instance
+                self.counters.connected = False
+                self.counters.reconnects_total += 1
+                continue
             except grpc.aio.AioRpcError as exc:
                 self._note_error(f"{exc.code().name}: {exc.details()}")
             except (OSError, asyncio.TimeoutError, asyncio.InvalidStateError) as exc:
@@ -199,8 +210,15 @@ class Delivery:
                     self.counters.connected = True
                     done: list[int] = []
                     rejected: set[int] = set()
-                    for ack in smsg.acks:
-                        if ack.agent_instance != self.spool.agent_instance:
+                    instance = self.spool.agent_instance
+                    mine = [ack for ack in smsg.acks if ack.agent_instance == instance]
+                    high_water = max((a.high_water_sequence for a in mine if a.status == ingest_pb2.ACK_STATUS_DUPLICATE), default=0)
+                    rewound = high_water > 0 and await asyncio.to_thread(self.spool.restart_instance, high_water) is not None
+                    for ack in mine:
+                        if rewound and ack.status == ingest_pb2.ACK_STATUS_DUPLICATE:
+                            # A sequence the aggregator already held under the old instance may be a
+                            # different, newer sample made after the rewind: keep it, it is resent
+                            # restamped as the new instance.
                             continue
                         done.append(ack.sequence)
                         if ack.status == ingest_pb2.ACK_STATUS_REJECTED:
@@ -216,6 +234,12 @@ class Delivery:
                             self.last_acked = (seq, payload)
                     in_flight.difference_update(done)
                     self.wake.set()
+                    if rewound:
+                        self.counters.instance_restarts_total += 1
+                        self.last_acked = None  # stamped with the old instance
+                        log.warning("aggregator %s acked sequences up to %d of our agent instance as duplicates: the spool "
+                                    "was rewound; now agent instance %s", self.cfg.target, high_water, self.spool.agent_instance)
+                        raise SpoolRewound(high_water)
 
             send_task = asyncio.create_task(sender())
             recv_task = asyncio.create_task(receiver())

@@ -7,11 +7,14 @@ event loop free of HTTP work.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from .config import ConfigError, parse_hostport
 
 log = logging.getLogger("eptwatch.http")
 
@@ -19,8 +22,12 @@ Route = Callable[[str, dict[str, list[str]]], tuple[int, str, bytes]]
 
 
 def split_hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    host, port = parse_hostport(value, "address")
+    return host or "0.0.0.0", port
+
+
+class _Server6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # http.server binds IPv4 only unless told
 
 
 class HttpServer:
@@ -45,7 +52,11 @@ class HttpServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("%s %s", self.address_string(), format % args)
 
-        self.httpd = ThreadingHTTPServer(split_hostport(address), Handler)
+        host, port = split_hostport(address)
+        try:
+            self.httpd = (_Server6 if ":" in host else ThreadingHTTPServer)((host, port), Handler)
+        except OSError as exc:  # '[Errno 98] Address already in use' alone does not say which address
+            raise ConfigError(f"cannot listen on {address} (HTTP): {exc.strerror or exc}") from None
         self.httpd.daemon_threads = True
         self.port: int = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="eptwatch-http", daemon=True)

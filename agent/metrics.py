@@ -36,7 +36,9 @@ METRICS: dict[str, str] = {
     "eptwatch_agent_sample_failures_total": "Samples that raised (a bug: the sampler reports failures as data)",
     "eptwatch_agent_spool_reports": "Reports waiting in the spool for an acknowledgement",
     "eptwatch_agent_spool_bytes": "Bytes of reports in the spool",
-    "eptwatch_agent_spool_dropped_total": "Reports dropped because the spool's size or age bound forced it",
+    "eptwatch_agent_spool_file_bytes": "Bytes the spool's files (database, WAL, shared memory) take on disk",
+    "eptwatch_agent_spool_dropped_total": "Reports dropped because the spool's size or age bound or a full disk forced it",
+    "eptwatch_agent_instance_restarts_total": "New agent instances started because the aggregator showed the spool was rewound",
     "eptwatch_agent_reports_sent_total": "Reports sent (resends included)",
     "eptwatch_agent_reports_acked_total": "Reports acknowledged by the aggregator",
     "eptwatch_agent_reports_rejected_total": "Reports the aggregator rejected as invalid",
@@ -152,7 +154,8 @@ class AgentCollector(Collector):
         d = self.state.delivery
         if self.state.spool is not None:
             st = self.state.spool.stats()
-            for name, value in (("eptwatch_agent_spool_reports", st.depth), ("eptwatch_agent_spool_bytes", st.bytes)):
+            for name, value in (("eptwatch_agent_spool_reports", st.depth), ("eptwatch_agent_spool_bytes", st.bytes),
+                                ("eptwatch_agent_spool_file_bytes", st.file_bytes)):
                 g = _g(name)
                 g.add_metric([], value)
                 yield g
@@ -161,6 +164,7 @@ class AgentCollector(Collector):
         yield _c("eptwatch_agent_reports_acked_total", d.reports_acked_total)
         yield _c("eptwatch_agent_reports_rejected_total", d.reports_rejected_total)
         yield _c("eptwatch_agent_reconnects_total", d.reconnects_total)
+        yield _c("eptwatch_agent_instance_restarts_total", d.instance_restarts_total)
         g = _g("eptwatch_agent_connected")
         g.add_metric([], 1 if d.connected else 0)
         yield g

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from eptwatch.agent.config import MAX_SECONDS, ConfigError, check_port_free, is_loopback_host, parse_hostport
 from eptwatch.agent.report import message_to_dict
 from eptwatch.v1 import query_pb2, query_pb2_grpc
 
@@ -32,13 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("eptwatch.server")
 
 QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["Query"].full_name
-_HOSTPORT = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):(\d{1,5})")
 
 
 def check_hostport(value: str, key: str) -> str:
-    m = _HOSTPORT.fullmatch(value)
-    if m is None or int(m.group(2)) > 65535:
-        raise ValueError(f"{key}: expected HOST:PORT, got {value!r}")
+    parse_hostport(value, key)
     return value
 
 
@@ -54,6 +51,9 @@ class ServerConfig:
     # Both must be said out loud: an aggregator is never accidentally open.
     insecure_plaintext: bool = False
     insecure_no_auth: bool = False
+    # The insecure flags are for loopback; serving them on another address must be asked for too
+    # (the Helm chart does, behind its own NetworkPolicy and values that say so).
+    insecure_allow_non_loopback: bool = False
     max_concurrent_streams: int = 20000
     stream_idle_timeout_seconds: float = 300.0
     max_message_bytes: int = 16 * 1024 * 1024
@@ -82,14 +82,25 @@ class ServerConfig:
             raise ValueError("no TLS configured: give tls_cert and tls_key, or insecure_plaintext: true (loopback demos and tests only)")
         if not self.tokens_file and not self.insecure_no_auth:
             raise ValueError("no tokens_file: agents must authenticate; give tokens_file, or insecure_no_auth: true (loopback demos and tests only)")
+        insecure = [f for f in ("insecure_plaintext", "insecure_no_auth") if getattr(self, f)]
+        listen_host, _ = parse_hostport(self.listen, "listen")
+        if insecure and not self.insecure_allow_non_loopback and not is_loopback_host(listen_host):
+            raise ValueError(f"listen: {self.listen} is not a loopback address and {' and '.join(insecure)} {'are' if len(insecure) > 1 else 'is'} set; listen on "
+                             "127.0.0.1 or [::1], configure TLS and tokens, or add insecure_allow_non_loopback: true "
+                             "(--insecure-allow-non-loopback)")
+        # gRPC channel arguments are C ints: anything beyond 2^31-1 is refused (or wraps) inside the core.
         for name in ("max_concurrent_streams", "max_message_bytes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected a positive integer")
+            if not 0 < getattr(self, name) <= 2**31 - 1:
+                raise ValueError(f"{name}: expected an integer from 1 to 2147483647, got {getattr(self, name)}")
         for name in ("stream_idle_timeout_seconds", "report_interval_seconds", "stale_after_intervals"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number")
-        if self.top_n_worst_hosts < 0 or self.regression_min_hosts < 1:
-            raise ValueError("top_n_worst_hosts must be >= 0 and regression_min_hosts >= 1")
+            if not 0 < getattr(self, name) <= MAX_SECONDS:
+                raise ValueError(f"{name}: expected a positive number up to {MAX_SECONDS:.0f}, got {getattr(self, name)}")
+        if not 0 <= self.shutdown_grace_seconds <= MAX_SECONDS:
+            raise ValueError(f"shutdown_grace_seconds: expected 0 to {MAX_SECONDS:.0f}, got {self.shutdown_grace_seconds}")
+        if not 0 <= self.top_n_worst_hosts <= 10_000:
+            raise ValueError(f"top_n_worst_hosts: expected 0 to 10000, got {self.top_n_worst_hosts}")
+        if not 1 <= self.regression_min_hosts <= 2**31 - 1:
+            raise ValueError(f"regression_min_hosts: expected 1 or more, got {self.regression_min_hosts}")
         for name in ("regression_unexplained_ratio", "regression_margin_vs_best"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: expected a ratio between 0 and 1")
@@ -191,14 +202,21 @@ class Aggregator:
         reflection.enable_server_reflection(
             (INGEST_SERVICE, QUERY_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server
         )
+        # Before gRPC tries: its own failure is a RuntimeError with C-core lines on stderr.
+        check_port_free(cfg.listen, "listen", reuse_port=True)
+        creds: grpc.ServerCredentials | None = None
         if cfg.tls_cert and cfg.tls_key:
             cert, key, ca = TlsFiles(Path(cfg.tls_cert), Path(cfg.tls_key), Path(cfg.tls_client_ca) if cfg.tls_client_ca else None).read()
             creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
-            self.grpc_port = self.server.add_secure_port(cfg.listen, creds)
-        else:
-            self.grpc_port = self.server.add_insecure_port(cfg.listen)
+        try:
+            if creds is not None:
+                self.grpc_port = self.server.add_secure_port(cfg.listen, creds)
+            else:
+                self.grpc_port = self.server.add_insecure_port(cfg.listen)
+        except RuntimeError as exc:  # lost a race with another process since the check
+            raise ConfigError(f"listen: cannot listen on {cfg.listen}: {exc}") from None
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {cfg.listen}")
+            raise ConfigError(f"listen: cannot listen on {cfg.listen}")
         self.http = HttpServer(cfg.http, self)
         self.http.start()
         await self.server.start()

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import yaml
 
+# One error type for every configuration problem, agent and aggregator alike (re-exported here).
+from eptwatch.agent.config import ConfigError
+
+__all__ = ["ConfigError", "Principal", "TlsFiles", "TokenTable", "hash_token"]
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class ConfigError(ValueError):
-    """A configuration file is wrong; the message names the file, the key and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class TokenTable:
             raise ConfigError(f"{name}: not valid YAML: {exc}") from None
         if not isinstance(doc, dict) or set(doc) != {"tokens"} or not isinstance(doc["tokens"], list):
             raise ConfigError(f"{name}: expected a mapping with the single key 'tokens' holding a list")
+        if not doc["tokens"]:
+            # An empty table is not "no auth": it would refuse every agent while looking configured.
+            raise ConfigError(f"{name}: tokens: expected at least one token (for no authentication say insecure_no_auth)")
         entries: dict[str, Principal] = {}
         names: set[str] = set()
         for i, e in enumerate(doc["tokens"]):
@@ -85,9 +89,11 @@ class TokenTable:
     @classmethod
     def from_file(cls, path: Path) -> TokenTable:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read tokens file: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: tokens file is not UTF-8 text (invalid byte at offset {exc.start})") from None
         return cls.from_yaml(text, str(path))
 
     def authenticate(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> Principal | None:

@@ -5,21 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 
-from eptwatch.agent.config import ConfigError, environ, load_config
+from eptwatch.agent.config import ConfigError, check_state_dir, check_tls_files, environ, error_line, load_config
 
+from . import __version__
 from .app import Aggregator, ServerConfig
-from .auth import ConfigError as AuthConfigError
 from .auth import hash_token
+from .storebase import is_postgres_url
+
+PROG = "eptwatch-server"
 
 # Also taken from EPTWATCH_<KEY> (a mounted Secret): state_dir may be a postgresql:// URL with a password.
 SECRET_PATHS = ("tokens_file", "tls_cert", "tls_key", "tls_client_ca", "state_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eptwatch-server", description="eptwatch aggregator: ingest agent reports, serve the fleet view.")
+    p = argparse.ArgumentParser(prog=PROG, description="eptwatch aggregator: ingest agent reports, serve the fleet view.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--config", metavar="FILE", help="YAML configuration (see docs/configuration.md)")
     p.add_argument("--listen", metavar="HOST:PORT", help="gRPC ingest address (default 127.0.0.1:9861)")
     p.add_argument("--http", metavar="HOST:PORT", help="HTTP address for /metrics, the API and the fleet page (default 127.0.0.1:9862)")
@@ -29,15 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="FILE")
     p.add_argument("--tls-key", metavar="FILE")
     p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mutual TLS)")
-    p.add_argument("--insecure-plaintext", action="store_const", const=True, help="serve gRPC without TLS (loopback only)")
-    p.add_argument("--insecure-no-auth", action="store_const", const=True, help="accept agents without tokens (loopback only)")
+    p.add_argument("--insecure-plaintext", action="store_const", const=True, help="serve gRPC without TLS (loopback --listen only, "
+                   "unless --insecure-allow-non-loopback)")
+    p.add_argument("--insecure-no-auth", action="store_const", const=True, help="accept agents without tokens (loopback --listen "
+                   "only, unless --insecure-allow-non-loopback)")
+    p.add_argument("--insecure-allow-non-loopback", action="store_const", const=True,
+                   help="allow the insecure flags with a --listen address other than loopback (a trusted network, e.g. behind a NetworkPolicy)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     sub = p.add_subparsers(dest="command")
     sub.add_parser("hash-token", help="read a token on stdin and print its SHA-256 for the tokens file")
     return p
 
 
-FLAG_KEYS = ("listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "insecure_plaintext", "insecure_no_auth")
+FLAG_KEYS = ("listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "insecure_plaintext", "insecure_no_auth",
+             "insecure_allow_non_loopback")
+
+
+def preflight(cfg: ServerConfig) -> None:
+    """What can be checked before anything binds or opens: each failure is a ConfigError naming its file."""
+    if not is_postgres_url(cfg.state_dir):  # a shared store is checked by connecting to it (Aggregator)
+        check_state_dir(cfg.state_dir, "state_dir")
+    if cfg.tls_cert and cfg.tls_key:
+        check_tls_files(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, server=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "hash-token":
         token = sys.stdin.readline().strip()
         if not token:
-            print("eptwatch-server hash-token: no token on stdin", file=sys.stderr)
+            print(error_line(f"{PROG} hash-token", "no token on stdin"), file=sys.stderr)
             return 2
         print(hash_token(token))
         return 0
@@ -53,14 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(ServerConfig, Path(args.config) if args.config else None, env=environ(),
                           flags={k: getattr(args, k) for k in FLAG_KEYS}, secret_paths=SECRET_PATHS)
+        preflight(cfg)
         agg = Aggregator(cfg)
-    except (ConfigError, AuthConfigError, RuntimeError) as exc:
-        print(f"eptwatch-server: {exc}", file=sys.stderr)
+    except (ConfigError, RuntimeError) as exc:  # ConfigError: also what auth.py raises
+        print(error_line(PROG, exc), file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:  # a file in the state directory that is not our database
+        print(error_line(PROG, f"state_dir: {cfg.state_dir}: cannot open the database: {exc}"), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(error_line(PROG, f"state_dir: {cfg.state_dir}: {exc.strerror or exc}"), file=sys.stderr)
         return 2
     try:
         asyncio.run(agg.serve_forever())
+    except ConfigError as exc:  # an address that cannot be bound
+        print(error_line(PROG, exc), file=sys.stderr)
+        return 2
     except OSError as exc:
-        print(f"eptwatch-server: {exc}", file=sys.stderr)
+        print(error_line(PROG, exc), file=sys.stderr)
         return 1
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -26,8 +27,10 @@ from pathlib import Path
 
 import grpc
 
+from eptwatch.agent.config import MAX_SECONDS, ConfigError, check_state_dir, error_line
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
 
+from . import __version__
 from .simulate import SimHost, SimulatedFleet, load_templates
 
 BIN = Path(sys.executable).parent
@@ -190,6 +193,7 @@ async def run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="eptwatch-demo", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--hosts", type=int, default=300, help="simulated hosts (default 300)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between a host's reports (default 5)")
     p.add_argument("--state", default=os.environ.get("EPTWATCH_DEMO_STATE", ".demo-state"), help="state and logs directory")
@@ -199,14 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: run until Ctrl-C)")
     p.add_argument("--summary-every", type=float, default=30.0, help="seconds between printed fleet summaries")
     args = p.parse_args(argv)
-    if args.hosts < 1 or args.interval <= 0:
-        p.error("--hosts must be >= 1 and --interval > 0")
-    if not Path(args.fixtures).is_dir():
-        p.error(f"--fixtures {args.fixtures}: not a directory (run from the repository, or pass --fixtures)")
+    try:
+        if not 1 <= args.hosts <= 100_000:
+            raise ConfigError(f"--hosts: expected 1 to 100000, got {args.hosts}")
+        for flag, value in (("--interval", args.interval), ("--summary-every", args.summary_every), ("--duration", args.duration)):
+            if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS) or (flag == "--interval" and value == 0):
+                raise ConfigError(f"{flag}: expected a finite number of seconds{' above 0' if flag == '--interval' else ''}, got {value}")
+        for flag, port in (("--grpc-port", args.grpc_port), ("--http-port", args.http_port)):
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"{flag}: port {port} out of range (1-65535)")
+        if not Path(args.fixtures).is_dir():
+            raise ConfigError(f"--fixtures {args.fixtures}: not a directory (run from the repository, or pass --fixtures)")
+        check_state_dir(args.state, "--state")
+    except ConfigError as exc:
+        print(error_line(p.prog, exc), file=sys.stderr)
+        return 2
     try:
         return asyncio.run(run_demo(args))
     except RuntimeError as exc:
-        print(f"eptwatch-demo: {exc}", file=sys.stderr)
+        print(error_line(p.prog, exc), file=sys.stderr)
         return 1
 
 

@@ -242,7 +242,8 @@ def test_helm_refuses_values_the_schema_refuses(helm: Helm) -> None:
 # through agent.config / aggregator.config and must be in the schema, and nothing else may be.
 AGENT_WIRED = {"server", "host_id", "spool_path", "metrics_listen", "labels_file", "token_file", "tls_ca", "tls_cert", "tls_key",
                "tls_server_name", "insecure_plaintext", "root", "procfs", "sysfs", "debugfs", "era_overrides_file"}
-SERVER_WIRED = {"listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "insecure_plaintext", "insecure_no_auth"}
+SERVER_WIRED = {"listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "insecure_plaintext", "insecure_no_auth",
+                 "insecure_allow_non_loopback"}
 
 
 def _schema_config_keys(component: str) -> set[str]:
@@ -623,6 +624,8 @@ def test_aggregator_command_line_and_config_load(rendered: dict[str, Rendered], 
     vals = case_values(case)
     assert cfg.insecure_plaintext == (not vals["tls"]["enabled"])
     assert cfg.insecure_no_auth == (not vals["auth"]["enabled"])
+    # The pod listens on its own address, so the insecure flags need the explicit override (and only they do).
+    assert cfg.insecure_allow_non_loopback == (cfg.insecure_plaintext or cfg.insecure_no_auth)
     assert bool(cfg.tls_client_ca) == (vals["tls"]["enabled"] and vals["tls"]["clientAuth"]["enabled"])
     agent_interval = vals["agent"]["config"].get("interval_seconds")
     if agent_interval and "report_interval_seconds" not in vals["aggregator"]["config"]:

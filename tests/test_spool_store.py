@@ -151,8 +151,8 @@ def test_spool_drop_count_is_durable_and_read_without_the_database(tmp_path: Pat
     # row may keep the drop (the real bound check runs, then the append fails after it).
     real_enforce = s._enforce_bounds
 
-    def enforce_then_fail() -> int:
-        assert real_enforce() == 1  # one more 100-byte report would exceed 250 bytes
+    def enforce_then_fail(held_bytes: int) -> int:
+        assert real_enforce(held_bytes) == 1  # one more 100-byte report would exceed 250 bytes
         raise RuntimeError("failed after the drop")
 
     monkeypatch.setattr(s, "_enforce_bounds", enforce_then_fail)

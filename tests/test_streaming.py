@@ -22,7 +22,8 @@ from .conftest import sampled_report_bytes
 from .procs import Aggregator, Proc, agent_args, http_get, spool_state
 
 INSECURE = ["--insecure-plaintext", "--insecure-no-auth"]
-FAST_BACKOFF = "backoff_initial_seconds: 0.05\nbackoff_max_seconds: 0.5\n"
+# A generous flush budget: these tests assert that SIGTERM delivers the whole spool, on a loaded machine.
+FAST_BACKOFF = "backoff_initial_seconds: 0.05\nbackoff_max_seconds: 0.5\nshutdown_flush_seconds: 10\n"
 
 
 def fast_agent_config(tmp_path: Path, extra: str = "") -> Path:
