@@ -15,8 +15,9 @@
 PyDoc_STRVAR(big_size_lines_doc,
 "big_size_lines(data, min_digits, /) -> list[tuple[int, int, int]]\n\n"
 "For each line `Size:[ \\t]*<digits> kB` preceded by a newline whose value has at least min_digits\n"
-"digits: (offset of that newline, start of the digits, end of the digits). data is any contiguous\n"
-"bytes-like object; it is only read during the call.");
+"digits: (offset of that newline, start of the digits, end of the digits); for each `Size:` line\n"
+"preceded by a newline that is not `[ \\t]*<digits> kB\\n` (malformed): (offset of that newline,\n"
+"end of `Size:`, the same). data is any contiguous bytes-like object; it is only read during the call.");
 
 static PyObject *
 big_size_lines(PyObject *module, PyObject *args)
@@ -54,10 +55,15 @@ big_size_lines(PyObject *module, PyObject *args)
         const char *digits = q;
         while (q < end && *q >= '0' && *q <= '9')
             q++;
-        if (q - digits < min_digits || end - q < 4 || memcmp(q, " kB\n", 4) != 0)
+        const int well_formed = q > digits && end - q >= 4 && memcmp(q, " kB\n", 4) == 0;
+        if (well_formed && q - digits < min_digits)
             continue;
-        PyObject *item = Py_BuildValue("(nnn)", (Py_ssize_t)(z - 3 - base), (Py_ssize_t)(digits - base),
-                                       (Py_ssize_t)(q - base));
+        /* A malformed Size line (`Size: lots kB`) is reported too, with an empty digit range, so
+         * that the caller parses its block strictly and fails: corrupt input is never skipped. */
+        const char *d0 = well_formed ? digits : z + 3;
+        const char *d1 = well_formed ? q : z + 3;
+        PyObject *item = Py_BuildValue("(nnn)", (Py_ssize_t)(z - 3 - base), (Py_ssize_t)(d0 - base),
+                                       (Py_ssize_t)(d1 - base));
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
             Py_DECREF(out);
@@ -65,7 +71,8 @@ big_size_lines(PyObject *module, PyObject *args)
             return NULL;
         }
         Py_DECREF(item);
-        p = q + 3; /* the regex, too, goes on from the newline after " kB" */
+        if (well_formed)
+            p = q + 3; /* the regex, too, goes on from the newline after " kB" */
     }
     PyBuffer_Release(&view);
     return out;

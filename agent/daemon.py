@@ -18,7 +18,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from .config import check_agent_values, read_config_file, read_era_overrides
+from .config import ConfigError, check_agent_values, read_config_file, read_era_overrides
 from .delivery import Delivery, DeliveryConfig, channel_options
 from .hostroot import HostRoot
 from .httpserve import HttpServer
@@ -97,9 +97,13 @@ def make_channel_factory(cfg: AgentConfig) -> tuple[object, tuple[tuple[str, str
     opts = channel_options(dcfg, cfg.tls_server_name or None)
     metadata: tuple[tuple[str, str], ...] = ()
     if cfg.token_file:
-        token = read_config_file(cfg.token_file, "token").decode().strip()
-        if not token:
-            raise ValueError(f"{cfg.token_file}: token file is empty")
+        raw = read_config_file(cfg.token_file, "token").strip()
+        # The token goes into a gRPC header: printable ASCII only, and the message never echoes it.
+        if not raw:
+            raise ConfigError(f"{cfg.token_file}: token file is empty")
+        if not all(0x21 <= b <= 0x7E for b in raw):
+            raise ConfigError(f"{cfg.token_file}: token must be printable ASCII without spaces (the file's content is not shown)")
+        token = raw.decode("ascii")
         metadata = (("authorization", f"Bearer {token}"),)
     if cfg.insecure_plaintext and not cfg.tls_ca:
         return (lambda: grpc.aio.insecure_channel(cfg.server, options=opts)), metadata

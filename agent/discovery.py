@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .bounds import MAX_BYTES, MAX_FD, MAX_PID, MAX_U64, parse_bounded, small_decimal
 from .hostroot import HostReadError, HostRoot
 from .status import ParseError
 
@@ -60,11 +61,19 @@ def split_qemu_opts(value: str) -> list[str]:
 
 
 def _parse_size(text: str, default_suffix: str = "") -> int | None:
+    """QEMU's -m size in bytes; None when it is not a size at all. A size beyond MAX_BYTES (a
+    400-digit -m, which float() makes inf) is a ParseError: the process is not sampled."""
     m = _SIZE.fullmatch(text.strip())
     if m is None:
         return None
     suffix = (m.group(2) or default_suffix).lower()
-    return int(float(m.group(1)) * _SUFFIX[suffix])
+    whole = m.group(1).split(".", 1)[0].lstrip("0")
+    if len(whole) > len(str(MAX_BYTES)):
+        raise ParseError("cmdline", f"-m {text[:20]!r}...: a {len(whole)}-digit memory size is out of range")
+    value = int(float(m.group(1)) * _SUFFIX[suffix])
+    if value > MAX_BYTES:
+        raise ParseError("cmdline", f"-m {text[:40]!r}: {value} bytes is out of range (at most {MAX_BYTES})")
+    return value
 
 
 def parse_cmdline(raw: bytes) -> list[str]:
@@ -82,6 +91,7 @@ def _is_qemu(comm: str, argv: list[str]) -> bool:
 
 
 def parse_qemu_identity(argv: list[str], comm: str = "") -> QemuIdentity:
+    """Name, uuid and -m of a QEMU command line. Raises ParseError for a -m out of range."""
     name = uuid = ""
     memory: int | None = None
     it = iter(range(len(argv)))
@@ -122,7 +132,7 @@ def parse_stat(text: str, name: str) -> tuple[str, int]:
     # rest[0] is field 3 (state); starttime is field 22.
     if len(rest) < 20 or not rest[19].isdigit():
         raise ParseError(name, f"expected at least 22 fields with a numeric starttime, got {len(rest) + 2}")
-    return text[open_paren + 1 : close_paren], int(rest[19])
+    return text[open_paren + 1 : close_paren], parse_bounded(rest[19], name, "starttime", MAX_U64)
 
 
 def parse_status_thp_enabled(text: str) -> bool | None:
@@ -135,7 +145,8 @@ def parse_status_thp_enabled(text: str) -> bool | None:
 
 
 def _numeric_dirs(root: HostRoot) -> list[int]:
-    return sorted(int(n) for n in root.listdir(root.procfs) if n.isdigit())
+    # A name of digits beyond pid_max is not a process the kernel made: skipped.
+    return sorted(pid for n in root.listdir(root.procfs) if (pid := small_decimal(n, MAX_PID)) is not None)
 
 
 def vm_fds_of(root: HostRoot, pid: int) -> list[int]:
@@ -146,11 +157,12 @@ def vm_fds_of(root: HostRoot, pid: int) -> list[int]:
         return []
     fds = []
     for n in names:
-        if not n.isdigit():
+        fd = small_decimal(n, MAX_FD)
+        if fd is None:
             continue
         try:
             if root.readlink(root.proc(pid, "fd", n)) == KVM_VM_FD_LINK:
-                fds.append(int(n))
+                fds.append(fd)
         except HostReadError:
             continue
     return fds
@@ -167,6 +179,9 @@ def discover_vms(root: HostRoot, debugfs_vm_dirs: list[tuple[int, int]], scan_fd
     candidates: dict[int, _Candidate] = {}
     notes: list[str] = []
     for pid, fd in debugfs_vm_dirs:
+        if not (0 < pid <= MAX_PID and 0 <= fd <= MAX_FD):
+            notes.append(f"debugfs kvm/{pid}-{fd}: pid or fd out of range, ignored")
+            continue
         c = candidates.setdefault(pid, _Candidate())
         c.by.add("debugfs")
         c.fds.add(fd)
@@ -202,7 +217,13 @@ def discover_vms(root: HostRoot, debugfs_vm_dirs: list[tuple[int, int]], scan_fd
         except ParseError as exc:
             notes.append(f"pid {pid}: {exc}")
             continue
-        identity = parse_qemu_identity(argv, comm)
+        try:
+            identity = parse_qemu_identity(argv, comm)
+        except ParseError as exc:
+            # One process with an absurd command line (any local user can start one named qemu-system-x86)
+            # costs only itself: dropped with a note, the other VMs are still sampled.
+            notes.append(f"pid {pid}: dropped: {exc}")
+            continue
         by = set(c.by)
         if identity.is_qemu:
             by.add("cmdline")

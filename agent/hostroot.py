@@ -10,15 +10,28 @@ out about one page per read() whatever size is asked for, so collecting it as ne
 allocation per page plus a join into fresh, not yet faulted-in memory. The sampler instead reads it
 into its `ReadBuffer` (`root.read_bytes(path, into=buffer)`): the pages land in memory that earlier
 samples already faulted in, and the file is not copied again.
+
+`--root` is a boundary (the tree may be a container's or an attacker's): every path is opened
+beneath the root with openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) where the kernel has it
+(5.6+), else by a checked walk that resolves each symbolic link by hand and refuses one that leaves
+the root. On the live host (root `/`, or the default /proc, /sys, /sys/kernel/debug) paths are
+opened as they are, so the kernel's own links keep working. Whatever the root, only regular files
+are read (procfs, sysfs and debugfs files are regular; a FIFO would block forever), opened
+non-blocking, bounded in size and in time.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
 import os
+import platform
+import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import overload
 
 # smaps of a QEMU process with tens of thousands of VMAs runs to tens of MB; anything past this is not
@@ -30,10 +43,29 @@ _HEADROOM_BYTES = 64 * 1024
 _ZEROS = bytes(_HEADROOM_BYTES)
 # A ReadBuffer keeps its size between reads up to this much (a bigger one shrinks at a smaller read).
 _KEEP_BYTES = 32 * 1024 * 1024
+# A ReadBuffer read goes on in steps of at most this much, so that the deadline is checked between them.
+_STEP_BYTES = 8 * 1024 * 1024
+# Longest one file read may take. A procfs/sysfs file is produced in milliseconds (smaps of a huge
+# QEMU in well under a second); past this something is wrong (a stalled FUSE or NFS tree under
+# --root) and one source is given up rather than the whole sample.
+READ_DEADLINE_SECONDS = 60.0
+# The clock the deadline is measured on (a module attribute so that tests can step it).
+_monotonic: Callable[[], float] = time.monotonic
+# Paths under which the running kernel's own files live: opened as they are (see the module doc).
+_LIVE_ANCHORS = (Path("/"), Path("/proc"), Path("/sys"), Path("/sys/kernel/debug"))
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+# openat2(2) resolve flags (linux/openat2.h).
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_BENEATH = 0x08
+_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437}.get(platform.machine())
+# Symbolic links a hand walk follows before calling it a loop (the kernel's own limit is 40).
+_MAX_LINKS = 40
 
 
 class HostReadError(Exception):
-    """A host file could not be read. `kind` is one of: absent, denied, gone, too_large, io."""
+    """A host file could not be read. `kind` is one of: absent, denied, gone, too_large, io,
+    outside_root (the path resolves outside the root, or through a kernel magic link under it),
+    not_regular (a FIFO, device or directory where a file was expected), timeout."""
 
     def __init__(self, kind: str, path: Path, detail: str) -> None:
         super().__init__(f"{path}: {detail}")
@@ -48,6 +80,10 @@ def _classify(path: Path, exc: OSError) -> HostReadError:
         return HostReadError("absent", path, "does not exist")
     if code in (errno.EACCES, errno.EPERM):
         return HostReadError("denied", path, f"permission denied ({errno.errorcode.get(code, code)})")
+    if code in (errno.EXDEV, errno.ELOOP):
+        # openat2 RESOLVE_BENEATH: EXDEV for a path leaving the root, ELOOP for a magic link; the hand
+        # walk raises ELOOP for the same and for a link swapped in while it walked.
+        return HostReadError("outside_root", path, "resolves outside the root (a symbolic link leaving it, or a loop)")
     if code == errno.ESRCH:
         # /proc/PID files answer ESRCH once the process has exited while we hold them open.
         return HostReadError("gone", path, "process exited while being read")
@@ -72,7 +108,7 @@ class ReadBuffer:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def _fill(self, fd: int, path: Path, limit: int) -> bytes | bytearray:
+    def _fill(self, fd: int, path: Path, limit: int, deadline: float) -> bytes | bytearray:
         buf = self._buf
         # Fails with BufferError if a caller still holds a memoryview of the previous result.
         buf.append(0)
@@ -86,7 +122,7 @@ class ReadBuffer:
                 if len(buf) - n < _HEADROOM_BYTES:
                     # After the first big read this stays within the allocation: no realloc, no new pages.
                     buf += _ZEROS
-                with memoryview(buf)[n : limit + 1] as room:
+                with memoryview(buf)[n : min(limit + 1, n + _STEP_BYTES)] as room:
                     got = reader.readinto(room)
                     full = got == len(room)
                 n += got
@@ -94,6 +130,7 @@ class ReadBuffer:
                     raise HostReadError("too_large", path, f"larger than the {limit}-byte read limit")
                 if not full:  # readinto stops short only at end of file
                     break
+                _check_deadline(path, deadline)
         except OSError as exc:
             raise _classify(path, exc) from None
         allocated = buf.__alloc__()
@@ -107,16 +144,160 @@ class ReadBuffer:
 
 
 
+
+def _check_deadline(path: Path, deadline: float) -> None:
+    if _monotonic() > deadline:
+        raise HostReadError("timeout", path, f"read took longer than {READ_DEADLINE_SECONDS:.0f} s: given up")
+
+
+def _require_regular(fd: int, path: Path) -> None:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise _classify(path, exc) from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) \
+            else "a device" if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "not a regular file"
+        raise HostReadError("not_regular", path, f"is {kind}, not a regular file: not read")
+
+
+def _read_fd(fd: int, path: Path, limit: int, into: ReadBuffer | None) -> bytes | bytearray:
+    """The whole of an open regular file, within `limit` bytes and READ_DEADLINE_SECONDS."""
+    _require_regular(fd, path)
+    deadline = _monotonic() + READ_DEADLINE_SECONDS
+    if into is not None:
+        return into._fill(fd, path, limit, deadline)
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        try:
+            chunk = os.read(fd, _CHUNK_BYTES)
+        except OSError as exc:
+            raise _classify(path, exc) from None
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise HostReadError("too_large", path, f"larger than the {limit}-byte read limit")
+        chunks.append(chunk)
+        _check_deadline(path, deadline)
+    return b"".join(chunks)
+
+
+@overload
+def read_file(path: Path, limit: int = MAX_READ_BYTES, into: None = None) -> bytes: ...
+
+
+@overload
+def read_file(path: Path, limit: int = MAX_READ_BYTES, *, into: ReadBuffer) -> bytes | bytearray: ...
+
+
+def read_file(path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | None = None) -> bytes | bytearray:
+    """A file the caller names itself (a benchmark's /proc/PID/smaps, a test's file), with the same
+    checks as HostRoot reads (regular file, size and time bounds) but no root to stay beneath."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _classify(path, exc) from None
+    try:
+        return _read_fd(fd, path, limit, into)
+    finally:
+        os.close(fd)
+
+
+# --- opening beneath a root ---------------------------------------------------------------------
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_openat2_usable: bool | None = None  # None: not probed yet
+_libc: ctypes.CDLL | None = None
+
+
+def _raw_openat2(dirfd: int, rel: str, flags: int) -> int:
+    global _libc
+    if _SYS_OPENAT2 is None:
+        raise OSError(errno.ENOSYS, "openat2: syscall number unknown on this architecture")
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+    how = _OpenHow(flags, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    fd = int(_libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd), ctypes.c_char_p(os.fsencode(rel)),
+                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))))
+    if fd < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return fd
+
+
+def _have_openat2() -> bool:
+    """Whether openat2 works here: kernel 5.6+, a known syscall number, and no seccomp filter in the way."""
+    global _openat2_usable
+    if _openat2_usable is None:
+        if _SYS_OPENAT2 is None:
+            _openat2_usable = False
+        else:
+            try:
+                os.close(_raw_openat2(-100, ".", os.O_PATH | os.O_CLOEXEC))  # AT_FDCWD
+                _openat2_usable = True
+            except (OSError, AttributeError):  # ENOSYS (old kernel), EPERM (seccomp), no syscall() in libc
+                _openat2_usable = False
+    return _openat2_usable
+
+
+def _walk_beneath(base: int, parts: list[str], flags: int) -> int:
+    """openat2(RESOLVE_BENEATH) by hand: each symbolic link is read and resolved within the root; one
+    that is absolute, climbs above the root or loops raises ELOOP. Every step opens with O_NOFOLLOW,
+    so a link swapped in between the check and the open fails instead of being followed."""
+    stack = [os.dup(base)]
+    pending = [p for p in parts if p not in ("", ".")]
+    links = 0
+    try:
+        while True:
+            if not pending:  # the root itself
+                return os.open(".", flags, dir_fd=stack[-1])
+            name = pending.pop(0)
+            if name == "..":
+                if len(stack) == 1:
+                    raise OSError(errno.EXDEV, "climbs above the root")
+                os.close(stack.pop())
+                if not pending:
+                    return os.open(".", flags, dir_fd=stack[-1])
+                continue
+            try:
+                target: str | None = os.readlink(name, dir_fd=stack[-1])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: exists and is not a link
+                    raise
+                target = None
+            if target is not None:
+                links += 1
+                if links > _MAX_LINKS or target.startswith("/"):
+                    raise OSError(errno.ELOOP, "symbolic link leaves the root")
+                pending[0:0] = [p for p in target.split("/") if p not in ("", ".")]
+                continue
+            if not pending:
+                return os.open(name, flags | os.O_NOFOLLOW, dir_fd=stack[-1])
+            stack.append(os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=stack[-1]))
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class HostRoot:
     procfs: Path = Path("/proc")
     sysfs: Path = Path("/sys")
     debugfs: Path = Path("/sys/kernel/debug")
+    # The tree given as --root: no path read may resolve outside it. None: each of procfs, sysfs and
+    # debugfs bounds the reads under it.
+    root: Path | None = None
 
     @classmethod
     def from_root(cls, root: str | os.PathLike[str]) -> HostRoot:
         base = Path(root)
-        return cls(procfs=base / "proc", sysfs=base / "sys", debugfs=base / "sys" / "kernel" / "debug")
+        return cls(procfs=base / "proc", sysfs=base / "sys", debugfs=base / "sys" / "kernel" / "debug", root=base)
 
     @classmethod
     def from_paths(cls, root: str | None = None, procfs: str | None = None, sysfs: str | None = None,
@@ -124,7 +305,7 @@ class HostRoot:
         """`--root` (a tree shaped like /, default /) with any of `--path.procfs/sysfs/debugfs` over it."""
         base = cls.from_root(root) if root else cls()
         return cls(procfs=Path(procfs) if procfs else base.procfs, sysfs=Path(sysfs) if sysfs else base.sysfs,
-                   debugfs=Path(debugfs) if debugfs else base.debugfs)
+                   debugfs=Path(debugfs) if debugfs else base.debugfs, root=base.root)
 
     @property
     def is_live(self) -> bool:
@@ -145,67 +326,82 @@ class HostRoot:
 
     # --- I/O primitives: the only places that touch the host ---
 
-    @overload
-    @staticmethod
-    def read_bytes(path: Path, limit: int = MAX_READ_BYTES, into: None = None) -> bytes: ...
+    def _anchor(self, path: Path) -> tuple[Path, PurePath]:
+        """(the directory `path` must stay beneath, the rest of `path` below it)."""
+        if ".." in path.parts:
+            raise HostReadError("outside_root", path, "'..' in a host path: not followed")
+        anchors = ([self.root] if self.root is not None else []) + sorted(
+            (self.debugfs, self.sysfs, self.procfs), key=lambda p: len(p.parts), reverse=True)
+        for anchor in anchors:
+            try:
+                return anchor, path.relative_to(anchor)
+            except ValueError:
+                continue
+        raise HostReadError("outside_root", path, "not under this host root's procfs, sysfs or debugfs")
 
-    @overload
-    @staticmethod
-    def read_bytes(path: Path, limit: int = MAX_READ_BYTES, *, into: ReadBuffer) -> bytes | bytearray: ...
-
-    @staticmethod
-    def read_bytes(path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | None = None) -> bytes | bytearray:
-        """The whole file. With `into`, read into that buffer instead of new memory and return what
-        ReadBuffer's contract describes (valid only until the next read into the same buffer)."""
+    def _open(self, path: Path, flags: int) -> int:
+        anchor, rel = self._anchor(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if anchor in _LIVE_ANCHORS:
+                return os.open(path, flags)
+            base = os.open(anchor, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if _have_openat2():
+                    return _raw_openat2(base, str(rel) if rel.parts else ".", flags)
+                return _walk_beneath(base, list(rel.parts), flags)
+            finally:
+                os.close(base)
         except OSError as exc:
             raise _classify(path, exc) from None
-        if into is not None:
-            try:
-                return into._fill(fd, path, limit)
-            finally:
-                os.close(fd)
-        chunks: list[bytes] = []
-        total = 0
+
+    @overload
+    def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, into: None = None) -> bytes: ...
+
+    @overload
+    def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, *, into: ReadBuffer) -> bytes | bytearray: ...
+
+    def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | None = None) -> bytes | bytearray:
+        """The whole file, opened beneath the root. With `into`, read into that buffer instead of new
+        memory and return what ReadBuffer's contract describes (valid only until the next read into
+        the same buffer)."""
+        fd = self._open(path, _OPEN_FLAGS)
         try:
-            while True:
-                try:
-                    chunk = os.read(fd, _CHUNK_BYTES)
-                except OSError as exc:
-                    raise _classify(path, exc) from None
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > limit:
-                    raise HostReadError("too_large", path, f"larger than the {limit}-byte read limit")
-                chunks.append(chunk)
+            return _read_fd(fd, path, limit, into)
         finally:
             os.close(fd)
-        return b"".join(chunks)
 
-    @classmethod
-    def read_text(cls, path: Path, limit: int = MAX_READ_BYTES) -> str:
+    def read_text(self, path: Path, limit: int = MAX_READ_BYTES) -> str:
         # Paths in smaps/mountinfo are arbitrary bytes; replacement keeps the wire (UTF-8) valid.
-        return cls.read_bytes(path, limit).decode("utf-8", errors="replace")
+        return self.read_bytes(path, limit).decode("utf-8", errors="replace")
 
-    @staticmethod
-    def listdir(path: Path) -> list[str]:
+    def listdir(self, path: Path) -> list[str]:
+        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return sorted(os.listdir(path))
+            return sorted(os.listdir(fd))
         except OSError as exc:
             raise _classify(path, exc) from None
+        finally:
+            os.close(fd)
 
-    @staticmethod
-    def readlink(path: Path) -> str:
+    def readlink(self, path: Path) -> str:
+        """The target of the link at `path` (not followed), its directory opened beneath the root."""
+        if self._anchor(path)[0] in _LIVE_ANCHORS:
+            # The live host: one syscall (discovery reads every fd link of every process).
+            try:
+                return os.readlink(path)
+            except OSError as exc:
+                raise _classify(path, exc) from None
+        fd = self._open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return os.readlink(path)
+            return os.readlink(path.name, dir_fd=fd)
         except OSError as exc:
             raise _classify(path, exc) from None
+        finally:
+            os.close(fd)
 
-    @staticmethod
-    def exists(path: Path) -> bool:
+    def exists(self, path: Path) -> bool:
         try:
-            return path.exists()
-        except OSError:
+            os.close(self._open(path, os.O_PATH | os.O_CLOEXEC))
+            return True
+        except HostReadError:
             return False

@@ -30,7 +30,8 @@ class KernelIdentity:
 
 def parse_release(release: str) -> KernelVersion | None:
     m = _RELEASE.fullmatch(release.strip())
-    if m is None:
+    # A version number of more than 6 digits is no kernel's (and int() of thousands fails outright).
+    if m is None or any(len(g) > 6 for g in m.groups()[:3] if g):
         return None
     return KernelVersion(int(m.group(1)), int(m.group(2)), int(m.group(3) or 0), m.group(4))
 

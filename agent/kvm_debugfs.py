@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bounds import MAX_FD, MAX_PID, MAX_U64, parse_bounded, small_decimal
 from .hostroot import HostReadError, HostRoot
 from .status import ParseError, SourceState, SourceStatus
 
@@ -26,7 +27,6 @@ _FILES: dict[str, str] = {
     "nx_lpage_splits": "nx_lpage_splits",
     "nx_largepages_splitted": "nx_lpage_splits",
 }
-_U64_MAX = 2**64 - 1
 
 
 class CounterScope(enum.Enum):
@@ -54,18 +54,17 @@ class KvmCounterValues:
 
 def parse_counter(text: str, name: str) -> int:
     """One debugfs counter: a decimal u64 and a newline."""
-    s = text.strip()
-    if not s.isascii() or not s.isdigit():
-        raise ParseError(name, f"expected a non-negative decimal integer, got {text[:40]!r}")
-    value = int(s)
-    if value > _U64_MAX:
-        raise ParseError(name, f"value {s[:40]} exceeds u64")
-    return value
+    # A u64 is what the kernel can print; whether it is a plausible count is the model's question.
+    return parse_bounded(text, name, "counter", MAX_U64)
 
 
 def parse_vm_dir_name(name: str) -> tuple[int, int] | None:
+    """(pid, vm fd) of a `kvm/<pid>-<fd>` directory; None for any other name or one out of range."""
     m = _VM_DIR.fullmatch(name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    if m is None:
+        return None
+    pid, fd = small_decimal(m.group(1), MAX_PID), small_decimal(m.group(2), MAX_FD)
+    return (pid, fd) if pid is not None and fd is not None else None
 
 
 def naming_of(files: set[str]) -> str | None:

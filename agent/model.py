@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from .guest_ram import PMD_BYTES, Backing, GuestRamMapping
+from .bounds import MAX_PLAUSIBLE_COUNT
+from .guest_ram import PMD_BYTES, Backing, GuestRamMapping, on_internal_shm_mount
 from .kernel import parse_release
 from .kvm_debugfs import CounterScope, KvmCounterValues
 from .status import ParseError
@@ -41,6 +42,8 @@ class Cause(enum.Enum):
     HOST_MAPPING_NOT_HUGE = "host_mapping_not_huge"
     UNEXPLAINED = "unexplained"
     UNKNOWN = "unknown"
+    # Readings that contradict each other or the host: no verdict, never healthy (wire CAUSE_IMPLAUSIBLE).
+    IMPLAUSIBLE = "implausible"
 
 
 # First stable release of each branch that carries 169226f7e0 (domain.md). Other 4.8..5.3 branches
@@ -237,15 +240,37 @@ def allowed_huge_2m(era: Era, host: HostHuge) -> int | None:
     return None
 
 
+def _not_aligned(m: GuestRamMapping, where: str) -> tuple[Cause, str]:
+    # QEMU 7.2 (checked on real VMs): memory-backend-file without align=2M, -mem-path and
+    # memory-backend-memfd (which has no align= option) map their file only 4 KiB aligned.
+    fix = (
+        "QEMU's memory-backend-memfd has no align= option; memory-backend-file on a huge= tmpfs with align=2M has"
+        if m.backing is Backing.MEMFD
+        else "QEMU memory-backend-file needs align=2M; -mem-path cannot ask for it"
+    )
+    return (
+        Cause.HOST_MAPPING_NOT_HUGE,
+        f"{where}: address and file offset are not 2 MiB aligned, so no THP can be PMD-mapped ({fix})",
+    )
+
+
 def _host_side_reason(m: GuestRamMapping, era: Era, thp: ThpSettings, thp_enabled_for_process: bool | None) -> tuple[Cause, str]:
     """Why this mapping is (mostly) not huge on the host."""
     where = f"{m.backing.value} guest RAM {m.path or '[anonymous]'} at {m.start:#x}"
     if m.backing is Backing.HUGETLBFS:
         return Cause.HOST_MAPPING_NOT_HUGE, f"{where}: hugetlbfs pages not yet faulted in"
     if m.backing is Backing.FILE:
-        return Cause.THP_DISABLED, f"{where}: THP does not apply to writable regular files"
+        if not m.pmd_aligned:
+            return _not_aligned(m, where)
+        # Not "THP never applies to writable files": on 6.18 a shared writable file on ext4 was
+        # PMD-mapped (FilePmdMapped) in a real VM. Older kernels only had read-only file THP.
+        return Cause.THP_DISABLED, (
+            f"{where}: a regular file, and this kernel/filesystem does not give it PMD-size page-cache folios "
+            "(writable file THP needs filesystem large folios, e.g. ext4 on 6.18; older kernels have only read-only file THP)"
+        )
     if thp_enabled_for_process is False:
         return Cause.THP_DISABLED, f"{where}: THP disabled for the QEMU process (prctl PR_SET_THP_DISABLE)"
+    internal = on_internal_shm_mount(m)
     if m.backing is Backing.ANONYMOUS:
         if thp.enabled == "never":
             return Cause.THP_DISABLED, f"{where}: transparent_hugepage/enabled is never"
@@ -254,18 +279,41 @@ def _host_side_reason(m: GuestRamMapping, era: Era, thp: ThpSettings, thp_enable
             return Cause.THP_DISABLED, f"{where}: this kernel has no shmem THP (before 4.8)"
         if thp.shmem_enabled == "deny":
             return Cause.THP_DISABLED, f"{where}: transparent_hugepage/shmem_enabled is deny"
-        if m.backing is Backing.MEMFD and thp.shmem_enabled == "never":
-            return Cause.THP_DISABLED, f"{where}: transparent_hugepage/shmem_enabled is never (memfd uses the internal shm mount)"
-        if m.backing is Backing.SHMEM and thp.shmem_enabled != "force" and m.tmpfs_huge in (None, "never"):
+        if internal is not None and thp.shmem_enabled == "never":
+            return Cause.THP_DISABLED, f"{where}: transparent_hugepage/shmem_enabled is never ({internal} uses the internal shm mount)"
+        if internal is None and m.backing is Backing.SHMEM and thp.shmem_enabled != "force" and m.tmpfs_huge in (None, "never"):
             mount = "without huge=" if m.tmpfs_huge is None else "huge=never"
             return Cause.HOST_MAPPING_NOT_HUGE, f"{where}: its tmpfs is mounted {mount}, so its pages are never huge"
     if not m.pmd_aligned:
-        return (
-            Cause.HOST_MAPPING_NOT_HUGE,
-            f"{where}: address and file offset are not 2 MiB aligned, so no THP can be PMD-mapped "
-            "(QEMU memory-backend-file needs align=2M)",
-        )
+        return _not_aligned(m, where)
     return Cause.HOST_MAPPING_NOT_HUGE, f"{where}: THP-eligible but not PMD-mapped (not collapsed yet, or fragmented; defrag={thp.defrag or '?'})"
+
+
+def noise_allowance_2m(capacity: int, config: ModelConfig) -> float:
+    """Loss (or excess) in 2 MiB units that is measurement noise for this capacity."""
+    return max(config.healthy_lost_2m, config.healthy_lost_ratio * capacity)
+
+
+def implausible_reading(inputs: VmInputs, capacity: int | None, observed: int | None, config: ModelConfig) -> str:
+    """Why these readings cannot all be true (a counter no machine can reach, more huge pages than
+    guest RAM, KVM mapping more huge than the host has beyond the noise allowance); "" if none."""
+    c = inputs.counters
+    if c is not None:
+        for attr in ("pages_4k", "pages_2m", "pages_1g", "large_pages", "nx_lpage_splits"):
+            value = getattr(c, attr)
+            if value is not None and value > MAX_PLAUSIBLE_COUNT:
+                return f"KVM counter {attr} = {value} at {c.path or c.scope.value}: above {MAX_PLAUSIBLE_COUNT}, no machine has that many mappings"
+    host = inputs.host_huge
+    if host is not None and capacity is not None:
+        guest_ram_bytes = sum(m.size_bytes for m in inputs.mappings)
+        # Full smaps: huge pages lie within guest RAM; smaps_rollup: within what is resident.
+        bound_bytes, what = (guest_ram_bytes, "guest RAM") if inputs.mappings else (host.resident_bytes, "resident memory")
+        if (inputs.mappings or inputs.whole_process) and capacity * PMD_BYTES > bound_bytes:
+            return f"host huge capacity of {capacity} x 2 MiB exceeds the VM's {what} of {bound_bytes} bytes"
+    if capacity is not None and observed is not None and observed > capacity + noise_allowance_2m(capacity, config):
+        return (f"KVM maps {observed} huge pages but the host has only {capacity} huge pages of guest RAM "
+                f"(beyond the {noise_allowance_2m(capacity, config):.0f}-page noise allowance)")
+    return ""
 
 
 def estimate_vm(inputs: VmInputs, era: Era, thp: ThpSettings, config: ModelConfig = ModelConfig()) -> Estimate:
@@ -287,6 +335,14 @@ def estimate_vm(inputs: VmInputs, era: Era, thp: ThpSettings, config: ModelConfi
     def unknown(why: str) -> Estimate:
         return Estimate(inputs.vm_id, era, capacity, observed, allowed, None, None, Cause.UNKNOWN, (), tuple(notes), why)
 
+    def implausible(why: str) -> Estimate:
+        # The numbers are left out (they may be absurd, and the wire and the fleet would carry them as
+        # if measured); the explanation names the readings.
+        return Estimate(inputs.vm_id, era, None, None, None, None, None, Cause.IMPLAUSIBLE, (), tuple(notes), why)
+
+    why_implausible = implausible_reading(inputs, capacity, observed, config)
+    if why_implausible:
+        return implausible(why_implausible)
     if host is None:
         return unknown("guest RAM mappings could not be read: no host capacity")
     if observed is None:
@@ -322,7 +378,7 @@ def estimate_vm(inputs: VmInputs, era: Era, thp: ThpSettings, config: ModelConfi
     if remaining:
         shares.append((Cause.UNEXPLAINED, remaining))
 
-    tolerance = max(config.healthy_lost_2m, config.healthy_lost_ratio * capacity)
+    tolerance = noise_allowance_2m(capacity, config)
     if lost > tolerance:
         cause = max(shares, key=lambda s: s[1])[0]
         if cause is Cause.UNEXPLAINED:

@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 from eptwatch.v1 import report_pb2 as pb
 
 from . import __version__
+from .bounds import MAX_BYTES
 from .guest_ram import Backing, GuestRamMapping
 from .kvm_debugfs import CounterScope, KvmCounterValues
 from .model import Cause, Era, Estimate
@@ -53,6 +54,7 @@ CAUSE_TO_PB: dict[Cause, int] = {
     Cause.HOST_MAPPING_NOT_HUGE: pb.CAUSE_HOST_MAPPING_NOT_HUGE,
     Cause.UNEXPLAINED: pb.CAUSE_UNEXPLAINED,
     Cause.UNKNOWN: pb.CAUSE_UNKNOWN,
+    Cause.IMPLAUSIBLE: pb.CAUSE_IMPLAUSIBLE,
 }
 
 
@@ -60,11 +62,20 @@ def status_to_pb(s: SourceStatus) -> pb.SourceStatus:
     return pb.SourceStatus(source=s.source, state=_STATE[s.state], reason=s.reason, path=s.path)  # type: ignore[arg-type]
 
 
+# The most each counter can be on a machine of at most bounds.MAX_BYTES of guest RAM (2^52 bytes:
+# 2^40 pages of 4 KiB, 2^31 of 2 MiB, 2^22 of 1 GiB). A reading above it is not sent: the aggregator
+# rejects such a report whole, and the estimate already names the reading (Cause.IMPLAUSIBLE).
+WIRE_COUNTER_MAX: dict[str, int] = {
+    "pages_4k": MAX_BYTES >> 12, "pages_2m": MAX_BYTES >> 21, "pages_1g": MAX_BYTES >> 30,
+    "large_pages": MAX_BYTES >> 21, "nx_lpage_splits": MAX_BYTES >> 21,
+}
+
+
 def counters_to_pb(c: KvmCounterValues) -> pb.KvmCounters:
     msg = pb.KvmCounters(scope=_SCOPE[c.scope], naming=c.naming, path=c.path)  # type: ignore[arg-type]
-    for attr in ("pages_4k", "pages_2m", "pages_1g", "large_pages", "nx_lpage_splits"):
+    for attr, maximum in WIRE_COUNTER_MAX.items():
         value = getattr(c, attr)
-        if value is not None:  # absent stays absent: unknown is not 0
+        if value is not None and value <= maximum:  # absent stays absent: unknown is not 0
             setattr(msg, attr, value)
     return msg
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import kvm_binary_stats, kvm_qmp
+from .bounds import MAX_BYTES, MAX_PID, MAX_U64, small_decimal
 from .discovery import DiscoveredVm, discover_vms, parse_stat, parse_status_thp_enabled
-from .guest_ram import DEFAULT_GUEST_RAM_MIN_BYTES, Backing, GuestRamMapping, attribute_guest_ram
+from .guest_ram import DEFAULT_GUEST_RAM_MIN_BYTES, Backing, GuestRamMapping, attribute_guest_ram, on_internal_shm_mount
 from .hostroot import HostReadError, HostRoot, ReadBuffer
 from .kernel import KernelIdentity, read_kernel_identity
 from .kvm_debugfs import CounterScope, KvmCounterValues, debugfs_kvm_dir, list_vm_dirs, read_counters
@@ -162,7 +163,16 @@ class Sampler:
             vms, notes = discover_vms(self.root, vm_dirs, scan_fds=self.config.scan_vm_fds)
         statuses.append(SourceStatus("discovery", SourceState.PARTIAL if notes else SourceState.OK, "; ".join(notes)))
 
-        samples = [self._sample_vm(vm, kvm_dir, era.era) for vm in vms]
+        samples: list[VmSample] = []
+        for vm in vms:
+            try:
+                samples.append(self._sample_vm(vm, kvm_dir, era.era))
+            except Exception as exc:  # noqa: BLE001 - one VM's bad input must not silence the host
+                # Every parser raises ParseError/HostReadError, handled per source below; anything else
+                # is a defect met on this VM's input: it is dropped and named, the others still sampled.
+                notes.append(f"pid {vm.pid}: dropped: {type(exc).__name__}: {str(exc)[:200]}")
+        statuses = [s if s.source != "discovery" else SourceStatus("discovery", SourceState.PARTIAL if notes else SourceState.OK, "; ".join(notes))
+                    for s in statuses]
         live_keys = {(s.vm.pid, s.vm.start_time_ticks) for s in samples}
         for key in list(self._budgets):
             if key not in live_keys:
@@ -340,6 +350,12 @@ class Sampler:
             return m.fstype if m is not None else None
 
         mappings = attribute_guest_ram(vmas, fstype, self.config.guest_ram_min_bytes)
+        guest_ram_bytes = sum(m.size_bytes for m in mappings)
+        if guest_ram_bytes > MAX_BYTES:
+            # Each field is bounded by the parser; their sum can still be no machine's memory.
+            statuses.append(SourceStatus("smaps", SourceState.ERROR,
+                                         f"guest RAM mappings total {guest_ram_bytes} bytes, above {MAX_BYTES}: implausible, not used", str(path)))
+            return None
         mappings = [self._with_tmpfs_huge(m, mounts) for m in mappings]
         if self.config.check_other_mappers and era is Era.COMPOUND_MAP_FIXED:
             mappings = self._with_other_mappers(vm.pid, mappings)
@@ -368,7 +384,9 @@ class Sampler:
 
     @staticmethod
     def _with_tmpfs_huge(m: GuestRamMapping, mounts: list[Mount]) -> GuestRamMapping:
-        if m.backing is not Backing.SHMEM or not m.path.startswith("/"):
+        # /dev/zero and SysV segments live on the kernel's internal shm mount, whose policy is
+        # shmem_enabled: the tmpfs mounted at /dev (containers) says nothing about them.
+        if m.backing is not Backing.SHMEM or not m.path.startswith("/") or on_internal_shm_mount(m):
             return m
         mount = mount_for_path(mounts, m.path)
         if mount is None or mount.fstype != "tmpfs":
@@ -382,7 +400,7 @@ class Sampler:
             return self._file_mapper_index
         index: dict[tuple[str, int], set[int]] = {}
         try:
-            pids = [int(n) for n in self.root.listdir(self.root.procfs) if n.isdigit()]
+            pids = [pid for n in self.root.listdir(self.root.procfs) if (pid := small_decimal(n, MAX_PID)) is not None]
         except HostReadError:
             pids = []
         for other in pids:
@@ -392,8 +410,9 @@ class Sampler:
                 continue  # exited or unreadable: it can map nothing we could act on
             for line in text.split("\n"):
                 parts = line.split(None, 5)
-                if len(parts) >= 5 and parts[4] != "0" and parts[4].isdigit():
-                    index.setdefault((parts[3], int(parts[4])), set()).add(other)
+                inode = small_decimal(parts[4], MAX_U64) if len(parts) >= 5 else None
+                if inode:  # 0: not a file; None: not a number we can trust
+                    index.setdefault((parts[3], inode), set()).add(other)
         self._file_mapper_index = index
         return index
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, fields
 
+from .bounds import MAX_KB, MAX_U64, parse_bounded
 from .status import ParseError
 
 KIB = 1024
@@ -94,7 +95,11 @@ def _kb(text: str, name: str, body_start: int, key: str, value: str) -> int:
         # Line numbers cost a scan of the text: computed only on the error path.
         line = _line_of(text, text.index(f"{key}:", body_start))
         raise ParseError(name, f"field {key!r}: expected '<digits> kB', got {value.strip()[:40]!r}", line)
-    return int(m.group(1)) * KIB
+    digits = m.group(1)
+    if len(digits.lstrip("0")) > len(str(MAX_KB)) or int(digits) > MAX_KB:
+        line = _line_of(text, text.index(f"{key}:", body_start))
+        raise ParseError(name, f"field {key!r}: {len(digits)}-digit value {digits[:20]} kB out of range (at most {MAX_KB} kB)", line)
+    return int(digits) * KIB
 
 
 def _line_of(text: str, pos: int) -> int:
@@ -162,6 +167,21 @@ def _check_consistent(text: str, name: str, found: list[tuple[int, frozenset[str
             )
 
 
+_HEADER_BASE = {1: 16, 2: 16, 4: 16, 6: 10}
+
+
+def _header_int(text: str, name: str, h: re.Match[str], group: int, what: str) -> int:
+    """A header number: addresses, offsets and inodes are u64, bounded before int() and the wire.
+    The line number (a scan of the text) is computed only for the error."""
+    raw, base = h.group(group), _HEADER_BASE[group]
+    if len(raw) <= (16 if base == 16 else 19):  # cannot exceed u64: the common case, no further check
+        return int(raw, base)
+    try:
+        return parse_bounded(raw, name, what, MAX_U64, base)
+    except ParseError as exc:
+        raise ParseError(name, str(exc).removeprefix(f"{name}: "), _line_of(text, h.start())) from None
+
+
 def parse_smaps(text: str, name: str = "smaps") -> list[Vma]:
     """Parse a whole /proc/PID/smaps. Raises ParseError naming `name` and the line on bad input."""
     vmas: list[Vma] = []
@@ -171,7 +191,7 @@ def parse_smaps(text: str, name: str = "smaps") -> list[Vma]:
         for key in _REQUIRED:
             if _KB_FIELDS[key] not in values:
                 raise ParseError(name, f"VMA block has no {key} field", _line_of(text, h.start()))
-        start, end = int(h.group(1), 16), int(h.group(2), 16)
+        start, end = _header_int(text, name, h, 1, "VMA start"), _header_int(text, name, h, 2, "VMA end")
         if end < start:
             raise ParseError(name, f"VMA end {end:#x} below start {start:#x}", _line_of(text, h.start()))
         path = (h.group(7) or "").rstrip()
@@ -184,9 +204,9 @@ def parse_smaps(text: str, name: str = "smaps") -> list[Vma]:
                 start=start,
                 end=end,
                 perms=h.group(3),
-                offset=int(h.group(4), 16),
+                offset=_header_int(text, name, h, 4, "file offset"),
                 dev=h.group(5),
-                inode=int(h.group(6)),
+                inode=_header_int(text, name, h, 6, "inode"),
                 path=path,
                 deleted=deleted,
                 thp_eligible=eligible,
@@ -261,10 +281,28 @@ def _big_size_pattern(digits: int) -> re.Pattern[bytes]:
     return pattern
 
 
+# The same search plus the `Size:` lines that are not `[ \t]*<digits> kB\n` (`Size: lots kB`), in one
+# pass: those are reported so that their block is parsed strictly and fails, instead of being skipped
+# as "small" and the file read as healthy. A small well-formed size matches neither branch.
+_CANDIDATES: dict[int, re.Pattern[bytes]] = {}
+
+
+def _candidate_pattern(digits: int) -> re.Pattern[bytes]:
+    pattern = _CANDIDATES.get(digits)
+    if pattern is None:
+        pattern = _CANDIDATES[digits] = re.compile(
+            rb"ze:(?<=\nSize:)(?:[ \t]*+(\d{%d,}+) kB(?=\n)|(?![ \t]*+\d++ kB\n))" % digits)
+    return pattern
+
+
 def _big_size_lines_regex(data: bytes | bytearray, digits: int) -> list[tuple[int, int, int]]:
     """(offset of the newline before `Size:`, start, end of its digits) for each `Size:` line of at
-    least `digits` digits: the fallback for _smapscan.big_size_lines, which returns the same."""
-    return [(m.start() - 3, m.start(1), m.end(1)) for m in _big_size_pattern(digits).finditer(data)]
+    least `digits` digits, and (offset of that newline, end of `Size:`, the same) for each malformed
+    `Size:` line: the fallback for _smapscan.big_size_lines, which returns the same."""
+    if digits < 1:
+        raise ValueError("min_digits must be at least 1")
+    return [(m.start() - 3, m.start(1), m.end(1)) if m.group(1) is not None else (m.start() - 3, m.end(), m.end())
+            for m in _candidate_pattern(digits).finditer(data)]
 
 
 try:
@@ -315,7 +353,10 @@ def scan_large_vmas(data: bytes | bytearray, name: str, min_bytes: int) -> list[
     out: list[Vma] = []
     seen_starts: set[int] = set()
     for newline, digits_start, digits_end in _big_size_lines(data, max(1, len(str(min_kb)))):
-        if int(data[digits_start:digits_end]) < min_kb:
+        # An empty digit range is a malformed Size line: its block is parsed (and fails) below. A
+        # value longer than any real size is parsed too (and fails its bound) rather than int()ed here.
+        n_digits = digits_end - digits_start
+        if 0 < n_digits <= 18 and int(data[digits_start:digits_end]) < min_kb:
             continue
         start, end = _block_bounds(data, newline)
         seen_starts.add(start)

@@ -8,7 +8,7 @@ where /dev/kvm works, holds a real KVM VM fd so discovery and per-VM debugfs cou
 Measured, as CPU seconds (user+system) per operation, in --repeat interleaved rounds (each round
 measures every quantity once, so background load hits kernel and agent alike); medians over rounds:
   kernel_cat      `cat` of the same files into /dev/null (child rusage), minus an empty `cat` baseline
-  kernel_read     the same bytes read in-process with HostRoot.read_bytes into new bytes (no parsing)
+  kernel_read     the same bytes read in-process with hostroot.read_file into new bytes (no parsing)
   agent_smaps     what the sampler does with one VM's smaps: Sampler._scan_smaps (read into the
                   sampler's reused buffer + smaps.scan_large_vmas) + guest_ram.attribute_guest_ram
   agent_vm        the agent's whole per-VM sample (smaps, mountinfo, status, stat, counters)
@@ -42,7 +42,7 @@ from eptwatch.agent import hostroot
 from eptwatch.agent import smaps as smaps_module
 from eptwatch.agent.discovery import discover_vms
 from eptwatch.agent.guest_ram import attribute_guest_ram
-from eptwatch.agent.hostroot import HostRoot
+from eptwatch.agent.hostroot import HostRoot, read_file
 from eptwatch.agent.model import Era
 from eptwatch.agent.sampler import Sampler, SamplerConfig
 from eptwatch.agent.smaps import parse_smaps, scan_large_vmas
@@ -121,7 +121,7 @@ def main() -> int:
 
         def raw_read(paths: list[str]) -> None:
             for p in paths:
-                HostRoot.read_bytes(Path(p))
+                read_file(Path(p))
 
         config = SamplerConfig(smaps_mode="full", check_other_mappers=False, use_binary_stats=False)
         sampler = Sampler(root, config)
@@ -129,7 +129,7 @@ def main() -> int:
         # The sampler's own per-VM smaps read (read into its reused buffer + scan); an older tree
         # without it gets the read + scan it did inline.
         scan_smaps = getattr(sampler, "_scan_smaps", None) or (
-            lambda path: scan_large_vmas(HostRoot.read_bytes(path), str(path), config.guest_ram_min_bytes))
+            lambda path: scan_large_vmas(read_file(path), str(path), config.guest_ram_min_bytes))
 
         def agent_smaps() -> list[object]:
             return attribute_guest_ram(scan_smaps(smaps_path), min_bytes=config.guest_ram_min_bytes)
@@ -141,9 +141,9 @@ def main() -> int:
 
         def read_reused() -> None:
             assert reuse is not None
-            HostRoot.read_bytes(smaps_path, into=reuse)
+            read_file(smaps_path, into=reuse)
 
-        in_memory = HostRoot.read_bytes(smaps_path)
+        in_memory = read_file(smaps_path)
 
         def scan_only() -> None:
             scan_large_vmas(in_memory, smaps, config.guest_ram_min_bytes)
@@ -195,7 +195,7 @@ def main() -> int:
         results: dict[str, object] = {
             "vmas": nvma,
             "smaps_bytes": len(in_memory),
-            "maps_bytes": len(HostRoot.read_bytes(Path(maps))),
+            "maps_bytes": len(read_file(Path(maps))),
             "rounds": args.repeat,
             "kernel_cat_smaps_s": med["cat_smaps"],
             "kernel_read_smaps_s": med["read_smaps"],

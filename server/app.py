@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -23,15 +25,21 @@ from .fleet import FleetConfig, FleetState, summarise
 from .http import HttpServer, json_bytes
 from .ingest import INGEST_SERVICE, IngestServicer
 from .page import render_fleet_page
-from .query import QueryError, QueryServicer, fleet_pb, host_detail, list_hosts, list_kernels
+from .query import MAX_LIMIT, MAX_OFFSET, QueryError, QueryServicer, fleet_pb, host_detail, list_hosts, list_kernels
+from .store import DepartedLog, Store
 from .storebase import is_postgres_url, open_store
 
 if TYPE_CHECKING:
-    from .follow import Followable, StoreFollower
+    from .follow import Followable, NoDepartedLog, StoreFollower
 
 log = logging.getLogger("eptwatch.server")
 
 QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["Query"].full_name
+_DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
+# Query parameters each JSON path understands: any other is refused by name (a misspelt filter must not
+# silently return everything).
+_PARAMS = {"/api/v1/fleet": (), "/api/v1/kernels": ("era", "verdict"),
+           "/api/v1/hosts": ("kernel", "label", "status", "cause", "limit", "offset")}
 
 
 def check_hostport(value: str, key: str) -> str:
@@ -70,6 +78,10 @@ class ServerConfig:
     regression_unexplained_ratio: float = 0.05
     regression_margin_vs_best: float = 0.02
     page_title: str = "eptwatch fleet"
+    # HTTP (/metrics, API, page): a connection that sends nothing for this long is closed, and at most
+    # this many are served at once (one thread each); beyond that a connection gets 503 and is closed.
+    http_idle_timeout_seconds: float = 30.0
+    http_max_connections: int = 128
 
     def __post_init__(self) -> None:
         check_hostport(self.listen, "listen")
@@ -104,6 +116,10 @@ class ServerConfig:
         for name in ("regression_unexplained_ratio", "regression_margin_vs_best"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: expected a ratio between 0 and 1")
+        if not 0 < self.http_idle_timeout_seconds <= 3600:
+            raise ValueError(f"http_idle_timeout_seconds: expected more than 0 and at most 3600, got {self.http_idle_timeout_seconds!r}")
+        if not 1 <= self.http_max_connections <= 65536:
+            raise ValueError(f"http_max_connections: expected 1 to 65536, got {self.http_max_connections!r}")
         if self.sqlite_synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"sqlite_synchronous: expected FULL, NORMAL or EXTRA, got {self.sqlite_synchronous!r}")
         if not 0 <= self.store_commit_delay_seconds <= 1:
@@ -133,15 +149,22 @@ class Aggregator:
         # --state: a directory (SQLite) or a postgresql:// URL (a store several replicas share).
         self.store = open_store(cfg.state_dir, synchronous=cfg.sqlite_synchronous,
                                 commit_delay_seconds=cfg.store_commit_delay_seconds)
-        self.fleet = FleetState(self.fleet_config())
-        # A shared store: this replica serves the whole fleet by following what every replica commits.
         self.follower: StoreFollower | None = None
         self._follow_task: asyncio.Task[None] | None = None
+        self.departed: DepartedLog | NoDepartedLog
+        self.fleet: FleetState
         if is_postgres_url(cfg.state_dir):
-            from .follow import SharedFleetState, StoreFollower
+            from .follow import NoDepartedLog, SharedFleetState, StoreFollower
 
+            # A shared store: this replica serves the whole fleet by following what every replica commits.
+            # A clean stream end is no departure there (the agent rotates to another replica).
+            self.departed = NoDepartedLog()
             self.fleet = SharedFleetState(self.fleet_config())
             self.follower = StoreFollower(cast("Followable", self.store), self.fleet)
+        else:
+            # Departures are durable: a host whose agent stopped cleanly is still departed after a restart.
+            self.departed = DepartedLog(cast(Store, self.store).path, cfg.sqlite_synchronous)
+            self.fleet = FleetState(self.fleet_config(), on_departed=self.departed.record)
         self.reader = self.store.report_reader()
         tokens = TokenTable.from_file(Path(cfg.tokens_file)) if cfg.tokens_file else None
         self.ingest = IngestServicer(self.store, self.fleet, tokens, cfg.stream_idle_timeout_seconds)
@@ -163,10 +186,21 @@ class Aggregator:
         def one(name: str) -> str:
             return query.get(name, [""])[-1]
 
+        def number(name: str, most: int) -> int:
+            raw = one(name) or "0"
+            if _DIGITS.fullmatch(raw) is None or int(raw) > most:
+                raise QueryError(f"{name}: expected an integer from 0 to {most}, got {raw[:40]!r}")
+            return int(raw)
+
         def js(msg: object) -> tuple[int, str, bytes]:
             return 200, "application/json", json_bytes(message_to_dict(msg))  # type: ignore[arg-type]
 
         try:
+            known = _PARAMS.get(path, ())
+            for name in query if path in _PARAMS or path.startswith("/api/v1/hosts/") else ():
+                if name not in known:
+                    raise QueryError(f"{name[:40]}: unknown query parameter for {path[:80]}"
+                                     f"{' (known: ' + ', '.join(known) + ')' if known else ''}")
             if path == "/":
                 return 200, "text/html; charset=utf-8", render_fleet_page(self.fleet.view(), title=self.cfg.page_title).encode()
             if path == "/api/v1/fleet":
@@ -174,18 +208,24 @@ class Aggregator:
             if path == "/api/v1/kernels":
                 return js(list_kernels(self.fleet.view(), query_pb2.ListKernelsRequest(era=one("era"), verdict=one("verdict"))))
             if path == "/api/v1/hosts":
-                limit, offset = one("limit") or "0", one("offset") or "0"
-                if not limit.isdigit() or not offset.isdigit():
-                    raise QueryError("limit and offset: expected non-negative integers")
+                # Range-checked before they reach the uint32 fields (a larger value would raise there: HTTP 500).
+                limit, offset = number("limit", MAX_LIMIT), number("offset", MAX_OFFSET)
                 req = query_pb2.ListHostsRequest(kernel_release=one("kernel"), labels=query.get("label", []), status=one("status"),
-                                                 cause=one("cause"), limit=int(limit), offset=int(offset))
+                                                 cause=one("cause"), limit=limit, offset=offset)
                 return js(list_hosts(self.fleet.view(), req))
             if path.startswith("/api/v1/hosts/"):
                 host_id = path.removeprefix("/api/v1/hosts/")
                 d = host_detail(self.fleet.view(), self.reader, host_id)
                 if d is None:
                     return 404, "application/json", json_bytes({"error": f"no host {host_id[:80]!r}"})
-                return js(d)
+                try:
+                    return js(d)
+                except ValueError as exc:
+                    # The stored report holds what JSON cannot say (e.g. a timestamp past year 9999): the
+                    # summary still answers, with the problem named; the binary report stays on gRPC GetHost.
+                    d.ClearField("latest_report")
+                    d.summary.problem = d.summary.problem or f"stored report not shown as JSON: {str(exc)[:200]}"
+                    return js(d)
         except QueryError as exc:
             return 400, "application/json", json_bytes({"error": str(exc)})
         return None
@@ -217,13 +257,15 @@ class Aggregator:
             raise ConfigError(f"listen: cannot listen on {cfg.listen}: {exc}") from None
         if self.grpc_port == 0:
             raise ConfigError(f"listen: cannot listen on {cfg.listen}")
-        self.http = HttpServer(cfg.http, self)
+        self.http = HttpServer(cfg.http, self, idle_timeout_seconds=cfg.http_idle_timeout_seconds,
+                               max_connections=cfg.http_max_connections)
         self.http.start()
         await self.server.start()
         # Load durable state before declaring readiness: an agent acknowledged earlier must find its
         # high-water mark, and the fleet view must not start empty after a restart.
         await asyncio.get_running_loop().run_in_executor(None, self._load)
         self.store.start()
+        self.departed.start()
         if self.follower is not None:
             self._follow_task = asyncio.create_task(self.follower.run(), name="eptwatch-store-follower")
         for svc in ("", INGEST_SERVICE):
@@ -236,13 +278,15 @@ class Aggregator:
             self.follower.start_at_high_water()  # before loading: what commits meanwhile is followed
         dropped = {(a.host_id, a.agent_instance): a.spool_dropped_total for a in self.store.load_agents()}
         for h in self.store.load_hosts():
-            try:
-                summary = summarise(h.report, h.received, dropped.get((h.host_id, h.agent_instance), 0))
-            except ValueError as exc:
-                # Stored by an aggregator whose checks were looser: the host comes back with its next report.
-                log.warning("stored report not loaded: %s", exc)
-                continue
+            # Never raises: a stored report that cannot be evaluated (an aggregator with looser checks wrote
+            # it) makes its host invalid, with the problem named, until its next report.
+            summary = summarise(h.report, h.received, dropped.get((h.host_id, h.agent_instance), 0))
+            if h.problem:
+                summary = dataclasses.replace(summary, problem=h.problem)
+            if summary.problem:
+                log.warning("stored report of %r: host shown invalid: %s", h.host_id[:80], summary.problem)
             self.fleet.put(summary)
+        self.fleet.mark_departed(self.departed.load())
 
     async def stop(self) -> None:
         self.ready = False
@@ -254,6 +298,7 @@ class Aggregator:
             await self.server.stop(self.cfg.shutdown_grace_seconds)
         if self.http is not None:
             self.http.stop()
+        self.departed.close()  # after the streams: their clean ends are queued by now
         if self._follow_task is not None:
             self._follow_task.cancel()
             await asyncio.gather(self._follow_task, return_exceptions=True)

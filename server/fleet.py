@@ -6,6 +6,10 @@ as each report arrives, so a view walks neither VMs nor, for its sums, hosts (10
 must fit well under a GiB and scrape in under a second: bench/fleet_scale.py). Per-VM detail lives in
 the durable store and on the agents' own /metrics.
 
+Every host is in exactly one state: fresh, stale, departed (its agent closed its stream cleanly) or
+invalid (its latest report cannot be evaluated: the problem is named in its summary). An invalid host
+never enters the sums, so one absurd stored report costs only its own host and no view can fail on it.
+
 Counting a host exactly once across replicas: a host counts on the replica that holds its live stream.
 When its stream ends cleanly (the agent rotating to another replica, or shutting down) it leaves the
 rollups at once; when the stream breaks it stays until it has been silent for the staleness bound,
@@ -53,6 +57,7 @@ class HostSummary:
     known_bug_vms: int
     causes: tuple[tuple[int, int], ...]  # (pb.Cause, VMs)
     spool_dropped_total: int = 0
+    problem: str = ""  # why this report cannot be evaluated ("" for a valid one): the host is then invalid
 
     @property
     def lost_ratio(self) -> float | None:
@@ -65,19 +70,74 @@ class HostSummary:
         return None
 
 
+# Bounds on what one host can hold. A real hypervisor has at most tens of TiB (~2^24 units of 2 MiB) and
+# a few thousand VMs; a host beyond these is a broken or hostile report, not a measurement. With every
+# counted host inside them, fleet sums stay far below 2^63 (the wire's uint64, SQLite's and Prometheus'
+# exact integers) for any fleet size that fits in memory.
+MAX_HOST_HUGE_2M = 1 << 32  # 8 PiB per host in 2 MiB units
+MAX_HOST_VMS = 1 << 16
+MAX_COUNT = (1 << 63) - 1  # counters from agents (spool drops), clamped to what every consumer can hold
+# Timestamps a protobuf Timestamp (and its JSON form) can carry: 0001-01-01 .. 9999-12-31.
+MIN_TIMESTAMP_SECONDS = -62135596800.0
+MAX_TIMESTAMP_SECONDS = 253402300799.0
+
+
 def summarise(r: pb.HostReport, received: float, spool_dropped_total: int = 0,
               totals: ReportTotals | None = None) -> HostSummary:
-    """A host's summary from its report; `totals` from `check_report` when ingest already walked it."""
-    t = totals if totals is not None else report_totals(r)
+    """A host's summary from its report; `totals` from `check_report` when ingest already walked it.
+
+    Never raises: a report that cannot be evaluated (from the store, written by an aggregator whose
+    checks were looser, or by hand) gives a summary with `problem` set and zero sums, so its host is
+    shown invalid, with the problem named, and never counted."""
+    problem = ""
+    try:
+        t = totals if totals is not None else report_totals(r)
+    except Exception as exc:  # noqa: BLE001 - any failure to evaluate one report costs only its host
+        t, problem = _NO_TOTALS, f"cannot evaluate the report: {str(exc)[:300]}"
+    sample_time = r.sample_time.seconds + r.sample_time.nanos / 1e9
+    if not problem:
+        problem = _implausible(t, sample_time)
+    if not MIN_TIMESTAMP_SECONDS <= sample_time <= MAX_TIMESTAMP_SECONDS:
+        sample_time = 0.0  # a value every reader can show; the problem names the real one
+    if problem:
+        t = _NO_TOTALS
     return HostSummary(
         host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
-        sample_time=r.sample_time.seconds + r.sample_time.nanos / 1e9, received=received,
+        sample_time=sample_time, received=received,
         kernel_release=_shared(r.kernel.release or "unknown"), era=int(r.kernel.era), labels=_shared(tuple(sorted(r.labels.items()))),
         agent_version=_shared(r.agent_version), vms=t.vms,
         capacity_2m=t.capacity_2m, observed_2m=t.observed_2m, lost_2m=t.lost_2m, lost_explained_2m=t.lost_explained_2m,
         lost_unexplained_2m=t.lost_unexplained_2m, known_bug_vms=dict(t.causes).get(pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, 0),
-        causes=_shared(t.causes), spool_dropped_total=spool_dropped_total,
+        causes=_shared(t.causes), spool_dropped_total=min(max(spool_dropped_total, 0), MAX_COUNT), problem=problem,
     )
+
+
+_NO_TOTALS = ReportTotals(0, 0, 0, 0, 0, 0, ())
+
+
+def _implausible(t: ReportTotals, sample_time: float) -> str:
+    """Why a report's totals cannot be a measurement, or "": numbers beyond the bounds above, or sums
+    that contradict each other."""
+    # The usual case in five comparisons (this runs for every report ingested). The sums are of uint64
+    # fields, so never negative; explained and unexplained are parts of lost; a cause counts estimates.
+    if (t.vms <= MAX_HOST_VMS and t.capacity_2m <= MAX_HOST_HUGE_2M and t.observed_2m <= MAX_HOST_HUGE_2M
+            and t.lost_explained_2m + t.lost_unexplained_2m <= t.lost_2m <= t.capacity_2m
+            and MIN_TIMESTAMP_SECONDS <= sample_time <= MAX_TIMESTAMP_SECONDS):
+        return ""
+    if not MIN_TIMESTAMP_SECONDS <= sample_time <= MAX_TIMESTAMP_SECONDS:
+        return f"sample_time {sample_time!r} is not a date (years 1 to 9999)"
+    if not 0 <= t.vms <= MAX_HOST_VMS:
+        return f"{t.vms} VMs: at most {MAX_HOST_VMS} per host"
+    for name in ("capacity_2m", "observed_2m", "lost_2m", "lost_explained_2m", "lost_unexplained_2m"):
+        value = getattr(t, name)
+        if not 0 <= value <= MAX_HOST_HUGE_2M:
+            return f"{name} {value}: at most {MAX_HOST_HUGE_2M} (2 MiB units) per host"
+    if t.lost_2m > t.capacity_2m:
+        return f"lost_2m {t.lost_2m} exceeds capacity_2m {t.capacity_2m}"
+    for cause, n in t.causes:
+        if not 0 <= n <= MAX_HOST_VMS:
+            return f"{n} VMs of cause {cause}: at most {MAX_HOST_VMS} per host"
+    return ""
 
 
 _SHARED: dict[object, object] = {}
@@ -176,6 +236,13 @@ class KernelRollup(Rollup):
         return self.verdict == VERDICT_REGRESSED
 
 
+STATUS_FRESH = "fresh"
+STATUS_STALE = "stale"
+STATUS_DEPARTED = "departed"
+STATUS_INVALID = "invalid"
+STATUSES = (STATUS_FRESH, STATUS_STALE, STATUS_DEPARTED, STATUS_INVALID)
+
+
 @dataclass
 class FleetView:
     generated_at: float
@@ -190,6 +257,9 @@ class FleetView:
     stale: dict[str, HostSummary]
     newest_received: float | None
     oldest_fresh_received: float | None
+    # The other two states; a host id is in exactly one of fresh, stale, departed and invalid.
+    departed: dict[str, HostSummary] = field(default_factory=dict)
+    invalid: dict[str, HostSummary] = field(default_factory=dict)
     # Indexes the read side derives from this view (hosts sorted by id, per kernel), built at most once
     # per view by whichever request needs them first.
     memo: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
@@ -300,15 +370,25 @@ def worst_hosts(hosts: Iterable[HostSummary], cfg: FleetConfig) -> list[HostSumm
 
 
 def _finish_view(now: float, cfg: FleetConfig, snapshot: _Snapshot, fresh: dict[str, HostSummary], stale: dict[str, HostSummary],
-                 n_departed: int) -> FleetView:
+                 departed: dict[str, HostSummary], invalid: dict[str, HostSummary]) -> FleetView:
     total, kernels, labels = snapshot
     judge_kernels(kernels, cfg)
     newest = oldest = None
     if fresh:
         received = list(map(_RECEIVED, fresh.values()))
         newest, oldest = max(received), min(received)
-    return FleetView(now, cfg, total, len(stale), n_departed, kernels, labels, worst_hosts(fresh.values(), cfg), fresh, stale,
-                     newest, oldest)
+    return FleetView(now, cfg, total, len(stale), len(departed), kernels, labels, worst_hosts(fresh.values(), cfg), fresh, stale,
+                     newest, oldest, departed=departed, invalid=invalid)
+
+
+def host_status(v: FleetView, host_id: str) -> tuple[HostSummary, str] | None:
+    """A host of the view and its state, or None if the view does not know it."""
+    for status, pool in ((STATUS_FRESH, v.fresh), (STATUS_STALE, v.stale), (STATUS_DEPARTED, v.departed),
+                         (STATUS_INVALID, v.invalid)):
+        h = pool.get(host_id)
+        if h is not None:
+            return h, status
+    return None
 
 
 _RECEIVED = operator.attrgetter("received")
@@ -319,10 +399,13 @@ def build_view(hosts: Iterable[HostSummary], departed: set[str], now: float, cfg
     arrive instead)."""
     fresh: dict[str, HostSummary] = {}
     stale: dict[str, HostSummary] = {}
-    n_departed = 0
+    gone: dict[str, HostSummary] = {}
+    invalid: dict[str, HostSummary] = {}
     for h in hosts:
         if h.host_id in departed:
-            n_departed += 1
+            gone[h.host_id] = h
+        elif h.problem:
+            invalid[h.host_id] = h
         elif now - h.received > cfg.stale_after_seconds:
             stale[h.host_id] = h
         else:
@@ -330,7 +413,7 @@ def build_view(hosts: Iterable[HostSummary], departed: set[str], now: float, cfg
     rollups = Rollups(cfg.rollup_labels)
     for h in fresh.values():
         rollups.add(h)
-    return _finish_view(now, cfg, rollups.snapshot(), fresh, stale, n_departed)
+    return _finish_view(now, cfg, rollups.snapshot(), fresh, stale, gone, invalid)
 
 
 class FleetState:
@@ -343,11 +426,16 @@ class FleetState:
     a heap of (received, host) finds the hosts that went silent since the last view without walking the
     fleet. A view then costs copies of the rollups and of the host table, and a bounded top-N pass."""
 
-    def __init__(self, cfg: FleetConfig = FleetConfig(), clock: Callable[[], float] = time.time, max_view_age: float = 1.0) -> None:
+    def __init__(self, cfg: FleetConfig = FleetConfig(), clock: Callable[[], float] = time.time, max_view_age: float = 1.0,
+                 on_departed: Callable[[str, float | None], None] | None = None) -> None:
         self.cfg = cfg
+        # Told (under the lock: it must only queue) when a host departs (host, time) or returns (host, None),
+        # so that departures can be made durable off the ingest path.
+        self._on_departed = on_departed
         self._clock = clock
         self._hosts: dict[str, HostSummary] = {}
         self._departed: set[str] = set()
+        self._invalid: set[str] = set()  # latest report cannot be evaluated (HostSummary.problem); never counted
         self._stale: set[str] = set()  # judged stale at the last view (never departed ones)
         self._streams: dict[str, int] = {}  # host -> live streams carrying it
         self._rollups = Rollups(cfg.rollup_labels)  # over counted hosts: neither departed nor stale
@@ -358,7 +446,8 @@ class FleetState:
         self._max_view_age = max_view_age
 
     def _counted(self, host_id: str) -> bool:
-        return host_id in self._hosts and host_id not in self._departed and host_id not in self._stale
+        return (host_id in self._hosts and host_id not in self._departed and host_id not in self._stale
+                and host_id not in self._invalid)
 
     def _count(self, h: HostSummary) -> None:
         """Enter a host into the sums; it stays until a view finds it stale (or its stream departs)."""
@@ -377,20 +466,44 @@ class FleetState:
             current = self._hosts.get(host_id)
             if current is not None and self._counted(host_id):
                 self._rollups.add(current, -1)
-            if current is None or summary.sample_time >= current.sample_time:
+            # An invalid report never holds back a later valid one (its sample time may be the absurd part).
+            if current is None or summary.sample_time >= current.sample_time or current.problem:
                 current = self._hosts[host_id] = summary
-            self._departed.discard(host_id)
+            self._returned(host_id)
             self._stale.discard(host_id)  # judged again at the next view, on the kept report's receive time
-            self._count(current)
+            if current.problem:
+                self._invalid.add(host_id)
+            else:
+                self._invalid.discard(host_id)
+                self._count(current)
+            self._view = None
+
+    def _returned(self, host_id: str) -> None:
+        """The host reports here again: no longer departed. Called with the lock held."""
+        if host_id in self._departed:
+            self._departed.discard(host_id)
+            if self._on_departed is not None:
+                self._on_departed(host_id, None)
+
+    def mark_departed(self, host_ids: Iterable[str]) -> None:
+        """Hosts known to have departed (loaded from the store at start-up): shown as departed, not counted,
+        until they report again. Not told to `on_departed`: they are durable already."""
+        with self._lock:
+            for h in host_ids:
+                if h in self._hosts and h not in self._departed:
+                    if self._counted(h):
+                        self._rollups.add(self._hosts[h], -1)
+                    self._stale.discard(h)
+                    self._departed.add(h)
             self._view = None
 
     def stream_carries(self, host_id: str) -> None:
         with self._lock:
             self._streams[host_id] = self._streams.get(host_id, 0) + 1
             if host_id in self._departed:
-                self._departed.discard(host_id)
+                self._returned(host_id)
                 h = self._hosts.get(host_id)
-                if h is not None:
+                if h is not None and host_id not in self._invalid:
                     self._count(h)
                 self._view = None
 
@@ -402,12 +515,14 @@ class FleetState:
                     self._streams[h] = n
                     continue
                 self._streams.pop(h, None)
-                if clean and h in self._hosts:
+                if clean and h in self._hosts and h not in self._departed:
                     # the agent closed its stream: it moves on or shuts down
                     if self._counted(h):
                         self._rollups.add(self._hosts[h], -1)
                     self._stale.discard(h)
                     self._departed.add(h)
+                    if self._on_departed is not None:
+                        self._on_departed(h, self._clock())
             self._view = None
 
     def hosts(self) -> dict[str, HostSummary]:
@@ -447,12 +562,11 @@ class FleetState:
             self._judge_staleness(now)
             fresh = dict(self._hosts)
             stale = {k: fresh.pop(k) for k in self._stale}
-            for k in self._departed:
-                fresh.pop(k, None)
-            n_departed = len(self._departed)
+            departed = {k: fresh.pop(k) for k in self._departed if k in fresh}
+            invalid = {k: fresh.pop(k) for k in self._invalid if k in fresh}  # departed wins: the agent left
             snapshot = self._rollups.snapshot()
         # Outside the lock: the copies are this view's own.
-        v = _finish_view(now, self.cfg, snapshot, fresh, stale, n_departed)
+        v = _finish_view(now, self.cfg, snapshot, fresh, stale, departed, invalid)
         with self._lock:
             self._view = v
         return v

@@ -52,6 +52,23 @@ class SharedFleetState(FleetState):
         super().stream_ended(host_ids, clean=False)
 
 
+class NoDepartedLog:
+    """On a shared store no departure is recorded: a clean stream end is an agent rotating to another
+    replica (SharedFleetState), and a host that stopped leaves by going stale."""
+
+    def load(self) -> dict[str, float]:
+        return {}
+
+    def start(self) -> None:
+        pass
+
+    def record(self, host_id: str, departed_at: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class StoreFollower:
     def __init__(self, store: Followable, fleet: FleetState, interval_seconds: float = FOLLOW_INTERVAL_SECONDS) -> None:
         self.store = store

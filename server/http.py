@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from eptwatch.agent.httpserve import IDLE_TIMEOUT_SECONDS, MAX_CONNECTIONS
 from eptwatch.agent.httpserve import HttpServer as _HttpServer
 
 from .metrics import AggregatorCollector
@@ -23,11 +24,12 @@ def json_bytes(obj: Any) -> bytes:
 
 
 class HttpServer(_HttpServer):
-    def __init__(self, address: str, agg: Aggregator) -> None:
+    def __init__(self, address: str, agg: Aggregator, idle_timeout_seconds: float = IDLE_TIMEOUT_SECONDS,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.agg = agg
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AggregatorCollector(agg))
-        super().__init__(address, self.route)
+        super().__init__(address, self.route, idle_timeout_seconds=idle_timeout_seconds, max_connections=max_connections)
 
     def route(self, path: str, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         if path == "/healthz":

@@ -22,14 +22,16 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from google.protobuf.message import DecodeError
+
 from eptwatch.v1 import ingest_pb2
 from eptwatch.v1 import report_pb2 as pb
 
 from .auth import Principal, TokenTable
 from .fleet import FleetState, summarise
-from .store import ApplyResult, Incoming
+from .store import ApplyResult, Incoming, StoreError
 from .storebase import StoreBase
-from .validate import ReportTotals, check_report
+from .validate import ReportTotals, check_report, check_spool_dropped
 
 log = logging.getLogger("eptwatch.server.ingest")
 
@@ -69,10 +71,22 @@ class Received:
         return self.data[start:end]
 
 
-def decode_agent_message(data: bytes) -> Received:
-    """The request deserializer: protobuf parses the message (a DecodeError fails the call as before);
-    a walk over its top-level fields finds each report's bytes, a few varints per report."""
-    message = ingest_pb2.AgentMessage.FromString(data)
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A message protobuf could not parse: the stream ends INVALID_ARGUMENT (not UNKNOWN, no traceback)."""
+
+    size_bytes: int
+    error: str
+
+
+def decode_agent_message(data: bytes) -> Received | Undecodable:
+    """The request deserializer: protobuf parses the message; a walk over its top-level fields finds
+    each report's bytes, a few varints per report. Never raises: what cannot be parsed is Undecodable,
+    which the stream turns into INVALID_ARGUMENT."""
+    try:
+        message = ingest_pb2.AgentMessage.FromString(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:  # RuntimeError: protobuf's recursion limit
+        return Undecodable(len(data), " ".join(str(exc).split())[:200] or type(exc).__name__)  # one line
     return Received(message, data, report_spans(data, len(message.reports)))
 
 
@@ -169,7 +183,7 @@ class IngestServicer:
         self.counters.refused(code)
         await context.abort(code, message)
 
-    async def Stream(self, request_iterator: AsyncIterator[Received],  # noqa: N802 - gRPC naming
+    async def Stream(self, request_iterator: AsyncIterator[Received | Undecodable],  # noqa: N802 - gRPC naming
                      context: grpc.aio.ServicerContext) -> AsyncIterator[ingest_pb2.ServerMessage]:
         """Reads ahead: a reader task checks each message and hands it to the store while earlier ones
         are still committing, and the acks of every message whose transaction has committed go out
@@ -209,9 +223,18 @@ class IngestServicer:
                     # asyncio.wait, not `await future`: if this stream is cancelled (the agent went away)
                     # the store's future must live on, so that its done-callback applies the commit.
                     await asyncio.wait((head.future,))
+                failure = _store_failure(head)
+                if failure is not None:
+                    # Nothing of this message was stored: no ack for it or anything after it. The agent
+                    # keeps its reports and sends them again once the store can take them.
+                    log.error("stream from %s ended: %s", context.peer(), failure)
+                    await self._abort(context, grpc.StatusCode.UNAVAILABLE, failure)
+                    return
                 acks: list[ingest_pb2.ReportAck] = []
                 while queue and isinstance(queue[0], _Admitted) and (queue[0].future is None or queue[0].future.done()):
-                    acks.extend(self._acks(queue.popleft()))  # type: ignore[arg-type]
+                    if _store_failure(queue[0]) is not None:
+                        break  # acks so far go out; the next turn ends the stream
+                    acks.extend(self._acks(queue.popleft(), stream))  # type: ignore[arg-type]
                 stream.room.set()
                 if acks:
                     yield ingest_pb2.ServerMessage(acks=acks)
@@ -220,7 +243,7 @@ class IngestServicer:
             self.counters.streams_open -= 1
             self.fleet.stream_ended(stream.carried, clean=stream.departing)
 
-    async def _read(self, request_iterator: AsyncIterator[Received], principal: Principal | None,
+    async def _read(self, request_iterator: AsyncIterator[Received | Undecodable], principal: Principal | None,
                     stream: _StreamState) -> None:
         queue, ready, room = stream.queue, stream.ready, stream.room
         task = asyncio.current_task()
@@ -243,6 +266,11 @@ class IngestServicer:
                                           f"no message for {self.idle_timeout:.0f} s: stream closed"))
                     return
                 watch.waiting = False
+                if isinstance(got, Undecodable):
+                    log.warning("stream refused: an undecodable AgentMessage of %d bytes (%s)", got.size_bytes, got.error)
+                    queue.append(_Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                                          f"undecodable AgentMessage ({got.size_bytes} bytes): {got.error}"))
+                    return
                 stream.departing = stream.departing or got.message.departing
                 item = self._admit(got, principal, stream.carried)
                 # What is kept now lives in `item`; do not hold the rest (a backlog message's every
@@ -272,6 +300,8 @@ class IngestServicer:
         acks: list[ingest_pb2.ReportAck | None] = []
         checked_reports: list[tuple[int, pb.HostReport, ReportTotals]] = []
         last: dict[str, int] = {}  # host -> index of its last valid report in this message
+        # Stored with each of the message's reports: if it cannot be, none of them can be applied.
+        dropped_refusal = check_spool_dropped(msg.spool_dropped_total)
         for i, r in enumerate(msg.reports):
             host_id = r.host_id
             # A host already carried by this stream passed both checks before: its answer cannot change.
@@ -279,7 +309,7 @@ class IngestServicer:
                 log.warning("token %r may not report for host %r: stream refused", principal.name, host_id[:80])
                 return _Refusal(grpc.StatusCode.PERMISSION_DENIED,
                                 f"token {principal.name!r} may not report for host {host_id[:80]!r}")
-            checked = check_report(r, now, (got.data, *got.spans[i]) if got.spans is not None else None)
+            checked = dropped_refusal or check_report(r, now, (got.data, *got.spans[i]) if got.spans is not None else None)
             if isinstance(checked, str):
                 self.counters.reports_rejected_total += 1
                 log.warning("report %s/%s/%d rejected: %s", host_id[:80], r.agent_instance[:64], r.sequence, checked)
@@ -315,6 +345,8 @@ class IngestServicer:
                 self.counters.reports_applied_total += 1
                 if res.became_latest:
                     latest[inc.report.host_id] = (inc, totals)  # a later one of the same host supersedes it
+            elif res.status == ingest_pb2.ACK_STATUS_REJECTED:  # the store could not write this one
+                self.counters.reports_rejected_total += 1
             else:
                 self.counters.reports_duplicate_total += 1
         # Summarised once per host per message: a replayed backlog of 50 costs one summary, not 50.
@@ -322,14 +354,25 @@ class IngestServicer:
             self.fleet.put(summarise(inc.report, received, inc.spool_dropped_total, totals))
 
     @staticmethod
-    def _acks(item: _Admitted) -> list[ingest_pb2.ReportAck]:
-        """A committed message's acks, in the order of its reports."""
+    def _acks(item: _Admitted, stream: _StreamState) -> list[ingest_pb2.ReportAck]:
+        """A committed message's acks, in the order of its reports. A DUPLICATE carries the high-water
+        mark, so that an agent whose spool was rewound (restored from a snapshot, its meta rewritten)
+        can tell and move on with a new instance instead of being acked DUPLICATE until it passes it."""
         acks = item.acks
         if item.future is not None:
             for (i, inc, _), res in zip(item.accepted, item.future.result()):
                 r = inc.report
-                acks[i] = ingest_pb2.ReportAck(host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
-                                               status=res.status)  # type: ignore[arg-type]
+                ack = acks[i] = ingest_pb2.ReportAck(host_id=r.host_id, agent_instance=r.agent_instance, sequence=r.sequence,
+                                                     status=res.status)  # type: ignore[arg-type]
+                if res.high_water_sequence:
+                    ack.high_water_sequence = res.high_water_sequence
+                    if not stream.rewind_logged:  # once per stream: a rewound spool resends many
+                        stream.rewind_logged = True
+                        log.info("host %s instance %s: sequence %d is at or below the high-water mark %d: acked "
+                                 "DUPLICATE with the mark (a resend after a lost ack, or a rewound spool); logged once per stream",
+                                 r.host_id[:80], r.agent_instance[:64], r.sequence, res.high_water_sequence)
+                elif res.reason:
+                    ack.reason = res.reason
         return [a for a in acks if a is not None]
 
 
@@ -356,8 +399,20 @@ class _Admitted:
     future: asyncio.Future[list[ApplyResult]] | None  # None: nothing went to the store
 
 
+def _store_failure(item: object) -> str | None:
+    """What to tell the agent if `item`'s transaction failed in the store; None if it did not (yet)."""
+    if not isinstance(item, _Admitted) or item.future is None or not item.future.done() or item.future.cancelled():
+        return None
+    exc = item.future.exception()
+    if exc is None:
+        return None
+    if isinstance(exc, StoreError):
+        return f"aggregator cannot store reports: {exc} (nothing acknowledged: send again later)"
+    return f"aggregator cannot store reports: {type(exc).__name__}: {exc} (nothing acknowledged: send again later)"
+
+
 class _StreamState:
-    __slots__ = ("queue", "ready", "room", "carried", "departing")
+    __slots__ = ("queue", "ready", "room", "carried", "departing", "rewind_logged")
 
     def __init__(self) -> None:
         self.queue: deque[_Admitted | _Refusal | BaseException | object] = deque()
@@ -365,6 +420,7 @@ class _StreamState:
         self.room = asyncio.Event()  # the handler took something
         self.carried: set[str] = set()
         self.departing = False
+        self.rewind_logged = False
 
     def queued_reports(self) -> int:
         return sum(len(item.acks) for item in self.queue if isinstance(item, _Admitted))  # one ack slot per report

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from eptwatch.agent import __version__
 
+from .store import DATABASE, DISK_FULL, REPORT
 from .validate import WALKER
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ METRICS: dict[str, str] = {
     "eptwatch_server_fleet_exporter": "1 where this process exports the eptwatch_fleet_* and eptwatch_kernel_* series (always with SQLite; the lease holder among replicas sharing PostgreSQL)",
     "eptwatch_server_store_followed_hosts_total": "Host changes committed by other replicas and taken into this one's fleet view (shared store)",
     "eptwatch_server_store_follow_failures_total": "Polls of the shared store that failed (the fleet view falls behind while they do)",
+    "eptwatch_server_store_commit_failures_total": "SQLite commits that failed, by reason (disk_full, database: nothing "
+                                                   "acknowledged; report: one report could not be written and was rejected)",
     # Fleet rollups: counts and sums only (never ratios), so replicas add up in PromQL. Hosts that went
     # stale have left these. Labels: kernel_release, era.
     "eptwatch_fleet_hosts": "Fresh hosts, by kernel release and predicate era",
@@ -51,6 +54,8 @@ METRICS: dict[str, str] = {
     "eptwatch_fleet_label_lost_huge_2m": "Lost huge mappings per value of a configured host label",
     "eptwatch_fleet_label_lost_unexplained_2m": "Unexplained lost huge mappings per value of a configured host label",
     "eptwatch_fleet_hosts_stale": "Hosts whose agent has been silent longer than the staleness bound",
+    "eptwatch_fleet_hosts_departed": "Hosts whose agent closed its stream here cleanly (stopped or moved to another replica)",
+    "eptwatch_fleet_hosts_invalid": "Hosts whose latest report cannot be evaluated (named per host on /api/v1/hosts?status=invalid)",
     "eptwatch_fleet_agent_spool_dropped": "Reports fresh hosts' agents dropped from their spools (latest count)",
     # Verdicts, with their evidence on the API.
     # Identifying labels only, so a verdict flip changes a value, never the series; what the verdict was
@@ -60,6 +65,10 @@ METRICS: dict[str, str] = {
     "eptwatch_kernel_known_bad_hosts": "Fresh hosts running a kernel the model predicts to have the page-cache THP bug",
     "eptwatch_fleet_worst_host_lost_ratio": "Top-N hosts by lost / capacity (labels: host_id, kernel_release)",
     "eptwatch_fleet_worst_host_lost_huge_2m": "Top-N hosts' lost huge mappings (labels: host_id, kernel_release)",
+    # This HTTP server's own limits (http_idle_timeout_seconds, http_max_connections).
+    "eptwatch_server_http_connections_open": "HTTP connections being served now",
+    "eptwatch_server_http_connections_refused_total": "HTTP connections answered 503 at the connection cap",
+    "eptwatch_server_http_connections_timed_out_total": "HTTP connections closed for sending nothing within the idle timeout",
 }
 
 
@@ -71,7 +80,7 @@ class AggregatorCollector(Collector):
         # Each section is guarded: one failing section must not sink the whole scrape.
         # On a shared store every replica sees the whole fleet: only the lease holder exports its rollups.
         follower = getattr(self.agg, "follower", None)
-        sections = (self._ingest, self._fleet) if follower is None or follower.exports_fleet() else (self._ingest,)
+        sections = (self._ingest, self._fleet, self._http) if follower is None or follower.exports_fleet() else (self._ingest, self._http)
         for section in sections:
             try:
                 yield from section()
@@ -98,6 +107,13 @@ class AggregatorCollector(Collector):
         yield reports
         yield CounterMetricFamily("eptwatch_server_store_commits", METRICS["eptwatch_server_store_commits_total"],
                                   value=self.agg.store.commits_total)
+        failures = CounterMetricFamily("eptwatch_server_store_commit_failures", METRICS["eptwatch_server_store_commit_failures_total"],
+                                       labels=["reason"])
+        # Every reason always exported (0 until it happens), so that an alert's rate() has a series to start from.
+        counts = self.agg.store.commit_failures_total
+        for reason in (DISK_FULL, DATABASE, REPORT):
+            failures.add_metric([reason], counts.get(reason, 0))
+        yield failures
         follower = getattr(self.agg, "follower", None)
         yield GaugeMetricFamily("eptwatch_server_fleet_exporter", METRICS["eptwatch_server_fleet_exporter"],
                                 value=1 if follower is None or follower.exports_fleet() else 0)
@@ -139,6 +155,8 @@ class AggregatorCollector(Collector):
                 g.add_metric([lk, lv], get(r))
             yield g
         yield GaugeMetricFamily("eptwatch_fleet_hosts_stale", METRICS["eptwatch_fleet_hosts_stale"], value=v.hosts_stale)
+        yield GaugeMetricFamily("eptwatch_fleet_hosts_departed", METRICS["eptwatch_fleet_hosts_departed"], value=v.hosts_departed)
+        yield GaugeMetricFamily("eptwatch_fleet_hosts_invalid", METRICS["eptwatch_fleet_hosts_invalid"], value=len(v.invalid))
         yield GaugeMetricFamily("eptwatch_fleet_agent_spool_dropped", METRICS["eptwatch_fleet_agent_spool_dropped"], value=v.total.spool_dropped)
         reg = GaugeMetricFamily("eptwatch_kernel_regressed", METRICS["eptwatch_kernel_regressed"], labels=kl)
         compared = GaugeMetricFamily("eptwatch_kernel_comparison_info", METRICS["eptwatch_kernel_comparison_info"],
@@ -161,3 +179,15 @@ class AggregatorCollector(Collector):
             lost.add_metric([h.host_id, h.kernel_release], h.lost_2m)
         yield ratio
         yield lost
+
+    def _http(self) -> Iterator[Metric]:
+        http = self.agg.http
+        if http is None:
+            return
+        h = http.httpd
+        yield GaugeMetricFamily("eptwatch_server_http_connections_open", METRICS["eptwatch_server_http_connections_open"],
+                                value=h.connections_active)
+        yield CounterMetricFamily("eptwatch_server_http_connections_refused", METRICS["eptwatch_server_http_connections_refused_total"],
+                                  value=h.connections_refused_total)
+        yield CounterMetricFamily("eptwatch_server_http_connections_timed_out",
+                                  METRICS["eptwatch_server_http_connections_timed_out_total"], value=h.connections_timed_out_total)

@@ -10,6 +10,7 @@ from .fleet import ERA_NAMES, VERDICT_KNOWN_BAD, VERDICT_REGRESSED, FleetView
 COLOURS = {VERDICT_REGRESSED: "#c62828", VERDICT_KNOWN_BAD: "#ef6c00"}
 DEFAULT_COLOUR = "#2e7d32"
 QUIET_COLOUR = "#90a4ae"
+MAX_LISTED = 50  # departed and invalid hosts listed by name on the page; the API pages through all
 
 
 def _age(seconds: float | None, now: float) -> str:
@@ -57,6 +58,12 @@ def render_fleet_page(v: FleetView, now: float | None = None, title: str = "eptw
         f"<td class=num>{_pct(h.lost_ratio)}</td><td>{_age(h.received, now)}</td></tr>"
         for h in v.worst_hosts
     ]
+    # Hosts outside the sums, by name: an invalid host with its problem, a departed one with its last report.
+    orows = [
+        f'<tr class="{status}"><td>{e(h.host_id)}</td><td>{status}</td><td>{_age(h.received, now)}</td><td>{e(h.problem)}</td></tr>'
+        for status, pool in (("invalid", v.invalid), ("departed", v.departed))
+        for h in sorted(pool.values(), key=lambda h: h.host_id)[:MAX_LISTED]
+    ]
     regressed = [k.kernel_release for k in rows if k.regressed]
     known_bad = [f"{k.kernel_release} ({k.hosts} hosts)" for k in rows if k.known_bad]
     t = v.total
@@ -81,7 +88,8 @@ tr.regressed td.verdict {{ color: #c62828; font-weight: bold; }} tr.known_bad td
 <span>lost huge mappings <b>{t.lost_2m}</b> of <b>{t.capacity_2m}</b> ({_pct(t.lost_ratio)})</span>
 <span>unexplained <b>{t.lost_unexplained_2m}</b></span></div>
 <div class="muted" id="freshness">newest report {_age(v.newest_received, now)}; oldest fresh report {_age(v.oldest_fresh_received, now)};
-{v.hosts_stale} stale host(s) (silent for more than {v.config.stale_after_seconds:.0f} s); {v.hosts_departed} moved away; page built {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(v.generated_at))}</div>
+{v.hosts_stale} stale host(s) (silent for more than {v.config.stale_after_seconds:.0f} s); <span id="departed">{v.hosts_departed} departed (agent stopped or moved away)</span>;
+<span id="invalid">{len(v.invalid)} invalid (report cannot be evaluated)</span>; page built {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(v.generated_at))}</div>
 {''.join(f'<div class="alert regressed" id="regressed">Regressed kernel: <b>{e(r)}</b></div>' for r in regressed)}
 {f'<div class="alert known_bad" id="known-bad">Known-bad kernels still in the fleet (no 169226f7e0): <b>{e(", ".join(known_bad))}</b></div>' if known_bad else ''}
 <h2>Loss ratio per kernel release</h2>
@@ -92,7 +100,10 @@ tr.regressed td.verdict {{ color: #c62828; font-weight: bold; }} tr.known_bad td
 <h2>Worst hosts</h2>
 <table id="worst-hosts"><tr><th>host</th><th>kernel</th><th>capacity 2M</th><th>lost 2M</th><th>loss</th><th>last report</th></tr>
 {''.join(hrows) or '<tr><td colspan=6>No host is losing huge mappings.</td></tr>'}</table>
+<h2>Hosts not counted</h2>
+<table id="other-hosts"><tr><th>host</th><th>state</th><th>last report</th><th>problem</th></tr>
+{''.join(orows) or '<tr><td colspan=4>None: every host is fresh or stale.</td></tr>'}</table>
 <p class="muted">Machine-readable: <a href="/api/v1/fleet">/api/v1/fleet</a>, <a href="/api/v1/kernels">/api/v1/kernels</a>,
-<a href="/api/v1/hosts">/api/v1/hosts</a>, <a href="/metrics">/metrics</a>.</p>
+<a href="/api/v1/hosts">/api/v1/hosts</a> (<a href="/api/v1/hosts?status=all">all states</a>), <a href="/metrics">/metrics</a>.</p>
 </body></html>
 """

@@ -20,7 +20,8 @@ from eptwatch.v1 import query_pb2 as q
 from eptwatch.v1 import query_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
 
-from .fleet import CAUSE_NAMES, ERA_NAMES, FleetView, HostSummary, KernelRollup, Rollup
+from .fleet import (CAUSE_NAMES, ERA_NAMES, STATUS_DEPARTED, STATUS_FRESH, STATUS_INVALID, STATUS_STALE, STATUSES, FleetView,
+                    HostSummary, KernelRollup, Rollup, host_status)
 from .storebase import LatestReports
 
 VERDICTS = {"ok": q.KERNEL_VERDICT_OK, "regressed": q.KERNEL_VERDICT_REGRESSED, "known_bad": q.KERNEL_VERDICT_KNOWN_BAD,
@@ -28,6 +29,10 @@ VERDICTS = {"ok": q.KERNEL_VERDICT_OK, "regressed": q.KERNEL_VERDICT_REGRESSED, 
 ERA_BY_NAME = {v: k for k, v in ERA_NAMES.items() if v != "unspecified"}
 CAUSE_BY_NAME = {v: k for k, v in CAUSE_NAMES.items() if v != "unspecified"}
 MAX_LIMIT = 10000
+MAX_OFFSET = (1 << 32) - 1  # ListHostsRequest.offset is a uint32
+MAX_FILTER_CHARS = 256  # kernel release, label and cause filters: longer cannot match anything stored
+MAX_LABEL_FILTERS = 64  # as many as a host may carry (validate.MAX_LABELS)
+_UINT64_MAX = (1 << 64) - 1
 MAX_MEMO = 64  # derived host lists kept per view
 
 
@@ -42,10 +47,17 @@ def _ts(seconds: float | None) -> Timestamp:
     return t
 
 
+def _u64(n: int) -> int:
+    """A count as the wire's uint64 can carry it. Counted hosts are bounded (fleet.MAX_HOST_HUGE_2M), so
+    this never bites in practice; it is why a sum can never make a view unanswerable."""
+    return 0 if n < 0 else n if n <= _UINT64_MAX else _UINT64_MAX
+
+
 def rollup_pb(r: Rollup) -> q.Rollup:
-    msg = q.Rollup(hosts=r.hosts, vms=r.vms, host_huge_capacity_2m=r.capacity_2m, observed_huge_2m=r.observed_2m,
-                   lost_huge_2m=r.lost_2m, lost_explained_2m=r.lost_explained_2m, lost_unexplained_2m=r.lost_unexplained_2m,
-                   known_bug_vms=r.known_bug_vms, vms_by_cause={CAUSE_NAMES[c]: n for c, n in r.causes.items() if c in CAUSE_NAMES})
+    msg = q.Rollup(hosts=_u64(r.hosts), vms=_u64(r.vms), host_huge_capacity_2m=_u64(r.capacity_2m), observed_huge_2m=_u64(r.observed_2m),
+                   lost_huge_2m=_u64(r.lost_2m), lost_explained_2m=_u64(r.lost_explained_2m),
+                   lost_unexplained_2m=_u64(r.lost_unexplained_2m), known_bug_vms=_u64(r.known_bug_vms),
+                   vms_by_cause={CAUSE_NAMES[c]: _u64(n) for c, n in r.causes.items() if c in CAUSE_NAMES})
     if r.lost_ratio is not None:
         msg.lost_ratio = r.lost_ratio
     return msg
@@ -59,13 +71,14 @@ def kernel_pb(k: KernelRollup) -> q.KernelRollup:
     return msg
 
 
-def host_pb(h: HostSummary, stale: bool) -> q.HostSummary:
+def host_pb(h: HostSummary, status: str) -> q.HostSummary:
     msg = q.HostSummary(
-        host_id=h.host_id, kernel_release=h.kernel_release, era=h.era, labels=dict(h.labels), stale=stale,  # type: ignore[arg-type]
-        sample_time=_ts(h.sample_time), received=_ts(h.received), vms=h.vms, host_huge_capacity_2m=h.capacity_2m,
-        observed_huge_2m=h.observed_2m, lost_huge_2m=h.lost_2m, lost_unexplained_2m=h.lost_unexplained_2m,
-        vms_by_cause={CAUSE_NAMES[c]: n for c, n in h.causes if c in CAUSE_NAMES}, agent_version=h.agent_version,
-        agent_instance=h.agent_instance, sequence=h.sequence,
+        host_id=h.host_id, kernel_release=h.kernel_release, era=h.era, labels=dict(h.labels),  # type: ignore[arg-type]
+        stale=status == STATUS_STALE, status=status, problem=h.problem,
+        sample_time=_ts(h.sample_time), received=_ts(h.received), vms=_u64(h.vms), host_huge_capacity_2m=_u64(h.capacity_2m),
+        observed_huge_2m=_u64(h.observed_2m), lost_huge_2m=_u64(h.lost_2m), lost_unexplained_2m=_u64(h.lost_unexplained_2m),
+        vms_by_cause={CAUSE_NAMES[c]: _u64(n) for c, n in h.causes if c in CAUSE_NAMES}, agent_version=h.agent_version,
+        agent_instance=h.agent_instance, sequence=_u64(h.sequence),
     )
     if h.lost_ratio is not None:
         msg.lost_ratio = h.lost_ratio
@@ -75,14 +88,22 @@ def host_pb(h: HostSummary, stale: bool) -> q.HostSummary:
 def fleet_pb(v: FleetView) -> q.FleetSummary:
     return q.FleetSummary(
         generated_at=_ts(v.generated_at), total=rollup_pb(v.total), hosts_stale=v.hosts_stale, hosts_departed=v.hosts_departed,
+        hosts_invalid=len(v.invalid),
         kernels=[kernel_pb(k) for k in v.kernels],
         labels=[q.LabelRollup(label=k, value=val, rollup=rollup_pb(r)) for (k, val), r in sorted(v.labels.items())],
-        worst_hosts=[host_pb(h, False) for h in v.worst_hosts], newest_report=_ts(v.newest_received),
+        worst_hosts=[host_pb(h, STATUS_FRESH) for h in v.worst_hosts], newest_report=_ts(v.newest_received),
         oldest_fresh_report=_ts(v.oldest_fresh_received), stale_after_seconds=v.config.stale_after_seconds,
     )
 
 
+def _bounded_filter(name: str, value: str) -> None:
+    if len(value) > MAX_FILTER_CHARS:
+        raise QueryError(f"{name}: at most {MAX_FILTER_CHARS} characters, got {len(value)}")
+
+
 def list_kernels(v: FleetView, req: q.ListKernelsRequest) -> q.ListKernelsResponse:
+    _bounded_filter("era", req.era)
+    _bounded_filter("verdict", req.verdict)
     if req.era and req.era not in ERA_BY_NAME:
         raise QueryError(f"era: expected one of {', '.join(sorted(ERA_BY_NAME))}, got {req.era!r}")
     if req.verdict and req.verdict not in VERDICTS:
@@ -92,11 +113,17 @@ def list_kernels(v: FleetView, req: q.ListKernelsRequest) -> q.ListKernelsRespon
 
 
 def list_hosts(v: FleetView, req: q.ListHostsRequest) -> q.ListHostsResponse:
-    status = req.status or "fresh"
-    if status not in ("fresh", "stale", "all"):
-        raise QueryError(f"status: expected fresh, stale or all, got {status!r}")
+    _bounded_filter("status", req.status)
+    _bounded_filter("kernel", req.kernel_release)
+    _bounded_filter("cause", req.cause)
+    status = req.status or STATUS_FRESH
+    if status not in STATUSES and status != "all":
+        raise QueryError(f"status: expected {', '.join(STATUSES)} or all, got {status!r}")
+    if len(req.labels) > MAX_LABEL_FILTERS:
+        raise QueryError(f"label: at most {MAX_LABEL_FILTERS} label filters, got {len(req.labels)}")
     wanted_labels: list[tuple[str, str]] = []
     for raw in req.labels:
+        _bounded_filter("label", raw)
         key, sep, value = raw.partition("=")
         if not sep or not key:
             raise QueryError(f"label: expected key=value, got {raw!r}")
@@ -107,8 +134,10 @@ def list_hosts(v: FleetView, req: q.ListHostsRequest) -> q.ListHostsResponse:
             raise QueryError(f"cause: expected one of {', '.join(sorted(CAUSE_BY_NAME))}, got {req.cause!r}")
         cause = CAUSE_BY_NAME[req.cause]
     limit = req.limit or 100
-    if limit > MAX_LIMIT:
-        raise QueryError(f"limit: at most {MAX_LIMIT}, got {limit}")
+    if not 0 < limit <= MAX_LIMIT:
+        raise QueryError(f"limit: expected 1 to {MAX_LIMIT}, got {limit}")
+    if not 0 <= req.offset <= MAX_OFFSET:
+        raise QueryError(f"offset: expected 0 to {MAX_OFFSET}, got {req.offset}")
     rows = _sorted_rows(v, status, req.kernel_release)
     if wanted_labels or cause is not None:
         key = ("filtered", status, req.kernel_release, tuple(wanted_labels), cause)
@@ -121,8 +150,13 @@ def list_hosts(v: FleetView, req: q.ListHostsRequest) -> q.ListHostsResponse:
                 v.memo[key] = filtered
         rows = filtered
     page = rows[req.offset: req.offset + limit]
-    return q.ListHostsResponse(hosts=[host_pb(h, status == "stale" or (status == "all" and h.host_id in v.stale)) for h in page],
+    return q.ListHostsResponse(hosts=[host_pb(h, status if status != "all" else _status_in(v, h.host_id)) for h in page],
                                total=len(rows))
+
+
+def _status_in(v: FleetView, host_id: str) -> str:
+    found = host_status(v, host_id)
+    return found[1] if found is not None else STATUS_FRESH
 
 
 _HOST_ID = operator.attrgetter("host_id")
@@ -156,13 +190,11 @@ def _sorted_rows(v: FleetView, status: str, kernel_release: str) -> list[HostSum
 
 
 def _pools(v: FleetView, status: str) -> list[dict[str, HostSummary]]:
-    # Host ids are unique across fresh and stale: one sort by id orders them all.
-    pools = []
-    if status in ("fresh", "all"):
-        pools.append(v.fresh)
-    if status in ("stale", "all"):
-        pools.append(v.stale)
-    return pools
+    # Host ids are unique across the states: one sort by id orders them all.
+    by_status = {STATUS_FRESH: v.fresh, STATUS_STALE: v.stale, STATUS_DEPARTED: v.departed, STATUS_INVALID: v.invalid}
+    if status == "all":
+        return list(by_status.values())
+    return [by_status[status]]
 
 
 class ReportReader:
@@ -207,14 +239,16 @@ class ReportReader:
 
 
 def host_detail(v: FleetView, reader: LatestReports, host_id: str) -> q.HostDetail | None:
-    h = v.fresh.get(host_id)
-    stale = False
-    if h is None:
-        h, stale = v.stale.get(host_id), True
-    if h is None:
+    found = host_status(v, host_id)
+    if found is None:
         return None
-    detail = q.HostDetail(summary=host_pb(h, stale))
-    report = reader.latest(host_id)
+    h, status = found
+    detail = q.HostDetail(summary=host_pb(h, status))
+    try:
+        report = reader.latest(host_id)
+    except Exception as exc:  # noqa: BLE001 - a stored report that does not decode costs only its own detail
+        detail.summary.problem = detail.summary.problem or f"stored report unreadable: {str(exc)[:200]}"
+        return detail
     if report is not None:
         detail.latest_report.CopyFrom(report)
     return detail

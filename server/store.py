@@ -11,11 +11,18 @@ Group commit: stream handlers enqueue batches; the writer thread takes everythin
 in one transaction and one fsync, then wakes every waiter. Under load, batches grow and the fsync cost
 is shared. The writer waits `commit_delay_seconds` after a transaction's first batch for more to
 join it (0: a lone report commits at once).
+
+Failure isolation: if a group's transaction fails for a reason that may lie in one report (a value
+SQLite cannot hold, say), the group is retried one message at a time and a failing message one report
+at a time, so that only the culprit is refused (REJECTED with the error) and every other report is
+applied and acknowledged. A failure of the database itself (disk full, I/O error) is no report's
+fault: every waiter gets a StoreError naming it, and nothing is acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import sqlite3
 import threading
@@ -26,6 +33,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eptwatch.v1 import ingest_pb2, report_pb2
+
+log = logging.getLogger("eptwatch.server.store")
+
+# Why a commit failed (the reason label of eptwatch_server_store_commit_failures_total).
+DISK_FULL = "disk_full"  # SQLITE_FULL: the state directory's filesystem is full
+DATABASE = "database"  # any other error of SQLite or of its file (I/O, corruption, read-only)
+REPORT = "report"  # one report could not be written; it alone was refused
+_SQLITE_FULL = 13
+
+
+class StoreError(Exception):
+    """The state store could not commit: nothing in the failed transaction was stored."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # DISK_FULL or DATABASE
+
+
+def _store_error(exc: sqlite3.Error) -> StoreError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF == _SQLITE_FULL or "database or disk is full" in str(exc):
+        return StoreError(DISK_FULL, f"disk full: the aggregator's state could not be written ({exc})")
+    return StoreError(DATABASE, f"state database error: {exc}")
 
 if TYPE_CHECKING:
     from .query import ReportReader
@@ -80,12 +110,15 @@ class StoredHost:
     sample_time: float
     received: float
     report: report_pb2.HostReport
+    problem: str = ""  # the stored bytes do not decode: `report` is then empty but for the row's identity
 
 
 @dataclass(frozen=True)
 class ApplyResult:
     status: int  # ingest_pb2.AckStatus
     became_latest: bool  # this report is now the host's latest state
+    high_water_sequence: int = 0  # DUPLICATE: the (host, instance)'s mark, so an agent can tell a rewind
+    reason: str = ""  # REJECTED: why the report could not be stored
 
 
 def sample_seconds(report: report_pb2.HostReport) -> float:
@@ -109,10 +142,12 @@ class Store:
         self._queue: queue.Queue[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]] | None] = queue.Queue()
         self._marks: dict[tuple[str, str], int] = {}
         self._latest: dict[str, float] = {}  # host -> sample_time of its stored report (writer thread)
+        self._instances: dict[str, str] = {}  # host -> agent instance of its stored report (writer thread)
         self._thread: threading.Thread | None = None
         self._conn = self._connect()
         self.commits_total = 0
         self.reports_committed_total = 0
+        self.commit_failures_total: dict[str, int] = {}  # by reason: DISK_FULL, DATABASE, REPORT
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -135,7 +170,12 @@ class Store:
             "SELECT host_id, agent_instance, sequence, sample_time, received, report FROM hosts"
         ):
             r = report_pb2.HostReport()
-            r.ParseFromString(blob)
+            try:
+                r.ParseFromString(blob)
+            except Exception as exc:  # noqa: BLE001 - one corrupt row costs only its host (shown invalid)
+                r = report_pb2.HostReport(host_id=host_id, agent_instance=inst)
+                out.append(StoredHost(host_id, inst, seq, st, rcv, r, f"stored report does not decode: {str(exc)[:200]}"))
+                continue
             out.append(StoredHost(host_id, inst, seq, st, rcv, r))
         return out
 
@@ -156,8 +196,9 @@ class Store:
     def start(self) -> None:
         for host_id, inst, last in self._conn.execute("SELECT host_id, agent_instance, last_sequence FROM agents"):
             self._marks[(host_id, inst)] = last
-        for host_id, st in self._conn.execute("SELECT host_id, sample_time FROM hosts"):
+        for host_id, st, inst in self._conn.execute("SELECT host_id, sample_time, agent_instance FROM hosts"):
             self._latest[host_id] = st
+            self._instances[host_id] = inst
         self._thread = threading.Thread(target=self._run, name="eptwatch-store-writer", daemon=True)
         self._thread.start()
 
@@ -198,14 +239,70 @@ class Store:
                     break
                 jobs.append(nxt)
                 count += len(nxt[0])
+            values: list[list[ApplyResult] | BaseException]
             try:
-                results = self._commit([j[0] for j in jobs])
+                values = list(self._commit_isolated([j[0] for j in jobs]))
             except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
-                _wake(jobs, [exc] * len(jobs), _set_exception)
-            else:
-                _wake(jobs, results, _set_result)
+                values = [exc] * len(jobs)
+            by_kind: dict[bool, list[int]] = {}
+            for i, v in enumerate(values):
+                by_kind.setdefault(isinstance(v, BaseException), []).append(i)
+            for failed, idx in by_kind.items():
+                _wake([jobs[i] for i in idx], [values[i] for i in idx], _set_exception if failed else _set_result)
             if stop:
                 return
+
+    def _failed(self, reason: str) -> None:
+        self.commit_failures_total[reason] = self.commit_failures_total.get(reason, 0) + 1
+
+    def _commit_isolated(self, batches: list[list[Incoming]]) -> list[list[ApplyResult] | BaseException]:
+        """`_commit` of the whole group; if that fails for a reason that may be one report's, each
+        message on its own, and a failing message's reports one by one (in order: the marks they
+        leave are those of applying them in sequence). A StoreError fails every waiter still
+        waiting: the database, not a report, is at fault."""
+        try:
+            return list(self._commit(batches))
+        except StoreError as exc:
+            self._failed(exc.reason)
+            log.error("state store: %s: %d message(s) not stored, none acknowledged", exc, len(batches))
+            return [exc] * len(batches)
+        except Exception as exc:  # noqa: BLE001 - a report's value: find which one below
+            log.warning("state store: a group commit of %d message(s) failed (%s: %s): retrying one message at a time",
+                        len(batches), type(exc).__name__, exc)
+        out: list[list[ApplyResult] | BaseException] = []
+        for n, batch in enumerate(batches):
+            try:
+                if len(batches) > 1:
+                    try:
+                        out.append(self._commit([batch])[0])
+                        continue
+                    except StoreError:
+                        raise
+                    except Exception:  # noqa: BLE001 - this message holds the culprit
+                        pass
+                out.append(self._per_report(batch))
+            except StoreError as exc:
+                self._failed(exc.reason)
+                log.error("state store: %s: %d message(s) not stored, none acknowledged", exc, len(batches) - n)
+                out.extend([exc] * (len(batches) - n))
+                break
+        return out
+
+    def _per_report(self, batch: list[Incoming]) -> list[ApplyResult]:
+        """A message's reports in a transaction each; one that cannot be written is REJECTED."""
+        res: list[ApplyResult] = []
+        for item in batch:
+            try:
+                res.extend(self._commit([[item]])[0])
+            except StoreError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this report is the culprit: it alone is refused
+                self._failed(REPORT)
+                r = item.report
+                reason = f"could not be stored: {type(exc).__name__}: {exc}"[:500]
+                log.warning("report %s/%s/%d %s", r.host_id[:80], r.agent_instance[:64], r.sequence, reason)
+                res.append(ApplyResult(ingest_pb2.ACK_STATUS_REJECTED, False, reason=reason))
+        return res
 
     def _commit(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
         """One transaction for everything queued. Per (host, instance) one agents row and per host one
@@ -219,7 +316,7 @@ class Store:
         known_marks, known_latest = self._marks, self._latest
         applied = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
         applied_latest = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)
-        duplicate = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False)
+        duplicates: dict[int, ApplyResult] = {}  # by high-water mark: one object per mark, not per report
         results: list[list[ApplyResult]] = []
         for batch in batches:
             res: list[ApplyResult] = []
@@ -231,7 +328,10 @@ class Store:
                 if last is None:
                     last = known_marks.get(key, 0)
                 if seq <= last:
-                    res.append(duplicate)
+                    dup = duplicates.get(last)
+                    if dup is None:
+                        dup = duplicates[last] = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False, last)
+                    res.append(dup)
                     continue
                 marks[key] = seq
                 a = agents.get(key)
@@ -262,7 +362,10 @@ class Store:
             payload = item.payload if item.payload is not None else r.SerializeToString()
             host_rows.append((host, r.agent_instance, r.sequence, st, now, payload))
         c = self._conn
-        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _store_error(exc) from exc
         try:
             c.executemany(
                 "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(host_id, agent_instance) DO UPDATE SET "
@@ -277,14 +380,109 @@ class Store:
                 host_rows,
             )
             c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
+        except BaseException as exc:
+            if c.in_transaction:  # SQLite may have rolled back itself (a full disk): then there is nothing to undo
+                try:
+                    c.execute("ROLLBACK")
+                except sqlite3.Error as rollback_exc:
+                    log.error("state store: rollback failed: %s", rollback_exc)
+            if isinstance(exc, (sqlite3.OperationalError, sqlite3.DatabaseError)) and not isinstance(
+                    exc, (sqlite3.IntegrityError, sqlite3.DataError)):
+                raise _store_error(exc) from exc
             raise
         known_marks.update(marks)
         known_latest.update(latest)
+        instances = self._instances
+        for host, (item, _) in hosts.items():
+            inst = item.report.agent_instance
+            before = instances.get(host)
+            if before != inst:
+                instances[host] = inst
+                if before is not None:  # a restarted agent, or one that moved on from a rewound spool
+                    log.info("host %s: agent instance %s replaces %s", host[:80], inst[:64], before[:64])
         self.commits_total += 1
         self.reports_committed_total += sum(len(b) for b in batches)
         return results
+
+
+_departed_log = logging.getLogger("eptwatch.server.store")
+_DEPARTED_SCHEMA = "CREATE TABLE IF NOT EXISTS departed (host_id TEXT PRIMARY KEY, departed_at REAL NOT NULL)"
+
+
+class DepartedLog:
+    """Which hosts departed (their agent closed its stream cleanly), durable across restarts, so that such a
+    host comes back departed rather than fresh. Departures and returns are rare (agents stopping or
+    rotating), so they are written by their own small thread on their own connection, never on the
+    ingest path: `record` only queues. WAL lets this writer and the report writer take turns.
+    A lost write (the process killed before it lands) costs only how one host is shown until it reports."""
+
+    def __init__(self, db_path: Path, synchronous: str = "NORMAL") -> None:
+        self.path = db_path
+        self._queue: queue.Queue[tuple[str, float | None] | None] = queue.Queue()
+        self._conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._conn.execute(f"PRAGMA synchronous={synchronous if synchronous in ('FULL', 'NORMAL', 'EXTRA') else 'NORMAL'}")
+        self._conn.execute(_DEPARTED_SCHEMA)
+        self._thread: threading.Thread | None = None
+        self.writes_failed_total = 0
+
+    def load(self) -> dict[str, float]:
+        """host -> when it departed."""
+        return dict(self._conn.execute("SELECT host_id, departed_at FROM departed").fetchall())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="eptwatch-departed-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, host_id: str, departed_at: float | None) -> None:
+        """Queue a departure (`departed_at`) or a return (None); written in order."""
+        self._queue.put((host_id, departed_at))
+
+    def close(self) -> None:
+        """Writes what is queued, then stops."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            stop = False
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            self._write(items)
+            if stop:
+                return
+
+    def _write(self, items: list[tuple[str, float | None]]) -> None:
+        c = self._conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for host_id, at in items:  # in order: a departure then a return leaves no row
+                    if at is None:
+                        c.execute("DELETE FROM departed WHERE host_id=?", (host_id,))
+                    else:
+                        c.execute("INSERT INTO departed VALUES (?, ?) ON CONFLICT(host_id) DO UPDATE SET departed_at=excluded.departed_at",
+                                  (host_id, at))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            self.writes_failed_total += 1
+            _departed_log.warning("%s: %d departure(s) not recorded: %s", self.path, len(items), exc)
 
 
 def _wake(jobs: list[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]]],

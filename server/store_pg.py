@@ -42,10 +42,13 @@ from psycopg_pool import ConnectionPool
 from eptwatch.v1 import ingest_pb2, report_pb2
 
 from .store import (
+    DATABASE,
+    REPORT,
     AgentRecord,
     ApplyResult,
     Incoming,
     StoredHost,
+    StoreError,
     _set_exception,
     _set_result,
     _wake,
@@ -129,6 +132,7 @@ class PgStore:
         self.commits_total = 0
         self.reports_committed_total = 0
         self.retries_total = 0
+        self.commit_failures_total: dict[str, int] = {}  # by reason: DATABASE, REPORT (as the SQLite store)
         self._conn = self._connect()
         self._create_schema()
         self._pool = ConnectionPool(dsn, min_size=1, max_size=READER_POOL_SIZE, kwargs={"autocommit": True},
@@ -273,12 +277,12 @@ class PgStore:
                 results = self._commit([j[0] for j in jobs])
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
                 # A value the database refuses (an integer beyond BIGINT, say) fails the whole group:
-                # commit each message alone, so that the bad one fails only its own stream.
-                if len(jobs) == 1:
-                    self._fail(jobs, exc, count)
-                else:
-                    for job in jobs:
-                        self._commit_alone(job)
+                # commit each message alone, and a failing message's reports one by one, so that the bad
+                # report alone is REJECTED (as the SQLite store does).
+                log.warning("PostgreSQL store %s: a group commit of %d message(s) failed (%s): retrying one at a time",
+                            self.where, len(jobs), str(exc).strip())
+                for job in jobs:
+                    self._commit_alone(job)
             except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
                 self._fail(jobs, exc, count)
             else:
@@ -288,14 +292,37 @@ class PgStore:
 
     def _commit_alone(self, job: _Job) -> None:
         try:
-            results = self._commit([job[0]])
+            try:
+                results = self._commit([job[0]]) if len(job[0]) > 1 else None
+            except (psycopg.DataError, psycopg.IntegrityError):
+                results = None
+            if results is None:
+                results = [self._per_report(job[0])]
         except BaseException as exc:  # noqa: BLE001 - its waiter must hear of the failure
             self._fail([job], exc, len(job[0]))
         else:
             _wake([job], results, _set_result)
 
+    def _per_report(self, batch: list[Incoming]) -> list[ApplyResult]:
+        """A message's reports in a transaction each; one the database refuses is REJECTED."""
+        res: list[ApplyResult] = []
+        for item in batch:
+            try:
+                res.extend(self._commit([[item]])[0])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                self.commit_failures_total[REPORT] = self.commit_failures_total.get(REPORT, 0) + 1
+                r = item.report
+                reason = f"could not be stored: {type(exc).__name__}: {str(exc).strip()}"[:500]
+                log.warning("report %s/%s/%d %s", r.host_id[:80], r.agent_instance[:64], r.sequence, reason)
+                res.append(ApplyResult(ingest_pb2.ACK_STATUS_REJECTED, False, reason=reason))
+        return res
+
     def _fail(self, jobs: list[_Job], exc: BaseException, count: int) -> None:
+        """The database, not a report, is at fault: nothing acknowledged, every waiter told why."""
+        self.commit_failures_total[DATABASE] = self.commit_failures_total.get(DATABASE, 0) + 1
         log.warning("PostgreSQL store %s: commit of %d reports failed: %s", self.where, count, str(exc).strip())
+        if isinstance(exc, psycopg.Error):
+            exc = StoreError(DATABASE, f"PostgreSQL {self.where}: {type(exc).__name__}: {str(exc).strip()}")
         _wake(jobs, [exc] * len(jobs), _set_exception)
 
     def _commit(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
@@ -347,7 +374,7 @@ class PgStore:
         latest_slots: dict[str, list[tuple[int, int]]] = {}  # host -> (batch, index) of results said latest
         applied = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
         applied_latest = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)
-        duplicate = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False)
+        duplicates: dict[int, ApplyResult] = {}  # by high-water mark: one object per mark, not per report
         results: list[list[ApplyResult]] = []
         for b, batch in enumerate(batches):
             res: list[ApplyResult] = []
@@ -359,7 +386,11 @@ class PgStore:
                 if last is None:
                     last = known_marks.get(key, 0)
                 if seq <= last:
-                    res.append(duplicate)
+                    # The mark goes with the ack, so that an agent can tell its spool was rewound.
+                    dup = duplicates.get(last)
+                    if dup is None:
+                        dup = duplicates[last] = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False, last)
+                    res.append(dup)
                     continue
                 marks[key] = seq
                 a = agents.get(key)

@@ -32,11 +32,14 @@ class StoreBase(Protocol):
 
     Contract (both implementations): `submit` resolves its future only after the transaction holding its
     reports is durable, with one ApplyResult per report in order: APPLIED if its sequence is above the
-    instance's high-water mark, DUPLICATE otherwise, exactly as if the reports were applied one by one.
+    instance's high-water mark, DUPLICATE (with that mark) otherwise, exactly as if the reports were
+    applied one by one; a report the database refuses is REJECTED alone, with its reason. A failure of
+    the store itself fails the future with a StoreError, and nothing in it was stored.
     """
 
     commits_total: int  # transactions committed by this process (a /metrics counter)
     reports_committed_total: int
+    commit_failures_total: dict[str, int]  # by reason (store.DISK_FULL, DATABASE, REPORT)
 
     def load_hosts(self) -> list[StoredHost]: ...
 

@@ -395,3 +395,12 @@ def test_package_versions_match_pyproject() -> None:
     expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert eptwatch.agent.__version__ == expected
     assert eptwatch.server.__version__ == expected
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe secret", b"two words", b"tab\tinside"])
+def test_agent_token_file_that_cannot_be_a_header_is_refused_without_echoing_it(tmp_path: Path, content: bytes) -> None:
+    token = tmp_path / "token"
+    token.write_bytes(content)
+    out = run("eptwatch-agent", *agent_args(tmp_path, "--insecure-plaintext", "--token-file", str(token)), cwd=tmp_path)
+    line = assert_one_line_error(out, "eptwatch-agent", str(token), "printable ASCII")
+    assert "secret" not in line and "words" not in line and "inside" not in line

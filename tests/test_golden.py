@@ -58,6 +58,11 @@ EXPECTED_CAUSES = {
     "thp-off": ["CAUSE_THP_DISABLED"],
     "debugfs-missing": ["CAUSE_UNKNOWN"],
     "global-only-two-vms": ["CAUSE_UNKNOWN", "CAUSE_UNKNOWN"],
+    # Built from real VMs' captured smaps (tests/fixtures/captured/): ram-thp, ram-shared (/dev/zero), memfd,
+    # memfd-hugetlb-2m, tmpfs-always, tmpfs-never, hugetlbfs-2m, hugetlbfs-1g, file-ext4, mem-path-tmpfs.
+    "linux-6.18-backends": ["CAUSE_HEALTHY", "CAUSE_THP_DISABLED", "CAUSE_THP_DISABLED", "CAUSE_HEALTHY", "CAUSE_HEALTHY",
+                            "CAUSE_HOST_MAPPING_NOT_HUGE", "CAUSE_HEALTHY", "CAUSE_HEALTHY", "CAUSE_HEALTHY",
+                            "CAUSE_HOST_MAPPING_NOT_HUGE"],
 }
 
 

@@ -324,14 +324,12 @@ def test_client_reads_stats(sockdir: Path, pretty: bool, events: bool) -> None:
 def test_client_busy_monitor_gives_up_after_timeout(sockdir: Path) -> None:
     # accepted but never greeted: what a second client of a QEMU monitor sees
     srv = FakeQmp(sockdir / "q.sock", lambda conn: time.sleep(2))
-    t0 = time.monotonic()
     try:
         with pytest.raises(QmpUnavailable) as ei:
             _query(srv.path, timeout=0.3)
     finally:
         srv.sock.close()  # the silent handler need not be waited for (daemon thread)
-    assert ei.value.reason == kvm_qmp.REASON_BUSY
-    assert time.monotonic() - t0 < 1.5
+    assert ei.value.reason == kvm_qmp.REASON_BUSY  # a client that waited out the sleep would see it close instead
 
 
 def test_client_full_backlog_is_busy(sockdir: Path) -> None:
@@ -347,11 +345,9 @@ def test_client_full_backlog_is_busy(sockdir: Path) -> None:
                 h.close()
                 break
             hogs.append(h)
-        t0 = time.monotonic()
         with pytest.raises(QmpUnavailable) as ei:
             _query(srv.path, timeout=0.3)
         assert ei.value.reason == kvm_qmp.REASON_BUSY
-        assert time.monotonic() - t0 < 1.5
     finally:
         for h in hogs:
             h.close()
@@ -375,7 +371,6 @@ def test_client_full_backlog_is_busy(sockdir: Path) -> None:
 )
 def test_client_failures_have_reasons(sockdir: Path, handler: Handler, reason: str) -> None:
     srv = FakeQmp(sockdir / "q.sock", handler)
-    t0 = time.monotonic()
     try:
         with pytest.raises(QmpUnavailable) as ei:
             _query(srv.path, timeout=0.3)
@@ -383,7 +378,6 @@ def test_client_failures_have_reasons(sockdir: Path, handler: Handler, reason: s
         srv.sock.close()  # the hanging handlers need not be waited for
     assert ei.value.reason == reason, str(ei.value)
     assert str(srv.path) in str(ei.value)
-    assert time.monotonic() - t0 < 1.5
 
 
 def test_client_refuses_a_socket_of_another_process(sockdir: Path) -> None:
@@ -563,23 +557,32 @@ def test_sampler_backs_off_a_busy_monitor_per_vm_and_resets_on_success(
         return real(root, pid, timeout)
 
     monkeypatch.setattr(kvm_qmp, "read_qmp_counters", counting)
+    # Every use of a monitor socket starts by opening its path: counted per interval.
+    socket_opens: list[int] = []
+    real_open = kvm_qmp._open_socket_path
+
+    def counting_open(path: Path, label: str) -> int:
+        socket_opens.append(n)
+        return real_open(path, label)
+
+    monkeypatch.setattr(kvm_qmp, "_open_socket_path", counting_open)
     sampler = Sampler(root, SamplerConfig(use_binary_stats=False, qmp_timeout_seconds=0.2, qmp_backoff_max_intervals=4))
     # Like a QEMU monitor with another client: connects queue in the backlog, no greeting ever comes.
     busy = FakeQmp(sock, None, accept=False)
     reasons = {}
     try:
         for n in range(1, 11):
-            t0 = time.monotonic()
             s = sampler.sample()
             st = _qmp_status(s)
             reasons[n] = st.reason
             assert st.state is SourceState.UNAVAILABLE and s.vms[0].counters is None
             if n not in attempts:
-                assert time.monotonic() - t0 < 0.15, "a skipped interval must not touch the socket"
+                assert n not in socket_opens, "a skipped interval must not touch the socket"
     finally:
         busy.sock.close()
     # attempts after 0, 1, 2, 4, 4 skipped intervals (the cap)
     assert attempts == [1, 3, 6]
+    assert sorted(set(socket_opens)) == [1, 3, 6]
     assert kvm_qmp.REASON_BUSY in reasons[1] and "backing off: QMP not asked for the next 1 interval(s)" in reasons[1]
     assert reasons[2].startswith("backing off after 1 failure(s) in a row: QMP not asked this interval (0 more")
     assert kvm_qmp.REASON_BUSY in reasons[2] and str(sock) in reasons[2]  # the last failure, named

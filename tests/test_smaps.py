@@ -256,7 +256,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from eptwatch.agent.hostroot import MAX_READ_BYTES, HostReadError, HostRoot, ReadBuffer  # noqa: E402
+from eptwatch.agent.hostroot import MAX_READ_BYTES, HostReadError, HostRoot, ReadBuffer, read_file  # noqa: E402
 from eptwatch.agent.sampler import Sampler, SamplerConfig  # noqa: E402
 from eptwatch.agent.smaps import _big_size_pattern  # noqa: E402
 
@@ -353,7 +353,7 @@ def test_compiled_search_edges() -> None:
     compiled = SEARCHES["c"]
     line = b"\nSize:      65536 kB\n"
     assert compiled(line, 5) == [(0, 12, 17)] and compiled(line, 6) == []
-    assert compiled(line[:-1], 5) == [] and compiled(line[1:], 1) == []  # no closing / opening newline
+    assert compiled(line[:-1], 5) == [(0, 6, 6)] and compiled(line[1:], 1) == []  # no closing newline: malformed; no opening one: not a Size line
     assert compiled(b"", 1) == [] and compiled(b"z", 1) == [] and compiled(b"\nSiz", 1) == []
     assert compiled(line * 3, 5) == [(0, 12, 17), (21, 33, 38), (42, 54, 59)]  # back to back
     with pytest.raises(ValueError):
@@ -372,7 +372,7 @@ def test_fast_scan_errors_read_the_same_for_a_buffer() -> None:
 
 
 def _read_lent(buffer: ReadBuffer, path: Path, limit: int = MAX_READ_BYTES) -> bytes | bytearray:
-    return HostRoot.read_bytes(path, limit, into=buffer)
+    return read_file(path, limit, into=buffer)
 
 
 def test_read_buffer_returns_the_file_and_reuses_itself(tmp_path: Path) -> None:
@@ -412,7 +412,7 @@ def test_read_buffer_any_sequence_of_sizes(sizes: list[int]) -> None:
         for i, size in enumerate(sizes):
             path = Path(tmp) / f"f{i}"
             path.write_bytes(bytes((i + j) % 251 for j in range(size)) if size < 70_000 else (bytes([i]) * size))
-            assert _read_lent(buffer, path) == path.read_bytes() == HostRoot.read_bytes(path)
+            assert _read_lent(buffer, path) == path.read_bytes() == read_file(path)
 
 
 def test_only_reads_given_the_buffer_use_it(tmp_path: Path) -> None:
@@ -420,10 +420,10 @@ def test_only_reads_given_the_buffer_use_it(tmp_path: Path) -> None:
     a.write_bytes(b"A" * 60_000)  # most of the buffer's first allocation: returned in place
     b.write_bytes(b"B" * 60_000)
     buffer = ReadBuffer()
-    x = HostRoot.read_bytes(a, into=buffer)
-    y = HostRoot.read_bytes(b)  # a plain read must not touch the buffer (and so not overwrite x)
+    x = read_file(a, into=buffer)
+    y = read_file(b)  # a plain read must not touch the buffer (and so not overwrite x)
     assert isinstance(x, bytearray) and type(y) is bytes and (x, y) == (a.read_bytes(), b.read_bytes())
-    assert type(HostRoot.read_text(a)) is str and x == a.read_bytes()
+    assert type(HostRoot.from_root("/").read_text(a)) is str and x == a.read_bytes()
 
 
 def test_read_buffer_errors_are_classified_and_leave_it_usable(tmp_path: Path) -> None:
@@ -444,8 +444,8 @@ def test_read_buffer_errors_are_classified_and_leave_it_usable(tmp_path: Path) -
     with pytest.raises(HostReadError) as info:  # a directory fails as a plain read of it does
         _read_lent(buffer, tmp_path)
     with pytest.raises(HostReadError) as plain:
-        HostRoot.read_bytes(tmp_path)
-    assert info.value.kind == plain.value.kind == "io" and str(info.value) == str(plain.value)
+        read_file(tmp_path)
+    assert info.value.kind == plain.value.kind == "not_regular" and str(info.value) == str(plain.value)
     assert _read_lent(buffer, big) == b"x" * 100
 
 
@@ -493,7 +493,7 @@ def test_read_buffer_on_procfs_smaps_equals_a_plain_read() -> None:
             vmas = parse_smaps(bytes(data).decode(), str(path))
             return data.count(b"\n"), [(v.start, v.end, v.perms, v.path, v.size_bytes) for v in vmas]
 
-        plain = HostRoot.read_bytes(path)
+        plain = read_file(path)
         assert len(plain) > 4 * 65536
         for _ in range(3):
             assert layout(_read_lent(buffer, path)) == layout(plain)
@@ -512,7 +512,7 @@ def test_sampler_scan_smaps_equals_the_reference_on_all_fixtures() -> None:
     plain read + scan, also after later reads have overwritten the buffer."""
     files = sorted(p for root in fixture_roots() for p in (root / "proc").glob("*/smaps"))
     assert len(files) >= 10
-    sampler = Sampler(HostRoot(), SamplerConfig())
+    sampler = Sampler(HostRoot.from_root("/"), SamplerConfig())
     got = [sampler._scan_smaps(p) for p in files]
     min_bytes = SamplerConfig().guest_ram_min_bytes
     assert got == [scan_large_vmas(p.read_bytes(), str(p), min_bytes) for p in files]

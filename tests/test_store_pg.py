@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from eptwatch.server.store import Incoming
+from eptwatch.server.store import DATABASE, REPORT, Incoming, StoreError
 from eptwatch.server.store_pg import PgStore
 from eptwatch.server.storebase import StoreBase, is_postgres_url, open_store, redact_dsn
 from eptwatch.v1 import ingest_pb2, report_pb2
@@ -44,6 +44,7 @@ def test_store_contract_dedupes_keeps_latest_and_survives_reopen(state: str) -> 
         st.start()
         res = await st.submit([_incoming("h", "i", 1, 100), _incoming("h", "i", 2, 200), _incoming("h", "i", 2, 200)])
         assert [r.status for r in res] == [APPLIED, APPLIED, DUPLICATE]
+        assert res[2].high_water_sequence == 2  # the mark goes with a DUPLICATE ack
         # A replayed older report from a new instance applies, but does not replace the newer state.
         (r,) = await st.submit([_incoming("h", "j", 1, 150)])
         assert r.status == APPLIED and not r.became_latest
@@ -189,8 +190,9 @@ def test_a_commit_after_the_database_connection_dropped_reconnects(pg_dsn: str) 
             c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                       "WHERE application_name = 'eptwatch-server' AND pid <> pg_backend_pid()")
         # The commit on the dead connection fails (the stream would fail and the agent resend) ...
-        with pytest.raises(psycopg.OperationalError):
+        with pytest.raises(StoreError, match="PostgreSQL postgresql://eptwatch@127.0.0.1") as err:
             _run_stream(st, "h", "i", [2], 1)
+        assert err.value.reason == DATABASE and st.commit_failures_total == {DATABASE: 1}
         # ... and the next one runs on a new connection; nothing was applied twice or lost.
         assert _run_stream(st, "h", "i", [2, 3], 2) == {2: APPLIED, 3: APPLIED}
         (agent,) = st.load_agents()
@@ -253,21 +255,23 @@ def test_follower_takes_every_change_into_the_fleet_view_across_pages(pg_dsn: st
         mine.close()
 
 
-def test_a_value_the_database_refuses_fails_only_its_own_message(pg_dsn: str) -> None:
-    """A sequence beyond BIGINT (until the checks refuse it earlier) must not fail the other messages
-    that share its group commit."""
+def test_a_value_the_database_refuses_fails_only_its_own_report(pg_dsn: str) -> None:
+    """A sequence beyond BIGINT (were the checks to let it through) is REJECTED alone: the other messages
+    of its group commit, and the other reports of its own message, are applied."""
     st = PgStore(pg_dsn, commit_delay_seconds=0.2)  # both messages wait for, and join, one transaction
     st.start()
 
     async def go() -> tuple[object, object]:
         good = st.submit([_incoming("h-good", "i", 1, 100)])
-        bad = st.submit([_incoming("h-bad", "i", 2**63, 100)])
+        bad = st.submit([_incoming("h-bad", "i", 1, 100), _incoming("h-bad", "i", 2**63, 100)])
         return tuple(await asyncio.gather(good, bad, return_exceptions=True))  # type: ignore[return-value]
 
     try:
         good, bad = asyncio.run(go())
-        assert isinstance(bad, psycopg.DataError), bad
         assert [r.status for r in good] == [APPLIED]  # type: ignore[attr-defined]
-        assert {(a.host_id, a.applied_total) for a in st.load_agents()} == {("h-good", 1)}
+        assert [r.status for r in bad] == [APPLIED, ingest_pb2.ACK_STATUS_REJECTED]  # type: ignore[attr-defined]
+        assert "could not be stored" in bad[1].reason  # type: ignore[index]
+        assert {(a.host_id, a.applied_total) for a in st.load_agents()} == {("h-good", 1), ("h-bad", 1)}
+        assert st.commit_failures_total == {REPORT: 1}
     finally:
         st.close()

@@ -324,26 +324,27 @@ def test_oversized_message_is_refused(tight: Aggregator) -> None:
 
 
 def test_silent_streams_are_closed_and_stream_count_is_bounded(tight: Aggregator) -> None:
-    async def scenario() -> tuple[list[grpc.StatusCode], float, int]:
+    async def scenario() -> tuple[list[tuple[grpc.StatusCode, str]], int]:
         async with grpc.aio.insecure_channel(tight.target) as ch:
             stub = ingest_pb2_grpc.IngestStub(ch)
             silent = [stub.Stream(timeout=20) for _ in range(60)]  # more than max_concurrent_streams (40)
-            t0 = time.monotonic()
             codes = []
             for call in silent:
                 try:
                     await call.read()
                 except grpc.aio.AioRpcError as exc:
-                    codes.append(exc.code())
-            waited = time.monotonic() - t0
+                    codes.append((exc.code(), exc.details() or ""))
         # Everyone else is still served.
         (reply,) = await exchange(tight.target, [ingest_pb2.AgentMessage(reports=[report(1, instance="after")])])
-        return codes, waited, reply.acks[0].status
+        return codes, reply.acks[0].status
 
-    codes, waited, status = asyncio.run(scenario())
-    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 20  # past the bound: refused at once
-    assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) >= 1  # silent ones closed by the idle timeout
-    assert len(codes) == 60 and waited < 10
+    codes, status = asyncio.run(scenario())
+    refused = [c for c, _ in codes if c == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    # Closed by the server's idle timeout (its message says so), not by the client's own 20 s deadline.
+    idled = [d for c, d in codes if c == grpc.StatusCode.DEADLINE_EXCEEDED and "stream closed" in d]
+    assert len(codes) == 60
+    assert len(refused) >= 20  # past the bound: refused
+    assert len(idled) >= 1 and len(refused) + len(idled) == 60, codes  # every other silent one closed by the server
     assert status == ingest_pb2.ACK_STATUS_APPLIED
 
 

@@ -161,8 +161,7 @@ def _python_walk(r: pb.HostReport) -> object:
 
 def _compiled(data: bytes, start: int = 0, end: int | None = None) -> object:
     assert validate._walk_wire is not None
-    return validate._walk_wire(data, start, len(data) if end is None else end, validate._KNOWN_MASK, validate._EXPLAINED_MASK,
-                               validate._UNEXPLAINED)
+    return validate._walk_wire(data, start, len(data) if end is None else end, *validate._WALK_ARGS)
 
 
 def _key(field: int, wire_type: int) -> bytes:

@@ -74,7 +74,9 @@ QEMU_BINARY = "qemu-system-x86_64"
 _PR_SET_PDEATHSIG = 1
 _PR_SET_THP_DISABLE = 41
 
-Backend = Literal["file", "ram"]
+# "object": guest RAM from ``object_spec`` (any -object memory-backend-*,id=ram0,...);
+# "mem-path": the legacy ``-mem-path`` option (no -object, no machine memory-backend=).
+Backend = Literal["file", "ram", "object", "mem-path"]
 
 
 # --------------------------------------------------------------------------
@@ -457,11 +459,15 @@ class QemuVm:
         extra_args: Sequence[str] = (),
         qemu_binary: str = QEMU_BINARY,
         remove_mem_file: bool = True,
+        object_spec: str | None = None,
     ) -> None:
-        if backend not in ("file", "ram"):
-            raise ValueError(f"backend must be 'file' or 'ram', not {backend!r}")
-        if backend == "file" and mem_path is None:
-            raise ValueError("backend='file' needs mem_path (a file on a tmpfs)")
+        if backend not in ("file", "ram", "object", "mem-path"):
+            raise ValueError(f"backend must be 'file', 'ram', 'object' or 'mem-path', not {backend!r}")
+        if backend in ("file", "mem-path") and mem_path is None:
+            raise ValueError(f"backend={backend!r} needs mem_path (a file, or a directory for mem-path)")
+        if (backend == "object") != (object_spec is not None):
+            raise ValueError("object_spec goes with backend='object' only, and it needs one")
+        self.object_spec = object_spec
         self.guest_elf = Path(guest_elf)
         self.name = name
         self.memory_mib = memory_mib
@@ -506,8 +512,17 @@ class QemuVm:
             )
             if self.align_2m:
                 obj += ",align=2M"
+        elif self.backend == "object":
+            assert self.object_spec is not None
+            obj = self.object_spec
         else:
             obj = f"memory-backend-ram,id=ram0,size={size}"
+        if self.backend == "mem-path":
+            memory = ["-mem-path", str(self.mem_path)]
+            machine = "q35,accel=kvm"
+        else:
+            memory = ["-object", obj]
+            machine = "q35,accel=kvm,memory-backend=ram0"
         append = []
         if self.touch_start_mib is not None:
             append.append(f"touch_start_mib={self.touch_start_mib}")
@@ -522,15 +537,14 @@ class QemuVm:
             "-uuid",
             self.uuid,
             "-machine",
-            "q35,accel=kvm,memory-backend=ram0",
+            machine,
             "-cpu",
             "host,-arch-capabilities",
             "-smp",
             str(self.vcpus),
             "-m",
             size,
-            "-object",
-            obj,
+            *memory,
             "-nodefaults",
             "-no-user-config",
             "-display",
@@ -778,6 +792,14 @@ class QemuVm:
     # -- host-side observations ----------------------------------------------
 
     def ram_vma(self) -> SmapsVma:
+        if self.backend in ("object", "mem-path"):
+            # memfd, shared anonymous, hugetlbfs or a temporary file QEMU made and unlinked: the one
+            # read-write mapping exactly the size of guest RAM (hugetlb pages are not in Rss).
+            size = self.memory_mib << 20
+            cands = [v for v in read_smaps(self.pid) if v.size == size and v.perms.startswith("rw")]
+            if len(cands) != 1:
+                raise LookupError(f"{len(cands)} rw mappings of {size} bytes in /proc/{self.pid}/smaps: {cands}")
+            return cands[0]
         return find_ram_vma(
             self.pid,
             self.memory_mib << 20,

@@ -289,7 +289,9 @@ class TestTmpfsHugeAlways:
         """A kernel EPERM on one of the files the agent reads: PARTIAL, the rest still used.
 
         The real directory's EPERM files are ones the agent does not read, so a debugfs view is built
-        from symlinks into it, with nx_lpage_splits pointing at a stat that really answers EPERM.
+        from symlinks into it, with nx_lpage_splits pointing at a stat that really answers EPERM. The
+        real directory is bind-mounted inside the view: a link leaving a non-default debugfs is not
+        followed (HostRoot reads stay beneath their root).
         """
         d = huge_vm.debugfs_dir()
         assert d is not None
@@ -306,12 +308,20 @@ class TestTmpfsHugeAlways:
             pytest.skip(f"every file in {d} is readable on this host")
         view = tmp_path / "kvm" / d.name
         view.mkdir(parents=True)
-        for f in ("pages_4k", "pages_2m", "pages_1g"):
-            (view / f).symlink_to(d / f)
-        (view / "nx_lpage_splits").symlink_to(d / eperm)
-        with pytest.raises(PermissionError):
-            (view / "nx_lpage_splits").read_text()
-        s = _sample(huge_vm, HostRoot(debugfs=tmp_path))
+        real = tmp_path / "real"
+        real.mkdir()
+        bound = subprocess.run(["mount", "--bind", str(d), str(real)], capture_output=True, text=True)
+        if bound.returncode != 0:
+            pytest.skip(f"cannot bind-mount {d} for the view: {bound.stderr.strip()}")
+        try:
+            for f in ("pages_4k", "pages_2m", "pages_1g"):
+                (view / f).symlink_to(Path("../../real") / f)
+            (view / "nx_lpage_splits").symlink_to(Path("../../real") / eperm)
+            with pytest.raises(PermissionError):
+                (view / "nx_lpage_splits").read_text()
+            s = _sample(huge_vm, HostRoot(debugfs=tmp_path))
+        finally:
+            subprocess.run(["umount", str(real)], check=False)
         st = _status(s.vm, "kvm_debugfs.vm")
         assert st.state is SourceState.PARTIAL, st
         assert "nx_lpage_splits" in st.reason and "permission denied" in st.reason

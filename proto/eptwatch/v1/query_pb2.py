@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from eptwatch.v1 import report_pb2 as eptwatch_dot_v1_dot_report__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65ptwatch/v1/query.proto\x12\x0b\x65ptwatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18\x65ptwatch/v1/report.proto\"\xd8\x02\n\x06Rollup\x12\r\n\x05hosts\x18\x01 \x01(\x04\x12\x0b\n\x03vms\x18\x02 \x01(\x04\x12\x1d\n\x15host_huge_capacity_2m\x18\x03 \x01(\x04\x12\x18\n\x10observed_huge_2m\x18\x04 \x01(\x04\x12\x14\n\x0clost_huge_2m\x18\x05 \x01(\x04\x12\x19\n\x11lost_explained_2m\x18\x06 \x01(\x04\x12\x1b\n\x13lost_unexplained_2m\x18\x07 \x01(\x04\x12\x15\n\rknown_bug_vms\x18\x08 \x01(\x04\x12\x17\n\nlost_ratio\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x39\n\x0cvms_by_cause\x18\n \x03(\x0b\x32#.eptwatch.v1.Rollup.VmsByCauseEntry\x1a\x31\n\x0fVmsByCauseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\r\n\x0b_lost_ratio\"\xa7\x02\n\x0cKernelRollup\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\x12&\n\x03\x65ra\x18\x02 \x01(\x0e\x32\x19.eptwatch.v1.PredicateEra\x12#\n\x06rollup\x18\x03 \x01(\x0b\x32\x13.eptwatch.v1.Rollup\x12+\n\x07verdict\x18\x04 \x01(\x0e\x32\x1a.eptwatch.v1.KernelVerdict\x12\x11\n\tregressed\x18\x05 \x01(\x08\x12\x11\n\tknown_bad\x18\x06 \x01(\x08\x12\x13\n\x0b\x63ompared_to\x18\x07 \x01(\t\x12 \n\x13\x63ompared_lost_ratio\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x65vidence\x18\t \x01(\tB\x16\n\x14_compared_lost_ratio\"P\n\x0bLabelRollup\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12#\n\x06rollup\x18\x03 \x01(\x0b\x32\x13.eptwatch.v1.Rollup\"\x86\x05\n\x0bHostSummary\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12&\n\x03\x65ra\x18\x03 \x01(\x0e\x32\x19.eptwatch.v1.PredicateEra\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.eptwatch.v1.HostSummary.LabelsEntry\x12\r\n\x05stale\x18\x05 \x01(\x08\x12/\n\x0bsample_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08received\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03vms\x18\x08 \x01(\x04\x12\x1d\n\x15host_huge_capacity_2m\x18\t \x01(\x04\x12\x18\n\x10observed_huge_2m\x18\n \x01(\x04\x12\x14\n\x0clost_huge_2m\x18\x0b \x01(\x04\x12\x1b\n\x13lost_unexplained_2m\x18\x0c \x01(\x04\x12\x17\n\nlost_ratio\x18\r \x01(\x01H\x00\x88\x01\x01\x12>\n\x0cvms_by_cause\x18\x0e \x03(\x0b\x32(.eptwatch.v1.HostSummary.VmsByCauseEntry\x12\x15\n\ragent_version\x18\x0f \x01(\t\x12\x16\n\x0e\x61gent_instance\x18\x10 \x01(\t\x12\x10\n\x08sequence\x18\x11 \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fVmsByCauseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\r\n\x0b_lost_ratio\"\x9f\x03\n\x0c\x46leetSummary\x12\x30\n\x0cgenerated_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05total\x18\x02 \x01(\x0b\x32\x13.eptwatch.v1.Rollup\x12\x13\n\x0bhosts_stale\x18\x03 \x01(\x04\x12\x16\n\x0ehosts_departed\x18\x04 \x01(\x04\x12*\n\x07kernels\x18\x05 \x03(\x0b\x32\x19.eptwatch.v1.KernelRollup\x12(\n\x06labels\x18\x06 \x03(\x0b\x32\x18.eptwatch.v1.LabelRollup\x12-\n\x0bworst_hosts\x18\x07 \x03(\x0b\x32\x18.eptwatch.v1.HostSummary\x12\x31\n\rnewest_report\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13oldest_fresh_report\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13stale_after_seconds\x18\n \x01(\x01\"\x11\n\x0fGetFleetRequest\"2\n\x12ListKernelsRequest\x12\x0b\n\x03\x65ra\x18\x01 \x01(\t\x12\x0f\n\x07verdict\x18\x02 \x01(\t\"A\n\x13ListKernelsResponse\x12*\n\x07kernels\x18\x01 \x03(\x0b\x32\x19.eptwatch.v1.KernelRollup\"x\n\x10ListHostsRequest\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\r\n\x05\x63\x61use\x18\x04 \x01(\t\x12\r\n\x05limit\x18\x05 \x01(\r\x12\x0e\n\x06offset\x18\x06 \x01(\r\"K\n\x11ListHostsResponse\x12\'\n\x05hosts\x18\x01 \x03(\x0b\x32\x18.eptwatch.v1.HostSummary\x12\r\n\x05total\x18\x02 \x01(\x04\"!\n\x0eGetHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"g\n\nHostDetail\x12)\n\x07summary\x18\x01 \x01(\x0b\x32\x18.eptwatch.v1.HostSummary\x12.\n\rlatest_report\x18\x02 \x01(\x0b\x32\x17.eptwatch.v1.HostReport*\xa9\x01\n\rKernelVerdict\x12\x1e\n\x1aKERNEL_VERDICT_UNSPECIFIED\x10\x00\x12\x15\n\x11KERNEL_VERDICT_OK\x10\x01\x12\x1c\n\x18KERNEL_VERDICT_REGRESSED\x10\x02\x12\x1c\n\x18KERNEL_VERDICT_KNOWN_BAD\x10\x03\x12%\n!KERNEL_VERDICT_INSUFFICIENT_HOSTS\x10\x04\x32\xab\x02\n\x05Query\x12\x43\n\x08GetFleet\x12\x1c.eptwatch.v1.GetFleetRequest\x1a\x19.eptwatch.v1.FleetSummary\x12P\n\x0bListKernels\x12\x1f.eptwatch.v1.ListKernelsRequest\x1a .eptwatch.v1.ListKernelsResponse\x12J\n\tListHosts\x12\x1d.eptwatch.v1.ListHostsRequest\x1a\x1e.eptwatch.v1.ListHostsResponse\x12?\n\x07GetHost\x12\x1b.eptwatch.v1.GetHostRequest\x1a\x17.eptwatch.v1.HostDetailb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65ptwatch/v1/query.proto\x12\x0b\x65ptwatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18\x65ptwatch/v1/report.proto\"\xd8\x02\n\x06Rollup\x12\r\n\x05hosts\x18\x01 \x01(\x04\x12\x0b\n\x03vms\x18\x02 \x01(\x04\x12\x1d\n\x15host_huge_capacity_2m\x18\x03 \x01(\x04\x12\x18\n\x10observed_huge_2m\x18\x04 \x01(\x04\x12\x14\n\x0clost_huge_2m\x18\x05 \x01(\x04\x12\x19\n\x11lost_explained_2m\x18\x06 \x01(\x04\x12\x1b\n\x13lost_unexplained_2m\x18\x07 \x01(\x04\x12\x15\n\rknown_bug_vms\x18\x08 \x01(\x04\x12\x17\n\nlost_ratio\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x39\n\x0cvms_by_cause\x18\n \x03(\x0b\x32#.eptwatch.v1.Rollup.VmsByCauseEntry\x1a\x31\n\x0fVmsByCauseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\r\n\x0b_lost_ratio\"\xa7\x02\n\x0cKernelRollup\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\x12&\n\x03\x65ra\x18\x02 \x01(\x0e\x32\x19.eptwatch.v1.PredicateEra\x12#\n\x06rollup\x18\x03 \x01(\x0b\x32\x13.eptwatch.v1.Rollup\x12+\n\x07verdict\x18\x04 \x01(\x0e\x32\x1a.eptwatch.v1.KernelVerdict\x12\x11\n\tregressed\x18\x05 \x01(\x08\x12\x11\n\tknown_bad\x18\x06 \x01(\x08\x12\x13\n\x0b\x63ompared_to\x18\x07 \x01(\t\x12 \n\x13\x63ompared_lost_ratio\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x65vidence\x18\t \x01(\tB\x16\n\x14_compared_lost_ratio\"P\n\x0bLabelRollup\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12#\n\x06rollup\x18\x03 \x01(\x0b\x32\x13.eptwatch.v1.Rollup\"\xa7\x05\n\x0bHostSummary\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12&\n\x03\x65ra\x18\x03 \x01(\x0e\x32\x19.eptwatch.v1.PredicateEra\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.eptwatch.v1.HostSummary.LabelsEntry\x12\r\n\x05stale\x18\x05 \x01(\x08\x12/\n\x0bsample_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08received\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03vms\x18\x08 \x01(\x04\x12\x1d\n\x15host_huge_capacity_2m\x18\t \x01(\x04\x12\x18\n\x10observed_huge_2m\x18\n \x01(\x04\x12\x14\n\x0clost_huge_2m\x18\x0b \x01(\x04\x12\x1b\n\x13lost_unexplained_2m\x18\x0c \x01(\x04\x12\x17\n\nlost_ratio\x18\r \x01(\x01H\x00\x88\x01\x01\x12>\n\x0cvms_by_cause\x18\x0e \x03(\x0b\x32(.eptwatch.v1.HostSummary.VmsByCauseEntry\x12\x15\n\ragent_version\x18\x0f \x01(\t\x12\x16\n\x0e\x61gent_instance\x18\x10 \x01(\t\x12\x10\n\x08sequence\x18\x11 \x01(\x04\x12\x0e\n\x06status\x18\x12 \x01(\t\x12\x0f\n\x07problem\x18\x13 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x31\n\x0fVmsByCauseEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\r\n\x0b_lost_ratio\"\xb6\x03\n\x0c\x46leetSummary\x12\x30\n\x0cgenerated_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x05total\x18\x02 \x01(\x0b\x32\x13.eptwatch.v1.Rollup\x12\x13\n\x0bhosts_stale\x18\x03 \x01(\x04\x12\x16\n\x0ehosts_departed\x18\x04 \x01(\x04\x12*\n\x07kernels\x18\x05 \x03(\x0b\x32\x19.eptwatch.v1.KernelRollup\x12(\n\x06labels\x18\x06 \x03(\x0b\x32\x18.eptwatch.v1.LabelRollup\x12-\n\x0bworst_hosts\x18\x07 \x03(\x0b\x32\x18.eptwatch.v1.HostSummary\x12\x31\n\rnewest_report\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13oldest_fresh_report\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13stale_after_seconds\x18\n \x01(\x01\x12\x15\n\rhosts_invalid\x18\x0b \x01(\x04\"\x11\n\x0fGetFleetRequest\"2\n\x12ListKernelsRequest\x12\x0b\n\x03\x65ra\x18\x01 \x01(\t\x12\x0f\n\x07verdict\x18\x02 \x01(\t\"A\n\x13ListKernelsResponse\x12*\n\x07kernels\x18\x01 \x03(\x0b\x32\x19.eptwatch.v1.KernelRollup\"x\n\x10ListHostsRequest\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\r\n\x05\x63\x61use\x18\x04 \x01(\t\x12\r\n\x05limit\x18\x05 \x01(\r\x12\x0e\n\x06offset\x18\x06 \x01(\r\"K\n\x11ListHostsResponse\x12\'\n\x05hosts\x18\x01 \x03(\x0b\x32\x18.eptwatch.v1.HostSummary\x12\r\n\x05total\x18\x02 \x01(\x04\"!\n\x0eGetHostRequest\x12\x0f\n\x07host_id\x18\x01 \x01(\t\"g\n\nHostDetail\x12)\n\x07summary\x18\x01 \x01(\x0b\x32\x18.eptwatch.v1.HostSummary\x12.\n\rlatest_report\x18\x02 \x01(\x0b\x32\x17.eptwatch.v1.HostReport*\xa9\x01\n\rKernelVerdict\x12\x1e\n\x1aKERNEL_VERDICT_UNSPECIFIED\x10\x00\x12\x15\n\x11KERNEL_VERDICT_OK\x10\x01\x12\x1c\n\x18KERNEL_VERDICT_REGRESSED\x10\x02\x12\x1c\n\x18KERNEL_VERDICT_KNOWN_BAD\x10\x03\x12%\n!KERNEL_VERDICT_INSUFFICIENT_HOSTS\x10\x04\x32\xab\x02\n\x05Query\x12\x43\n\x08GetFleet\x12\x1c.eptwatch.v1.GetFleetRequest\x1a\x19.eptwatch.v1.FleetSummary\x12P\n\x0bListKernels\x12\x1f.eptwatch.v1.ListKernelsRequest\x1a .eptwatch.v1.ListKernelsResponse\x12J\n\tListHosts\x12\x1d.eptwatch.v1.ListHostsRequest\x1a\x1e.eptwatch.v1.ListHostsResponse\x12?\n\x07GetHost\x12\x1b.eptwatch.v1.GetHostRequest\x1a\x17.eptwatch.v1.HostDetailb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_HOSTSUMMARY_VMSBYCAUSEENTRY']._loaded_options = None
   _globals['_HOSTSUMMARY_VMSBYCAUSEENTRY']._serialized_options = b'8\001'
-  _globals['_KERNELVERDICT']._serialized_start=2371
-  _globals['_KERNELVERDICT']._serialized_end=2540
+  _globals['_KERNELVERDICT']._serialized_start=2427
+  _globals['_KERNELVERDICT']._serialized_end=2596
   _globals['_ROLLUP']._serialized_start=100
   _globals['_ROLLUP']._serialized_end=444
   _globals['_ROLLUP_VMSBYCAUSEENTRY']._serialized_start=380
@@ -50,27 +50,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LABELROLLUP']._serialized_start=744
   _globals['_LABELROLLUP']._serialized_end=824
   _globals['_HOSTSUMMARY']._serialized_start=827
-  _globals['_HOSTSUMMARY']._serialized_end=1473
-  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_start=1362
-  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_end=1407
+  _globals['_HOSTSUMMARY']._serialized_end=1506
+  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_start=1395
+  _globals['_HOSTSUMMARY_LABELSENTRY']._serialized_end=1440
   _globals['_HOSTSUMMARY_VMSBYCAUSEENTRY']._serialized_start=380
   _globals['_HOSTSUMMARY_VMSBYCAUSEENTRY']._serialized_end=429
-  _globals['_FLEETSUMMARY']._serialized_start=1476
-  _globals['_FLEETSUMMARY']._serialized_end=1891
-  _globals['_GETFLEETREQUEST']._serialized_start=1893
-  _globals['_GETFLEETREQUEST']._serialized_end=1910
-  _globals['_LISTKERNELSREQUEST']._serialized_start=1912
-  _globals['_LISTKERNELSREQUEST']._serialized_end=1962
-  _globals['_LISTKERNELSRESPONSE']._serialized_start=1964
-  _globals['_LISTKERNELSRESPONSE']._serialized_end=2029
-  _globals['_LISTHOSTSREQUEST']._serialized_start=2031
-  _globals['_LISTHOSTSREQUEST']._serialized_end=2151
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=2153
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=2228
-  _globals['_GETHOSTREQUEST']._serialized_start=2230
-  _globals['_GETHOSTREQUEST']._serialized_end=2263
-  _globals['_HOSTDETAIL']._serialized_start=2265
-  _globals['_HOSTDETAIL']._serialized_end=2368
-  _globals['_QUERY']._serialized_start=2543
-  _globals['_QUERY']._serialized_end=2842
+  _globals['_FLEETSUMMARY']._serialized_start=1509
+  _globals['_FLEETSUMMARY']._serialized_end=1947
+  _globals['_GETFLEETREQUEST']._serialized_start=1949
+  _globals['_GETFLEETREQUEST']._serialized_end=1966
+  _globals['_LISTKERNELSREQUEST']._serialized_start=1968
+  _globals['_LISTKERNELSREQUEST']._serialized_end=2018
+  _globals['_LISTKERNELSRESPONSE']._serialized_start=2020
+  _globals['_LISTKERNELSRESPONSE']._serialized_end=2085
+  _globals['_LISTHOSTSREQUEST']._serialized_start=2087
+  _globals['_LISTHOSTSREQUEST']._serialized_end=2207
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=2209
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=2284
+  _globals['_GETHOSTREQUEST']._serialized_start=2286
+  _globals['_GETHOSTREQUEST']._serialized_end=2319
+  _globals['_HOSTDETAIL']._serialized_start=2321
+  _globals['_HOSTDETAIL']._serialized_end=2424
+  _globals['_QUERY']._serialized_start=2599
+  _globals['_QUERY']._serialized_end=2898
 # @@protoc_insertion_point(module_scope)

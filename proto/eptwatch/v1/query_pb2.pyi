@@ -88,7 +88,7 @@ class LabelRollup(_message.Message):
     def __init__(self, label: _Optional[str] = ..., value: _Optional[str] = ..., rollup: _Optional[_Union[Rollup, _Mapping]] = ...) -> None: ...
 
 class HostSummary(_message.Message):
-    __slots__ = ("host_id", "kernel_release", "era", "labels", "stale", "sample_time", "received", "vms", "host_huge_capacity_2m", "observed_huge_2m", "lost_huge_2m", "lost_unexplained_2m", "lost_ratio", "vms_by_cause", "agent_version", "agent_instance", "sequence")
+    __slots__ = ("host_id", "kernel_release", "era", "labels", "stale", "sample_time", "received", "vms", "host_huge_capacity_2m", "observed_huge_2m", "lost_huge_2m", "lost_unexplained_2m", "lost_ratio", "vms_by_cause", "agent_version", "agent_instance", "sequence", "status", "problem")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,8 @@ class HostSummary(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     kernel_release: str
     era: _report_pb2.PredicateEra
@@ -137,10 +139,12 @@ class HostSummary(_message.Message):
     agent_version: str
     agent_instance: str
     sequence: int
-    def __init__(self, host_id: _Optional[str] = ..., kernel_release: _Optional[str] = ..., era: _Optional[_Union[_report_pb2.PredicateEra, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., stale: _Optional[bool] = ..., sample_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vms: _Optional[int] = ..., host_huge_capacity_2m: _Optional[int] = ..., observed_huge_2m: _Optional[int] = ..., lost_huge_2m: _Optional[int] = ..., lost_unexplained_2m: _Optional[int] = ..., lost_ratio: _Optional[float] = ..., vms_by_cause: _Optional[_Mapping[str, int]] = ..., agent_version: _Optional[str] = ..., agent_instance: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+    status: str
+    problem: str
+    def __init__(self, host_id: _Optional[str] = ..., kernel_release: _Optional[str] = ..., era: _Optional[_Union[_report_pb2.PredicateEra, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., stale: _Optional[bool] = ..., sample_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vms: _Optional[int] = ..., host_huge_capacity_2m: _Optional[int] = ..., observed_huge_2m: _Optional[int] = ..., lost_huge_2m: _Optional[int] = ..., lost_unexplained_2m: _Optional[int] = ..., lost_ratio: _Optional[float] = ..., vms_by_cause: _Optional[_Mapping[str, int]] = ..., agent_version: _Optional[str] = ..., agent_instance: _Optional[str] = ..., sequence: _Optional[int] = ..., status: _Optional[str] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class FleetSummary(_message.Message):
-    __slots__ = ("generated_at", "total", "hosts_stale", "hosts_departed", "kernels", "labels", "worst_hosts", "newest_report", "oldest_fresh_report", "stale_after_seconds")
+    __slots__ = ("generated_at", "total", "hosts_stale", "hosts_departed", "kernels", "labels", "worst_hosts", "newest_report", "oldest_fresh_report", "stale_after_seconds", "hosts_invalid")
     GENERATED_AT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     HOSTS_STALE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +155,7 @@ class FleetSummary(_message.Message):
     NEWEST_REPORT_FIELD_NUMBER: _ClassVar[int]
     OLDEST_FRESH_REPORT_FIELD_NUMBER: _ClassVar[int]
     STALE_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_INVALID_FIELD_NUMBER: _ClassVar[int]
     generated_at: _timestamp_pb2.Timestamp
     total: Rollup
     hosts_stale: int
@@ -161,7 +166,8 @@ class FleetSummary(_message.Message):
     newest_report: _timestamp_pb2.Timestamp
     oldest_fresh_report: _timestamp_pb2.Timestamp
     stale_after_seconds: float
-    def __init__(self, generated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total: _Optional[_Union[Rollup, _Mapping]] = ..., hosts_stale: _Optional[int] = ..., hosts_departed: _Optional[int] = ..., kernels: _Optional[_Iterable[_Union[KernelRollup, _Mapping]]] = ..., labels: _Optional[_Iterable[_Union[LabelRollup, _Mapping]]] = ..., worst_hosts: _Optional[_Iterable[_Union[HostSummary, _Mapping]]] = ..., newest_report: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oldest_fresh_report: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale_after_seconds: _Optional[float] = ...) -> None: ...
+    hosts_invalid: int
+    def __init__(self, generated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total: _Optional[_Union[Rollup, _Mapping]] = ..., hosts_stale: _Optional[int] = ..., hosts_departed: _Optional[int] = ..., kernels: _Optional[_Iterable[_Union[KernelRollup, _Mapping]]] = ..., labels: _Optional[_Iterable[_Union[LabelRollup, _Mapping]]] = ..., worst_hosts: _Optional[_Iterable[_Union[HostSummary, _Mapping]]] = ..., newest_report: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oldest_fresh_report: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale_after_seconds: _Optional[float] = ..., hosts_invalid: _Optional[int] = ...) -> None: ...
 
 class GetFleetRequest(_message.Message):
     __slots__ = ()
