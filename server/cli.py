@@ -14,10 +14,12 @@ from eptwatch.agent.config import ConfigError, check_state_dir, check_tls_files,
 from . import __version__
 from .app import Aggregator, ServerConfig
 from .auth import hash_token
+from .storebase import is_postgres_url
 
 PROG = "eptwatch-server"
 
-SECRET_PATHS = ("tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+# Also taken from EPTWATCH_<KEY> (a mounted Secret): state_dir may be a postgresql:// URL with a password.
+SECRET_PATHS = ("tokens_file", "tls_cert", "tls_key", "tls_client_ca", "state_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML configuration (see docs/configuration.md)")
     p.add_argument("--listen", metavar="HOST:PORT", help="gRPC ingest address (default 127.0.0.1:9861)")
     p.add_argument("--http", metavar="HOST:PORT", help="HTTP address for /metrics, the API and the fleet page (default 127.0.0.1:9862)")
-    p.add_argument("--state", dest="state_dir", metavar="DIR", help="state directory (SQLite, WAL)")
+    p.add_argument("--state", dest="state_dir", metavar="DIR|URL",
+                   help="state: a directory (SQLite, WAL; the default) or a postgresql:// URL shared by several aggregators")
     p.add_argument("--tokens-file", metavar="FILE", help="agent tokens (SHA-256 digests scoped to host patterns)")
     p.add_argument("--tls-cert", metavar="FILE")
     p.add_argument("--tls-key", metavar="FILE")
@@ -49,7 +52,8 @@ FLAG_KEYS = ("listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key"
 
 def preflight(cfg: ServerConfig) -> None:
     """What can be checked before anything binds or opens: each failure is a ConfigError naming its file."""
-    check_state_dir(cfg.state_dir, "state_dir")
+    if not is_postgres_url(cfg.state_dir):  # a shared store is checked by connecting to it (Aggregator)
+        check_state_dir(cfg.state_dir, "state_dir")
     if cfg.tls_cert and cfg.tls_key:
         check_tls_files(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, server=True)
 

@@ -32,6 +32,10 @@ METRICS: dict[str, str] = {
     "eptwatch_server_streams_refused_total": "Agent streams refused, by gRPC status code",
     "eptwatch_server_reports_total": "Reports received, by result (applied, duplicate, rejected)",
     "eptwatch_server_store_commits_total": "SQLite transactions committed (each acknowledges a batch)",
+    # A shared store (PostgreSQL): every replica follows it; one exports the fleet rollups.
+    "eptwatch_server_fleet_exporter": "1 where this process exports the eptwatch_fleet_* and eptwatch_kernel_* series (always with SQLite; the lease holder among replicas sharing PostgreSQL)",
+    "eptwatch_server_store_followed_hosts_total": "Host changes committed by other replicas and taken into this one's fleet view (shared store)",
+    "eptwatch_server_store_follow_failures_total": "Polls of the shared store that failed (the fleet view falls behind while they do)",
     "eptwatch_server_store_commit_failures_total": "SQLite commits that failed, by reason (disk_full, database: nothing "
                                                    "acknowledged; report: one report could not be written and was rejected)",
     # Fleet rollups: counts and sums only (never ratios), so replicas add up in PromQL. Hosts that went
@@ -74,7 +78,10 @@ class AggregatorCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # Each section is guarded: one failing section must not sink the whole scrape.
-        for section in (self._ingest, self._fleet, self._http):
+        # On a shared store every replica sees the whole fleet: only the lease holder exports its rollups.
+        follower = getattr(self.agg, "follower", None)
+        sections = (self._ingest, self._fleet, self._http) if follower is None or follower.exports_fleet() else (self._ingest, self._http)
+        for section in sections:
             try:
                 yield from section()
             except Exception:  # noqa: BLE001
@@ -107,6 +114,14 @@ class AggregatorCollector(Collector):
         for reason in (DISK_FULL, DATABASE, REPORT):
             failures.add_metric([reason], counts.get(reason, 0))
         yield failures
+        follower = getattr(self.agg, "follower", None)
+        yield GaugeMetricFamily("eptwatch_server_fleet_exporter", METRICS["eptwatch_server_fleet_exporter"],
+                                value=1 if follower is None or follower.exports_fleet() else 0)
+        if follower is not None:
+            yield CounterMetricFamily("eptwatch_server_store_followed_hosts", METRICS["eptwatch_server_store_followed_hosts_total"],
+                                      value=follower.hosts_followed_total)
+            yield CounterMetricFamily("eptwatch_server_store_follow_failures", METRICS["eptwatch_server_store_follow_failures_total"],
+                                      value=follower.polls_failed_total)
 
     def _fleet(self) -> Iterator[Metric]:
         from .fleet import CAUSE_NAMES, ERA_NAMES

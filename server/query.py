@@ -22,6 +22,7 @@ from eptwatch.v1 import report_pb2 as pb
 
 from .fleet import (CAUSE_NAMES, ERA_NAMES, STATUS_DEPARTED, STATUS_FRESH, STATUS_INVALID, STATUS_STALE, STATUSES, FleetView,
                     HostSummary, KernelRollup, Rollup, host_status)
+from .storebase import LatestReports
 
 VERDICTS = {"ok": q.KERNEL_VERDICT_OK, "regressed": q.KERNEL_VERDICT_REGRESSED, "known_bad": q.KERNEL_VERDICT_KNOWN_BAD,
             "insufficient_hosts": q.KERNEL_VERDICT_INSUFFICIENT_HOSTS}
@@ -237,7 +238,7 @@ class ReportReader:
         return r
 
 
-def host_detail(v: FleetView, reader: ReportReader, host_id: str) -> q.HostDetail | None:
+def host_detail(v: FleetView, reader: LatestReports, host_id: str) -> q.HostDetail | None:
     found = host_status(v, host_id)
     if found is None:
         return None
@@ -254,7 +255,7 @@ def host_detail(v: FleetView, reader: ReportReader, host_id: str) -> q.HostDetai
 
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
-    def __init__(self, view: Callable[[], FleetView], reader: ReportReader) -> None:
+    def __init__(self, view: Callable[[], FleetView], reader: LatestReports) -> None:
         self._view = view
         self._reader = reader
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eptwatch.v1 import ingest_pb2, report_pb2
 
@@ -56,6 +56,9 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
     if code is not None and code & 0xFF == _SQLITE_FULL or "database or disk is full" in str(exc):
         return StoreError(DISK_FULL, f"disk full: the aggregator's state could not be written ({exc})")
     return StoreError(DATABASE, f"state database error: {exc}")
+
+if TYPE_CHECKING:
+    from .query import ReportReader
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -181,6 +184,12 @@ class Store:
             "SELECT host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen FROM agents"
         ).fetchall()
         return [AgentRecord(*r) for r in rows]
+
+    def report_reader(self) -> ReportReader:
+        """Read-only connections beside the writer (WAL), for a host's full latest report."""
+        from .query import ReportReader  # query builds on the store, not the other way round
+
+        return ReportReader(self.path)
 
     # --- the writer thread ---
 
