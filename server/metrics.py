@@ -31,7 +31,7 @@ METRICS: dict[str, str] = {
     "eptwatch_server_streams_total": "Agent streams accepted",
     "eptwatch_server_streams_refused_total": "Agent streams refused, by gRPC status code",
     "eptwatch_server_reports_total": "Reports received, by result (applied, duplicate, rejected)",
-    "eptwatch_server_store_commits_total": "SQLite transactions committed (each acknowledges a batch)",
+    "eptwatch_server_store_commits_total": "State-store transactions committed, SQLite or PostgreSQL (each acknowledges a batch)",
     # A shared store (PostgreSQL): every replica follows it; one exports the fleet rollups.
     "eptwatch_server_fleet_exporter": "1 where this process exports the eptwatch_fleet_* and eptwatch_kernel_* series (always with SQLite; the lease holder among replicas sharing PostgreSQL)",
     "eptwatch_server_store_followed_hosts_total": "Host changes committed by other replicas and taken into this one's fleet view (shared store)",
