@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import kvm_binary_stats, kvm_qmp
+from . import kvm_qmp
 from .bounds import MAX_BYTES, MAX_PID, MAX_U64, small_decimal
 from .discovery import DiscoveredVm, discover_vms, parse_stat, parse_status_thp_enabled
 from .guest_ram import DEFAULT_GUEST_RAM_MIN_BYTES, Backing, GuestRamMapping, attribute_guest_ram, on_internal_shm_mount
@@ -44,7 +44,6 @@ class SamplerConfig:
     # Longest run of intervals a too-expensive process is skipped for.
     max_skip_intervals: int = 8
     scan_vm_fds: bool = True
-    use_binary_stats: bool = True
     # Last resort for per-VM counters (live host only): QEMU's QMP query-stats over a monitor socket
     # named on its command line. A busy monitor costs up to qmp_timeout_seconds per VM and sample.
     use_qmp: bool = True
@@ -438,23 +437,6 @@ class Sampler:
                 if counters is not None:
                     return counters
                 problems.append(st.reason)
-        if self.config.use_binary_stats and self.root.is_live and vm.vm_fds:
-            fd = vm.vm_fds[0]
-            try:
-                stats = kvm_binary_stats.read_vm_binary_stats(vm.pid, fd)
-            except (kvm_binary_stats.KvmStatsUnavailable, kvm_binary_stats.KvmStatsFormatError) as exc:
-                statuses.append(SourceStatus("kvm_binary_stats", SourceState.UNAVAILABLE, f"pid {vm.pid} fd {fd}: {exc}"))
-            else:
-                values = kvm_binary_stats.to_counters(stats)
-                lpages = stats.scalar("lpages")  # 5.14 only: 2 MiB and 1 GiB mappings together
-                counters = KvmCounterValues(
-                    naming="pages_Nx" if values.get("pages_2m") is not None else "lpages",
-                    scope=CounterScope.BINARY_STATS, path=f"pid {vm.pid} fd {fd}", large_pages=lpages, **values,
-                )
-                if counters.has_huge_count:
-                    statuses.append(SourceStatus("kvm_binary_stats", SourceState.OK, f"pid {vm.pid} fd {fd}"))
-                    return counters
-                statuses.append(SourceStatus("kvm_binary_stats", SourceState.UNAVAILABLE, f"pid {vm.pid} fd {fd}: no pages_2m or lpages stat"))
         if self.config.use_qmp and self.root.is_live and vm.identity.is_qemu:
             # KVM refuses KVM_GET_STATS_FD on a VM fd from outside QEMU; QEMU itself can read it for us.
             # A monitor that failed (busy, unreachable) is left alone for a growing number of intervals.
@@ -472,7 +454,7 @@ class Sampler:
                     backoff.succeeded()
                     statuses.append(SourceStatus("kvm_qmp", SourceState.OK, "; ".join(notes), counters.path))
                     return counters
-        if not any(s.source.startswith(("kvm_debugfs.vm", "kvm_binary_stats", "kvm_qmp")) for s in statuses):
+        if not any(s.source.startswith(("kvm_debugfs.vm", "kvm_qmp")) for s in statuses):
             why = "; ".join(problems) or "no per-VM counters (no per-VM debugfs directory, no readable VM fd)"
             statuses.append(SourceStatus("kvm_counters.vm", SourceState.UNAVAILABLE, why))
         return None
