@@ -150,11 +150,10 @@ class Sampler:
             found = self.discovery.collect(debugfs.vm_dirs)
         notes = list(found.notes)
 
-        host = HostFacts(debugfs.kvm_dir, era.era)
         samples: list[VmSample] = []
         for vm in found.vms:
             try:
-                samples.append(self._sample_vm(vm, host.kvm_dir, host.era))
+                samples.append(self._sample_vm(vm, debugfs.kvm_dir, era.era))
             except ProcessGone as gone:
                 notes.append(str(gone))  # nothing of it was read: a note, not a row of unknowns
             except Exception as exc:  # noqa: BLE001 - one VM's bad input must not silence the host
