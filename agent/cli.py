@@ -43,7 +43,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         smaps_mode=args.smaps_mode,
         host_id=args.host_id,
         era_overrides=_overrides(args.era_overrides),
-        use_binary_stats=not args.no_binary_stats,
         use_qmp=not args.no_qmp,
     )
     sample = Sampler(root, config).sample()
@@ -106,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smaps-mode", choices=("auto", "full", "rollup"), default="auto")
     p.add_argument("--era-overrides", metavar="FILE", help="YAML table: kernel release pattern -> predicate era")
     p.add_argument("--host-id", help="host identity to report (default: the host's hostname)")
-    p.add_argument("--no-binary-stats", action="store_true", help="do not read KVM_GET_STATS_FD through pidfd_getfd")
     p.add_argument("--no-qmp", action="store_true", help=NO_QMP_HELP)
     p.set_defaults(func=cmd_sample)
 
