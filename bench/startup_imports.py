@@ -5,7 +5,11 @@ case alike); the CPU time (user + system) of each child comes from wait4's rusag
 that process, not wall-clock time. One more run per case with PYTHONPROFILEIMPORTTIME=1 lists the
 modules it imported: how many in all and how many from `eptwatch.agent`.
 
-    .venv/bin/python bench/startup_imports.py --runs 20 [--json out.json]
+    .venv/bin/python bench/startup_imports.py --runs 20 [--json out.json] [--before-pythonpath DIR]
+
+--before-pythonpath DIR runs every case a second time in each round with PYTHONPATH=DIR, where DIR
+holds an older tree as `eptwatch/agent`, `eptwatch/server`, `eptwatch/v1` (symlinks to its agent/,
+server/, proto/eptwatch/v1): before and after measured in the same rounds, under the same load.
 
 Cases (the same commands work on trees before and after the decoupling, so they can be compared):
 - `agent_sample_help`: `eptwatch-agent sample --help`
@@ -56,8 +60,8 @@ def cpu_seconds(argv: list[str], env: dict[str, str] | None = None) -> tuple[flo
     return usage.ru_utime + usage.ru_stime, err
 
 
-def imported_modules(argv: list[str]) -> list[str]:
-    _cpu, err = cpu_seconds(argv, env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+def imported_modules(argv: list[str], env: dict[str, str]) -> list[str]:
+    _cpu, err = cpu_seconds(argv, env={**env, "PYTHONPROFILEIMPORTTIME": "1"})
     # "import time: self [us] | cumulative | imported package"; nested imports are indented.
     return [line.rsplit("|", 1)[1].strip() for line in err.splitlines()
             if line.startswith("import time:") and line.count("|") == 2 and not line.endswith("imported package")]
@@ -67,23 +71,28 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--before-pythonpath", metavar="DIR", help="also run each case with PYTHONPATH=DIR (an older tree)")
     args = ap.parse_args()
+    envs = {"after": dict(os.environ)}
+    if args.before_pythonpath:
+        envs = {"before": {**os.environ, "PYTHONPATH": args.before_pythonpath}, **envs}
     with tempfile.TemporaryDirectory() as tmp:
         todo = cases(tmp)
-        times: dict[str, list[float]] = {name: [] for name in todo}
+        times: dict[tuple[str, str], list[float]] = {(name, tree): [] for name in todo for tree in envs}
         for _ in range(args.runs):
             for name, argv in todo.items():
-                times[name].append(cpu_seconds(argv)[0])
-        modules = {name: imported_modules(argv) for name, argv in todo.items()}
-    result = {}
-    for name in todo:
-        t = times[name]
-        agent = [m for m in modules[name] if m == "eptwatch.agent" or m.startswith("eptwatch.agent.")]
-        result[name] = {"cpu_seconds_median": statistics.median(t), "cpu_seconds_min": min(t), "cpu_seconds_max": max(t),
-                        "runs": len(t), "modules": len(modules[name]), "agent_modules": agent,
-                        "grpc_imported": any(m == "grpc" for m in modules[name])}
-        print(f"{name:20s} CPU median {1000 * statistics.median(t):6.1f} ms (min {1000 * min(t):6.1f}, max {1000 * max(t):6.1f}; "
-              f"{len(t)} runs)  modules {len(modules[name]):4d}  eptwatch.agent.* {len(agent):2d}  grpc {result[name]['grpc_imported']}")
+                for tree, env in envs.items():
+                    times[name, tree].append(cpu_seconds(argv, env)[0])
+        modules = {(name, tree): imported_modules(argv, env) for name, argv in todo.items() for tree, env in envs.items()}
+    result: dict[str, dict[str, object]] = {}
+    for (name, tree), t in times.items():
+        agent = [m for m in modules[name, tree] if m == "eptwatch.agent" or m.startswith("eptwatch.agent.")]
+        result[f"{name}/{tree}"] = {"cpu_seconds_median": statistics.median(t), "cpu_seconds_min": min(t), "cpu_seconds_max": max(t),
+                                    "runs": len(t), "modules": len(modules[name, tree]), "agent_modules": agent,
+                                    "grpc_imported": "grpc" in modules[name, tree]}
+        print(f"{name:18s} {tree:6s} CPU median {1000 * statistics.median(t):6.1f} ms (min {1000 * min(t):6.1f}, "
+              f"max {1000 * max(t):6.1f}; {len(t)} runs)  modules {len(modules[name, tree]):4d}  eptwatch.agent.* {len(agent):2d}  "
+              f"grpc {'yes' if 'grpc' in modules[name, tree] else 'no'}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return 0
