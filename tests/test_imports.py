@@ -222,3 +222,20 @@ def test_shared_package_imports_neither_program() -> None:
     for m in MODULES:
         if m.startswith("eptwatch.common"):
             assert not {d for d in _imports(m, load_time_only=False) if d.startswith(("eptwatch.agent", "eptwatch.server"))}, m
+
+
+def test_old_import_paths_still_give_the_moved_objects() -> None:
+    # Users' code (and plugins) may import these from the agent: the moved objects are re-exported, not copied.
+    import eptwatch.agent.config
+    import eptwatch.agent.httpserve
+    import eptwatch.agent.report
+    import eptwatch.common.config
+    import eptwatch.common.httpserve
+    import eptwatch.common.wire
+    import eptwatch.server.auth
+
+    assert eptwatch.agent.httpserve.HttpServer is eptwatch.common.httpserve.HttpServer
+    assert eptwatch.agent.report.message_to_dict is eptwatch.common.wire.message_to_dict
+    for name in ("ConfigError", "load_config", "parse_hostport", "check_tls_files", "error_line", "MAX_SECONDS"):
+        assert getattr(eptwatch.agent.config, name) is getattr(eptwatch.common.config, name), name
+    assert eptwatch.server.auth.ConfigError is eptwatch.common.config.ConfigError
