@@ -7,9 +7,6 @@ collector per source (reads it, reports values plus statuses); `model` is the pu
 command line.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from eptwatch.common import __version__
 
-try:
-    __version__ = version("eptwatch")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+__all__ = ["__version__"]

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, cast
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
-from eptwatch.agent.config import MAX_SECONDS, ConfigError, check_port_free, is_loopback_host, parse_hostport
-from eptwatch.agent.report import message_to_dict
+from eptwatch.common.config import MAX_SECONDS, ConfigError, check_port_free, is_loopback_host, parse_hostport
+from eptwatch.common.wire import message_to_dict
 from eptwatch.v1 import query_pb2, query_pb2_grpc
 
 from .auth import TlsFiles, TokenTable
@@ -25,6 +26,7 @@ from .fleet import FleetConfig, FleetState, summarise
 from .hostpage import host_page_response
 from .http import HttpServer, json_bytes
 from .ingest import INGEST_SERVICE, IngestServicer
+from .metrics import AggregatorCollector
 from .page import render_fleet_page
 from .query import MAX_LIMIT, MAX_OFFSET, QueryError, QueryServicer, fleet_pb, host_detail, list_hosts, list_kernels
 from .store import DepartedLog, Store
@@ -260,8 +262,14 @@ class Aggregator:
             raise ConfigError(f"listen: cannot listen on {cfg.listen}: {exc}") from None
         if self.grpc_port == 0:
             raise ConfigError(f"listen: cannot listen on {cfg.listen}")
-        self.http = HttpServer(cfg.http, self, idle_timeout_seconds=cfg.http_idle_timeout_seconds,
-                               max_connections=cfg.http_max_connections)
+        # The collector and the HTTP layer get read-only views (callables, counters), not this object.
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(AggregatorCollector(ready=lambda: self.ready, fleet_view=self.fleet.view, hosts_held=lambda: len(self.fleet),
+                                              ingest=self.ingest.counters, store=self.store,
+                                              http=lambda: self.http.httpd if self.http is not None else None,
+                                              follower=self.follower))
+        self.http = HttpServer(cfg.http, ready=lambda: self.ready, routes=self.http_routes, registry=registry,
+                               idle_timeout_seconds=cfg.http_idle_timeout_seconds, max_connections=cfg.http_max_connections)
         self.http.start()
         await self.server.start()
         # Load durable state before declaring readiness: an agent acknowledged earlier must find its

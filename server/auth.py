@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 # One error type for every configuration problem, agent and aggregator alike (re-exported here).
-from eptwatch.agent.config import ConfigError
+from eptwatch.common.config import ConfigError
 
 __all__ = ["ConfigError", "Principal", "TlsFiles", "TokenTable", "hash_token"]
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import sqlite3
 import sys
 from pathlib import Path
-
-from eptwatch.agent.config import ConfigError, check_state_dir, check_tls_files, environ, error_line, load_config
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .app import Aggregator, ServerConfig
-from .auth import hash_token
-from .storebase import is_postgres_url
+
+if TYPE_CHECKING:
+    from .app import ServerConfig
+
+# The rest is imported in main(), after the arguments are parsed: `--help`, `--version` and
+# `hash-token` need neither gRPC nor the store (issue 12: start-up imports only what it uses).
 
 PROG = "eptwatch-server"
 
@@ -52,6 +51,10 @@ FLAG_KEYS = ("listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key"
 
 def preflight(cfg: ServerConfig) -> None:
     """What can be checked before anything binds or opens: each failure is a ConfigError naming its file."""
+    from eptwatch.common.config import check_state_dir, check_tls_files
+
+    from .storebase import is_postgres_url
+
     if not is_postgres_url(cfg.state_dir):  # a shared store is checked by connecting to it (Aggregator)
         check_state_dir(cfg.state_dir, "state_dir")
     if cfg.tls_cert and cfg.tls_key:
@@ -60,13 +63,25 @@ def preflight(cfg: ServerConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from eptwatch.common.config import error_line
+
     if args.command == "hash-token":
+        from .auth import hash_token
+
         token = sys.stdin.readline().strip()
         if not token:
             print(error_line(f"{PROG} hash-token", "no token on stdin"), file=sys.stderr)
             return 2
         print(hash_token(token))
         return 0
+    import asyncio
+    import logging
+    import sqlite3
+
+    from eptwatch.common.config import ConfigError, environ, load_config
+
+    from .app import Aggregator, ServerConfig
+
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(ServerConfig, Path(args.config) if args.config else None, env=environ(),

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
-import sqlite3
-import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import cast
 
 import grpc
@@ -22,6 +19,7 @@ from eptwatch.v1 import report_pb2 as pb
 
 from .fleet import (CAUSE_NAMES, ERA_NAMES, STATUS_DEPARTED, STATUS_FRESH, STATUS_INVALID, STATUS_STALE, STATUSES, FleetView,
                     HostSummary, KernelRollup, Rollup, host_status)
+from .store import ReportReader  # noqa: F401 - kept importable here (it moved beside its store)
 from .storebase import LatestReports
 
 VERDICTS = {"ok": q.KERNEL_VERDICT_OK, "regressed": q.KERNEL_VERDICT_REGRESSED, "known_bad": q.KERNEL_VERDICT_KNOWN_BAD,
@@ -195,47 +193,6 @@ def _pools(v: FleetView, status: str) -> list[dict[str, HostSummary]]:
     if status == "all":
         return list(by_status.values())
     return [by_status[status]]
-
-
-class ReportReader:
-    """Reads a host's latest full report from the durable store: per-VM detail is not kept in memory.
-    SQLite in WAL mode lets these read-only connections run beside the writer. The HTTP server runs each
-    request on a new thread, so connections are pooled rather than kept per thread (one per request
-    would be opened and left to the garbage collector)."""
-
-    POOL = 4
-
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
-        self._pool: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-
-    def _conn(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._pool:
-                return self._pool.pop()
-        return sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False)
-
-    def _release(self, c: sqlite3.Connection) -> None:
-        with self._lock:
-            if len(self._pool) < self.POOL:
-                self._pool.append(c)
-                return
-        c.close()
-
-    def latest(self, host_id: str) -> pb.HostReport | None:
-        c = self._conn()
-        try:
-            row = c.execute("SELECT report FROM hosts WHERE host_id=?", (host_id,)).fetchone()
-        except BaseException:
-            c.close()
-            raise
-        self._release(c)
-        if row is None:
-            return None
-        r = pb.HostReport()
-        r.ParseFromString(row[0])
-        return r
 
 
 def host_detail(v: FleetView, reader: LatestReports, host_id: str) -> q.HostDetail | None:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eptwatch.v1 import ingest_pb2, report_pb2
 
@@ -56,9 +56,6 @@ def _store_error(exc: sqlite3.Error) -> StoreError:
     if code is not None and code & 0xFF == _SQLITE_FULL or "database or disk is full" in str(exc):
         return StoreError(DISK_FULL, f"disk full: the aggregator's state could not be written ({exc})")
     return StoreError(DATABASE, f"state database error: {exc}")
-
-if TYPE_CHECKING:
-    from .query import ReportReader
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -187,8 +184,6 @@ class Store:
 
     def report_reader(self) -> ReportReader:
         """Read-only connections beside the writer (WAL), for a host's full latest report."""
-        from .query import ReportReader  # query builds on the store, not the other way round
-
         return ReportReader(self.path)
 
     # --- the writer thread ---
@@ -512,3 +507,44 @@ def _set_result(fut: asyncio.Future[list[ApplyResult]], value: list[ApplyResult]
 def _set_exception(fut: asyncio.Future[list[ApplyResult]], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+class ReportReader:
+    """Reads a host's latest full report from the durable store: per-VM detail is not kept in memory.
+    SQLite in WAL mode lets these read-only connections run beside the writer. The HTTP server runs each
+    request on a new thread, so connections are pooled rather than kept per thread (one per request
+    would be opened and left to the garbage collector)."""
+
+    POOL = 4
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self._pool: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False)
+
+    def _release(self, c: sqlite3.Connection) -> None:
+        with self._lock:
+            if len(self._pool) < self.POOL:
+                self._pool.append(c)
+                return
+        c.close()
+
+    def latest(self, host_id: str) -> report_pb2.HostReport | None:
+        c = self._conn()
+        try:
+            row = c.execute("SELECT report FROM hosts WHERE host_id=?", (host_id,)).fetchone()
+        except BaseException:
+            c.close()
+            raise
+        self._release(c)
+        if row is None:
+            return None
+        r = report_pb2.HostReport()
+        r.ParseFromString(row[0])
+        return r
