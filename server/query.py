@@ -55,7 +55,8 @@ def rollup_pb(r: Rollup) -> q.Rollup:
     msg = q.Rollup(hosts=_u64(r.hosts), vms=_u64(r.vms), host_huge_capacity_2m=_u64(r.capacity_2m), observed_huge_2m=_u64(r.observed_2m),
                    lost_huge_2m=_u64(r.lost_2m), lost_explained_2m=_u64(r.lost_explained_2m),
                    lost_unexplained_2m=_u64(r.lost_unexplained_2m), known_bug_vms=_u64(r.known_bug_vms),
-                   vms_by_cause={CAUSE_NAMES[c]: _u64(n) for c, n in r.causes.items() if c in CAUSE_NAMES})
+                   vms_by_cause={CAUSE_NAMES[c]: _u64(n) for c, n in r.causes.items() if c in CAUSE_NAMES},
+                   lost_by_cause_2m={CAUSE_NAMES[c]: _u64(n) for c, n in r.lost_by_cause.items() if c in CAUSE_NAMES and n})
     if r.lost_ratio is not None:
         msg.lost_ratio = r.lost_ratio
     return msg
@@ -77,6 +78,7 @@ def host_pb(h: HostSummary, status: str) -> q.HostSummary:
         observed_huge_2m=_u64(h.observed_2m), lost_huge_2m=_u64(h.lost_2m), lost_unexplained_2m=_u64(h.lost_unexplained_2m),
         vms_by_cause={CAUSE_NAMES[c]: _u64(n) for c, n in h.causes if c in CAUSE_NAMES}, agent_version=h.agent_version,
         agent_instance=h.agent_instance, sequence=_u64(h.sequence),
+        lost_by_cause_2m={CAUSE_NAMES[c]: _u64(n) for c, n in h.lost_by_cause if c in CAUSE_NAMES and n},
     )
     if h.lost_ratio is not None:
         msg.lost_ratio = h.lost_ratio
