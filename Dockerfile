@@ -12,6 +12,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY agent ./agent
 COPY server ./server
+COPY common ./common
 COPY proto ./proto
 # Wheels for eptwatch and every dependency, so the final stage installs offline and has no compiler.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .

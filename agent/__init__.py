@@ -1,14 +1,12 @@
 """eptwatch agent: samples a KVM host and estimates lost EPT/NPT huge mappings.
 
 Layout (one source, one module): `hostroot` owns every host path; `smaps`, `kvm_debugfs`,
-`kvm_binary_stats`, `kernel`, `thp`, `discovery` each read and parse one source; `model` is the pure
-predicate model; `sampler` runs the collectors; `report` converts to the wire contract; `cli` is the
+`kvm_qmp`, `kernel`, `thp`, `discovery` each read and parse one source; `collectors/` holds one
+collector per source (reads it, reports values plus statuses); `model` is the pure predicate model;
+`sampler` runs the collectors in order, then the model; `report` converts to the wire contract; `cli` is the
 command line.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from eptwatch.common import __version__
 
-try:
-    __version__ = version("eptwatch")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+__all__ = ["__version__"]

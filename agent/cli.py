@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .hostroot import HostRoot
-from .model import EraOverride
-from .report import host_report, report_to_json
-from .sampler import Sampler, SamplerConfig
-from .table import render_table
+
+# The sampler, its collectors, the model and the wire code are imported by the command that runs
+# them: `--help` and `--version` load none of them (issue 12: start-up imports only what it uses).
+if TYPE_CHECKING:
+    from .hostroot import HostRoot
+    from .model import EraOverride
 
 
 def _add_root_flags(p: argparse.ArgumentParser) -> None:
@@ -22,6 +24,8 @@ def _add_root_flags(p: argparse.ArgumentParser) -> None:
 
 
 def host_root_from_args(args: argparse.Namespace) -> HostRoot:
+    from .hostroot import HostRoot
+
     return HostRoot.from_paths(args.root, args.procfs, args.sysfs, args.debugfs)
 
 
@@ -35,6 +39,10 @@ def _overrides(path: str | None) -> tuple[EraOverride, ...]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .report import host_report, report_to_json
+    from .sampler import Sampler, SamplerConfig
+    from .table import render_table
+
     root = host_root_from_args(args)
     if not root.procfs.is_dir():
         print(f"eptwatch-agent: error: procfs {root.procfs} is not a directory", file=sys.stderr)
@@ -43,7 +51,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         smaps_mode=args.smaps_mode,
         host_id=args.host_id,
         era_overrides=_overrides(args.era_overrides),
-        use_binary_stats=not args.no_binary_stats,
         use_qmp=not args.no_qmp,
     )
     sample = Sampler(root, config).sample()
@@ -106,7 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smaps-mode", choices=("auto", "full", "rollup"), default="auto")
     p.add_argument("--era-overrides", metavar="FILE", help="YAML table: kernel release pattern -> predicate era")
     p.add_argument("--host-id", help="host identity to report (default: the host's hostname)")
-    p.add_argument("--no-binary-stats", action="store_true", help="do not read KVM_GET_STATS_FD through pidfd_getfd")
     p.add_argument("--no-qmp", action="store_true", help=NO_QMP_HELP)
     p.set_defaults(func=cmd_sample)
 

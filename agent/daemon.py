@@ -18,10 +18,11 @@ import grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from eptwatch.common.httpserve import HttpServer
+
 from .config import ConfigError, check_agent_values, read_config_file, read_era_overrides
 from .delivery import Delivery, DeliveryConfig, channel_options
 from .hostroot import HostRoot
-from .httpserve import HttpServer
 from .labels import parse_labels_file
 from .metrics import AgentCollector, AgentState
 from .report import host_report

@@ -31,6 +31,7 @@ _FILES: dict[str, str] = {
 
 class CounterScope(enum.Enum):
     PER_VM_DEBUGFS = "per_vm_debugfs"
+    # Wire value kept for old reports; no agent source makes it (KVM_GET_STATS_FD is refused outside QEMU).
     BINARY_STATS = "binary_stats"
     GLOBAL_DEBUGFS = "global_debugfs"
     QMP_QUERY_STATS = "qmp_query_stats"  # QEMU's QMP query-stats: the same binary stats, read by QEMU itself

@@ -3,8 +3,8 @@
 Why this exists
 ---------------
 Per-VM counters normally come from debugfs ``kvm/<pid>-<fd>/``. Without debugfs (not mounted, kernel
-lockdown) the agent tries ``KVM_GET_STATS_FD``, but KVM answers VM ioctls only to the VM's own process
-(``kvm_vm_ioctl``: ``kvm->mm != current->mm`` -> EIO), so for a QEMU VM that always fails. QEMU itself
+lockdown) ``KVM_GET_STATS_FD`` on the VM fd is no way round: KVM answers VM ioctls only to the VM's own
+process (``kvm_vm_ioctl``: ``kvm->mm != current->mm`` -> EIO), so from outside QEMU it always fails. QEMU itself
 can ask, and since 7.1 it exposes the same binary stats through QMP::
 
     -> {"execute": "query-stats", "arguments": {"target": "vm", "providers": [{"provider": "kvm"}]}}

@@ -52,7 +52,7 @@ METRICS: dict[str, str] = {
 # per-VM "kvm_debugfs.vm" (the kvm_counters collector's) against the kvm_debugfs collector too.
 # Collectors not listed own the source of their own name and its "name.*" sub-sources (thp.enabled).
 _COLLECTOR_SOURCES: dict[str, frozenset[str]] = {
-    "kvm_counters": frozenset({"kvm_debugfs.vm", "kvm_binary_stats", "kvm_qmp", "kvm_counters.vm"}),
+    "kvm_counters": frozenset({"kvm_debugfs.vm", "kvm_qmp", "kvm_counters.vm"}),
     "kvm_debugfs": frozenset({"kvm_debugfs", "kvm_debugfs.global"}),
     "smaps": frozenset({"smaps", "smaps.budget", "mountinfo"}),
     "process": frozenset({"process"}),

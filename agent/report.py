@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from google.protobuf import json_format
-from google.protobuf.message import Message
-
+from eptwatch.common.wire import message_to_dict  # re-exported: its home before eptwatch.common
 from eptwatch.v1 import report_pb2 as pb
 
 from . import __version__
@@ -137,13 +134,6 @@ def host_report(sample: HostSample, sequence: int = 0, agent_instance: str = "",
     if sample.host_estimate is not None:
         msg.host_estimate.CopyFrom(estimate_to_pb(sample.host_estimate))
     return msg
-
-
-def message_to_dict(msg: Message) -> dict[str, Any]:
-    """The one JSON rendering of wire messages (CLI and HTTP API alike). Proto field names, so the JSON
-    and the .proto read the same; zeros printed, so only an `optional` field that was not measured is
-    absent (unknown is not 0); 64-bit integers stay strings, as proto3 JSON says (2**53 precision)."""
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
 def report_to_json(report: pb.HostReport) -> str:

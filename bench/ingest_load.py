@@ -171,11 +171,12 @@ class Server:
 class FullServer(Server):
     kind = "aggregator"
 
-    def __init__(self, workdir: Path, cmd: list[str] | None = None, procs: int = 1) -> None:
+    def __init__(self, workdir: Path, cmd: list[str] | None = None, procs: int = 1, state_url: str | None = None) -> None:
         super().__init__(workdir, procs)
         self.http_ports = [free_port() for _ in range(procs)]
-        # One state directory per process: the store keeps its high-water marks in memory.
-        self.states = [workdir / f"state-{k}" for k in range(procs)]
+        # One state directory per process (SQLite is one process's), or one PostgreSQL all processes share.
+        self.state_url = state_url
+        self.states: list[Path | str] = [state_url] * procs if state_url else [workdir / f"state-{k}" for k in range(procs)]
         self.cmd = cmd or [str(BIN / "eptwatch-server")]
 
     def start(self) -> FullServer:
@@ -198,8 +199,15 @@ class FullServer(Server):
         return out
 
     def applied_by_prefix(self, prefix: str) -> int:
+        if self.state_url:
+            import psycopg
+
+            with psycopg.connect(self.state_url) as c:
+                row = c.execute("SELECT coalesce(sum(applied_total), 0) FROM agents WHERE host_id LIKE %s", (prefix + "%",)).fetchone()
+            return int(row[0]) if row else 0
         total = 0
         for state in self.states:
+            assert isinstance(state, Path)
             db = sqlite3.connect(f"file:{state / 'eptwatch.sqlite3'}?mode=ro", uri=True)
             try:
                 (n,) = db.execute("SELECT coalesce(sum(applied_total), 0) FROM agents WHERE host_id LIKE ?", (prefix + "%",)).fetchone()
@@ -479,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
                    "each aggregator process gets its own state directory")
     p.add_argument("--aggregator-cmd", metavar="CMD", help="command line to start the aggregator instead of eptwatch-server "
                    "(split on spaces; the listen/http/state flags are appended), e.g. to compare two builds")
+    p.add_argument("--state", metavar="URL", help="a postgresql:// URL every aggregator process shares (default: SQLite, "
+                   "one state directory per process)")
+    p.add_argument("--private-postgres", action="store_true", help="start a private PostgreSQL (Debian's postgresql, as "
+                   "tests/pg.py does) in a temporary directory and share it (implies --state)")
     p.add_argument("--only", metavar="PHASES", help="run only these phases (comma-separated names, e.g. backlog-50)")
     p.add_argument("--no-gzip", action="store_true", help="send uncompressed (the agent compresses with gzip)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
@@ -508,10 +520,20 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="eptwatch-bench-", dir="/tmp"))
     servers: dict[str, Server] = {}
     rows: list[dict[str, Any]] = []
+    pg = None
     try:
+        state_url = args.state
+        if args.private_postgres:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+            from tests.pg import _start as start_postgres
+
+            pg = start_postgres()
+            state_url = pg.new_database()
+        if state_url:
+            info["store"] = "postgresql"
         if "aggregator" in kinds:
             servers["aggregator"] = FullServer(work / "aggregator", args.aggregator_cmd.split() if args.aggregator_cmd else None,
-                                               args.server_procs).start()
+                                               args.server_procs, state_url).start()
         if "bare" in kinds:
             servers["bare"] = BareServer(work / "bare", args.server_procs).start()
         for kind, srv in servers.items():
@@ -541,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for srv in servers.values():
             srv.stop()
+        if pg is not None:
+            pg.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     info["elapsed_s"] = round(time.time() - started, 1)

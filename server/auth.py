@@ -19,9 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # One error type for every configuration problem, agent and aggregator alike (re-exported here).
-from eptwatch.agent.config import ConfigError, safe_load_yaml
+from eptwatch.common.config import ConfigError, safe_load_yaml
 
 __all__ = ["ConfigError", "Principal", "TlsFiles", "TokenTable", "hash_token"]
 

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import sqlite3
 import sys
 from pathlib import Path
-
-from eptwatch.agent.config import ConfigError, check_state_dir, check_tls_files, environ, error_line, load_config
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .app import Aggregator, ServerConfig
-from .auth import hash_token
+
+if TYPE_CHECKING:
+    from .app import ServerConfig
+
+# The rest is imported in main(), after the arguments are parsed: `--help`, `--version` and
+# `hash-token` need neither gRPC nor the store (issue 12: start-up imports only what it uses).
 
 PROG = "eptwatch-server"
 
-SECRET_PATHS = ("tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+# Also taken from EPTWATCH_<KEY> (a mounted Secret): state_dir may be a postgresql:// URL with a password.
+SECRET_PATHS = ("tokens_file", "tls_cert", "tls_key", "tls_client_ca", "state_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML configuration (see docs/configuration.md)")
     p.add_argument("--listen", metavar="HOST:PORT", help="gRPC ingest address (default 127.0.0.1:9861)")
     p.add_argument("--http", metavar="HOST:PORT", help="HTTP address for /metrics, the API and the fleet page (default 127.0.0.1:9862)")
-    p.add_argument("--state", dest="state_dir", metavar="DIR", help="state directory (SQLite, WAL)")
+    p.add_argument("--state", dest="state_dir", metavar="DIR|URL",
+                   help="state: a directory (SQLite, WAL; the default) or a postgresql:// URL shared by several aggregators")
     p.add_argument("--tokens-file", metavar="FILE", help="agent tokens (SHA-256 digests scoped to host patterns)")
     p.add_argument("--tls-cert", metavar="FILE")
     p.add_argument("--tls-key", metavar="FILE")
@@ -49,20 +51,37 @@ FLAG_KEYS = ("listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key"
 
 def preflight(cfg: ServerConfig) -> None:
     """What can be checked before anything binds or opens: each failure is a ConfigError naming its file."""
-    check_state_dir(cfg.state_dir, "state_dir")
+    from eptwatch.common.config import check_state_dir, check_tls_files
+
+    from .storebase import is_postgres_url
+
+    if not is_postgres_url(cfg.state_dir):  # a shared store is checked by connecting to it (Aggregator)
+        check_state_dir(cfg.state_dir, "state_dir")
     if cfg.tls_cert and cfg.tls_key:
         check_tls_files(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, server=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from eptwatch.common.config import error_line
+
     if args.command == "hash-token":
+        from .auth import hash_token
+
         token = sys.stdin.readline().strip()
         if not token:
             print(error_line(f"{PROG} hash-token", "no token on stdin"), file=sys.stderr)
             return 2
         print(hash_token(token))
         return 0
+    import asyncio
+    import logging
+    import sqlite3
+
+    from eptwatch.common.config import ConfigError, environ, load_config
+
+    from .app import Aggregator, ServerConfig
+
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(ServerConfig, Path(args.config) if args.config else None, env=environ(),

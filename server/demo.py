@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from eptwatch.agent.config import MAX_SECONDS, ConfigError, check_state_dir, error_line
+from eptwatch.common.config import MAX_SECONDS, ConfigError, check_state_dir, error_line
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
 
 from . import __version__

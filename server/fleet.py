@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from eptwatch.v1 import report_pb2 as pb
 
-from .validate import ReportTotals, report_totals
+from .validate import EXPLAINED_CAUSES, ReportTotals, report_totals
 
 CAUSE_NAMES = {v: pb.Cause.Name(v).removeprefix("CAUSE_").lower() for v in pb.Cause.values()}
 T = TypeVar("T")
@@ -58,6 +58,7 @@ class HostSummary:
     causes: tuple[tuple[int, int], ...]  # (pb.Cause, VMs)
     spool_dropped_total: int = 0
     problem: str = ""  # why this report cannot be evaluated ("" for a valid one): the host is then invalid
+    lost_by_cause: tuple[tuple[int, int], ...] = ()  # (pb.Cause, lost 2 MiB units), sorted; sums to lost_2m
 
     @property
     def lost_ratio(self) -> float | None:
@@ -109,6 +110,7 @@ def summarise(r: pb.HostReport, received: float, spool_dropped_total: int = 0,
         capacity_2m=t.capacity_2m, observed_2m=t.observed_2m, lost_2m=t.lost_2m, lost_explained_2m=t.lost_explained_2m,
         lost_unexplained_2m=t.lost_unexplained_2m, known_bug_vms=dict(t.causes).get(pb.CAUSE_KNOWN_PAGE_CACHE_THP_BUG, 0),
         causes=_shared(t.causes), spool_dropped_total=min(max(spool_dropped_total, 0), MAX_COUNT), problem=problem,
+        lost_by_cause=lost_by_cause(r, t),
     )
 
 
@@ -138,6 +140,28 @@ def _implausible(t: ReportTotals, sample_time: float) -> str:
         if not 0 <= n <= MAX_HOST_VMS:
             return f"{n} VMs of cause {cause}: at most {MAX_HOST_VMS} per host"
     return ""
+
+
+def lost_by_cause(r: pb.HostReport, t: ReportTotals) -> tuple[tuple[int, int], ...]:
+    """The host's lost huge mappings per cause, from the loss breakdowns of the estimates that carry the
+    loss (the same ones `report_totals` sums: the host-level estimate where it has a loss figure, else
+    every VM's). The report passed the checks, so each breakdown sums to its estimate's loss (an invalid
+    report's totals are zero: nothing is walked). Walked
+    only when the totals leave the split open: a host without loss, or with unexplained loss only
+    (most of a fleet), costs no protobuf access here."""
+    if not t.lost_2m:
+        return ()
+    if t.lost_unexplained_2m == t.lost_2m:
+        return ((pb.CAUSE_UNEXPLAINED, t.lost_2m),)
+    he = r.host_estimate
+    carriers = (he,) if r.HasField("host_estimate") and he.HasField("lost_huge_2m") else r.estimates
+    sums: dict[int, int] = {}
+    for e in carriers:
+        if e.HasField("lost_huge_2m"):  # an estimate without a loss figure adds nothing to the totals
+            for share in e.breakdown:
+                if share.lost_huge_2m:
+                    sums[share.cause] = sums.get(share.cause, 0) + share.lost_huge_2m
+    return tuple(sorted(sums.items()))
 
 
 _SHARED: dict[object, object] = {}
@@ -180,6 +204,7 @@ class Rollup:
     known_bug_vms: int = 0
     spool_dropped: int = 0
     causes: Counter[int] = field(default_factory=Counter)
+    lost_by_cause: Counter[int] = field(default_factory=Counter)  # pb.Cause -> lost 2 MiB units
 
     def add(self, h: HostSummary, sign: int = 1) -> None:
         """Adds a host's totals (sign -1: takes them away again; a cause count reaching 0 is dropped)."""
@@ -199,12 +224,20 @@ class Rollup:
                 causes[c] = m
             else:
                 del causes[c]
+        lost = self.lost_by_cause
+        for c, n in h.lost_by_cause:
+            m = lost[c] + sign * n
+            if m:
+                lost[c] = m
+            else:
+                del lost[c]
 
     def values(self) -> dict[str, object]:
         """The sums as constructor arguments (the causes copied): a snapshot of a running rollup."""
         return {"hosts": self.hosts, "vms": self.vms, "capacity_2m": self.capacity_2m, "observed_2m": self.observed_2m,
                 "lost_2m": self.lost_2m, "lost_explained_2m": self.lost_explained_2m, "lost_unexplained_2m": self.lost_unexplained_2m,
-                "known_bug_vms": self.known_bug_vms, "spool_dropped": self.spool_dropped, "causes": Counter(self.causes)}
+                "known_bug_vms": self.known_bug_vms, "spool_dropped": self.spool_dropped, "causes": Counter(self.causes),
+                "lost_by_cause": Counter(self.lost_by_cause)}
 
     @property
     def lost_ratio(self) -> float | None:
@@ -302,7 +335,11 @@ def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
                            f"{k.known_bug_vms} VM(s) losing huge mappings to the bug")
         if not reasons:
             ratio = "n/a" if k.lost_ratio is None else f"{k.lost_ratio:.1%}"
-            explained = f", explained {k.lost_explained_2m / k.capacity_2m:.1%}" if k.capacity_2m and k.lost_explained_2m else ""
+            explained = ""
+            if k.capacity_2m and k.lost_explained_2m:
+                by = ", ".join(CAUSE_NAMES.get(c, str(c)) for c, n in sorted(k.lost_by_cause.items(), key=lambda cn: (-cn[1], cn[0]))
+                               if c in EXPLAINED_CAUSES)
+                explained = f", explained {k.lost_explained_2m / k.capacity_2m:.1%}" + (f" by {by}" if by else "")
             reasons.append(f"{k.hosts} host(s), loss ratio {ratio}{explained}, unexplained {(k.unexplained_ratio or 0.0):.1%}")
         k.evidence = "; ".join(reasons)
 

@@ -29,7 +29,8 @@ from eptwatch.v1 import report_pb2 as pb
 
 from .auth import Principal, TokenTable
 from .fleet import FleetState, summarise
-from .store import ApplyResult, Incoming, Store, StoreError
+from .store import ApplyResult, Incoming, StoreError
+from .storebase import StoreBase
 from .validate import ReportTotals, check_report, check_spool_dropped
 
 log = logging.getLogger("eptwatch.server.ingest")
@@ -161,7 +162,7 @@ class _IdleWatch:
 
 
 class IngestServicer:
-    def __init__(self, store: Store, fleet: FleetState, tokens: TokenTable | None, idle_timeout_seconds: float,
+    def __init__(self, store: StoreBase, fleet: FleetState, tokens: TokenTable | None, idle_timeout_seconds: float,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.fleet = fleet

@@ -7,19 +7,18 @@ alerting rules are checked against it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from eptwatch.agent import __version__
+from eptwatch.common import __version__
 
+from .fleet import CAUSE_NAMES, ERA_NAMES, FleetView
+from .ingest import IngestCounters
 from .store import DATABASE, DISK_FULL, REPORT
 from .validate import WALKER
-
-if TYPE_CHECKING:
-    from .app import Aggregator
 
 log = logging.getLogger("eptwatch.server.metrics")
 
@@ -31,7 +30,11 @@ METRICS: dict[str, str] = {
     "eptwatch_server_streams_total": "Agent streams accepted",
     "eptwatch_server_streams_refused_total": "Agent streams refused, by gRPC status code",
     "eptwatch_server_reports_total": "Reports received, by result (applied, duplicate, rejected)",
-    "eptwatch_server_store_commits_total": "SQLite transactions committed (each acknowledges a batch)",
+    "eptwatch_server_store_commits_total": "State-store transactions committed, SQLite or PostgreSQL (each acknowledges a batch)",
+    # A shared store (PostgreSQL): every replica follows it; one exports the fleet rollups.
+    "eptwatch_server_fleet_exporter": "1 where this process exports the eptwatch_fleet_* and eptwatch_kernel_* series (always with SQLite; the lease holder among replicas sharing PostgreSQL)",
+    "eptwatch_server_store_followed_hosts_total": "Host changes committed by other replicas and taken into this one's fleet view (shared store)",
+    "eptwatch_server_store_follow_failures_total": "Polls of the shared store that failed (the fleet view falls behind while they do)",
     "eptwatch_server_store_commit_failures_total": "SQLite commits that failed, by reason (disk_full, database: nothing "
                                                    "acknowledged; report: one report could not be written and was rejected)",
     # Fleet rollups: counts and sums only (never ratios), so replicas add up in PromQL. Hosts that went
@@ -68,25 +71,74 @@ METRICS: dict[str, str] = {
 }
 
 
+class StoreCounters(Protocol):
+    """What the collector reads of the store: its commit counters."""
+
+    @property
+    def commits_total(self) -> int: ...
+
+    @property
+    def commit_failures_total(self) -> Mapping[str, int]: ...
+
+
+class HttpCounters(Protocol):
+    """What the collector reads of the HTTP server (eptwatch.common.httpserve): its connection counters."""
+
+    @property
+    def connections_active(self) -> int: ...
+
+    @property
+    def connections_refused_total(self) -> int: ...
+
+    @property
+    def connections_timed_out_total(self) -> int: ...
+
+
+class FollowerCounters(Protocol):
+    """What the collector reads of a shared-store follower (server/follow.py)."""
+
+    @property
+    def hosts_followed_total(self) -> int: ...
+
+    @property
+    def polls_failed_total(self) -> int: ...
+
+    def exports_fleet(self) -> bool: ...
+
+
 class AggregatorCollector(Collector):
-    def __init__(self, agg: Aggregator) -> None:
-        self.agg = agg
+    """Takes what it reads as arguments (read-only callables and counter objects), never the Aggregator:
+    metrics -> app would close an import loop (app builds the HTTP server, which serves this)."""
+
+    def __init__(self, *, ready: Callable[[], bool], fleet_view: Callable[[], FleetView], hosts_held: Callable[[], int],
+                 ingest: IngestCounters, store: StoreCounters, http: Callable[[], HttpCounters | None] = lambda: None,
+                 follower: FollowerCounters | None = None) -> None:
+        self.ready = ready
+        self.fleet_view = fleet_view
+        self.hosts_held = hosts_held
+        self.ingest = ingest
+        self.store = store
+        self.http = http  # None until the HTTP server is listening
+        self.follower = follower  # only on a shared store (PostgreSQL)
 
     def collect(self) -> Iterator[Metric]:
         # Each section is guarded: one failing section must not sink the whole scrape.
-        for section in (self._ingest, self._fleet, self._http):
+        # On a shared store every replica sees the whole fleet: only the lease holder exports its rollups.
+        follower = self.follower
+        sections = (self._ingest, self._fleet, self._http) if follower is None or follower.exports_fleet() else (self._ingest, self._http)
+        for section in sections:
             try:
                 yield from section()
             except Exception:  # noqa: BLE001
                 log.exception("metrics section %s failed", section.__name__)
 
     def _ingest(self) -> Iterator[Metric]:
-        c = self.agg.ingest.counters
-        yield GaugeMetricFamily("eptwatch_server_up", METRICS["eptwatch_server_up"], value=1 if self.agg.ready else 0)
+        c = self.ingest
+        yield GaugeMetricFamily("eptwatch_server_up", METRICS["eptwatch_server_up"], value=1 if self.ready() else 0)
         info = GaugeMetricFamily("eptwatch_server_build_info", METRICS["eptwatch_server_build_info"], labels=["version", "report_walker"])
         info.add_metric([__version__, WALKER], 1)
         yield info
-        yield GaugeMetricFamily("eptwatch_server_hosts", METRICS["eptwatch_server_hosts"], value=len(self.agg.fleet))
+        yield GaugeMetricFamily("eptwatch_server_hosts", METRICS["eptwatch_server_hosts"], value=self.hosts_held())
         yield GaugeMetricFamily("eptwatch_server_streams_open", METRICS["eptwatch_server_streams_open"], value=c.streams_open)
         yield CounterMetricFamily("eptwatch_server_streams", METRICS["eptwatch_server_streams_total"], value=c.streams_total)
         refused = CounterMetricFamily("eptwatch_server_streams_refused", METRICS["eptwatch_server_streams_refused_total"], labels=["code"])
@@ -99,19 +151,25 @@ class AggregatorCollector(Collector):
         reports.add_metric(["rejected"], c.reports_rejected_total)
         yield reports
         yield CounterMetricFamily("eptwatch_server_store_commits", METRICS["eptwatch_server_store_commits_total"],
-                                  value=self.agg.store.commits_total)
+                                  value=self.store.commits_total)
         failures = CounterMetricFamily("eptwatch_server_store_commit_failures", METRICS["eptwatch_server_store_commit_failures_total"],
                                        labels=["reason"])
         # Every reason always exported (0 until it happens), so that an alert's rate() has a series to start from.
-        counts = self.agg.store.commit_failures_total
+        counts = self.store.commit_failures_total
         for reason in (DISK_FULL, DATABASE, REPORT):
             failures.add_metric([reason], counts.get(reason, 0))
         yield failures
+        follower = self.follower
+        yield GaugeMetricFamily("eptwatch_server_fleet_exporter", METRICS["eptwatch_server_fleet_exporter"],
+                                value=1 if follower is None or follower.exports_fleet() else 0)
+        if follower is not None:
+            yield CounterMetricFamily("eptwatch_server_store_followed_hosts", METRICS["eptwatch_server_store_followed_hosts_total"],
+                                      value=follower.hosts_followed_total)
+            yield CounterMetricFamily("eptwatch_server_store_follow_failures", METRICS["eptwatch_server_store_follow_failures_total"],
+                                      value=follower.polls_failed_total)
 
     def _fleet(self) -> Iterator[Metric]:
-        from .fleet import CAUSE_NAMES, ERA_NAMES
-
-        v = self.agg.fleet.view()
+        v = self.fleet_view()
         kl = ["kernel_release", "era"]
         fams = {
             "eptwatch_fleet_hosts": (lambda r: r.hosts),
@@ -166,10 +224,9 @@ class AggregatorCollector(Collector):
         yield lost
 
     def _http(self) -> Iterator[Metric]:
-        http = self.agg.http
-        if http is None:
+        h = self.http()
+        if h is None:
             return
-        h = http.httpd
         yield GaugeMetricFamily("eptwatch_server_http_connections_open", METRICS["eptwatch_server_http_connections_open"],
                                 value=h.connections_active)
         yield CounterMetricFamily("eptwatch_server_http_connections_refused", METRICS["eptwatch_server_http_connections_refused_total"],

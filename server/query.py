@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
-import sqlite3
-import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import cast
 
 import grpc
@@ -22,6 +19,8 @@ from eptwatch.v1 import report_pb2 as pb
 
 from .fleet import (CAUSE_NAMES, ERA_NAMES, STATUS_DEPARTED, STATUS_FRESH, STATUS_INVALID, STATUS_STALE, STATUSES, FleetView,
                     HostSummary, KernelRollup, Rollup, host_status)
+from .store import ReportReader  # noqa: F401 - kept importable here (it moved beside its store)
+from .storebase import LatestReports
 
 VERDICTS = {"ok": q.KERNEL_VERDICT_OK, "regressed": q.KERNEL_VERDICT_REGRESSED, "known_bad": q.KERNEL_VERDICT_KNOWN_BAD,
             "insufficient_hosts": q.KERNEL_VERDICT_INSUFFICIENT_HOSTS}
@@ -56,7 +55,8 @@ def rollup_pb(r: Rollup) -> q.Rollup:
     msg = q.Rollup(hosts=_u64(r.hosts), vms=_u64(r.vms), host_huge_capacity_2m=_u64(r.capacity_2m), observed_huge_2m=_u64(r.observed_2m),
                    lost_huge_2m=_u64(r.lost_2m), lost_explained_2m=_u64(r.lost_explained_2m),
                    lost_unexplained_2m=_u64(r.lost_unexplained_2m), known_bug_vms=_u64(r.known_bug_vms),
-                   vms_by_cause={CAUSE_NAMES[c]: _u64(n) for c, n in r.causes.items() if c in CAUSE_NAMES})
+                   vms_by_cause={CAUSE_NAMES[c]: _u64(n) for c, n in r.causes.items() if c in CAUSE_NAMES},
+                   lost_by_cause_2m={CAUSE_NAMES[c]: _u64(n) for c, n in r.lost_by_cause.items() if c in CAUSE_NAMES and n})
     if r.lost_ratio is not None:
         msg.lost_ratio = r.lost_ratio
     return msg
@@ -78,6 +78,7 @@ def host_pb(h: HostSummary, status: str) -> q.HostSummary:
         observed_huge_2m=_u64(h.observed_2m), lost_huge_2m=_u64(h.lost_2m), lost_unexplained_2m=_u64(h.lost_unexplained_2m),
         vms_by_cause={CAUSE_NAMES[c]: _u64(n) for c, n in h.causes if c in CAUSE_NAMES}, agent_version=h.agent_version,
         agent_instance=h.agent_instance, sequence=_u64(h.sequence),
+        lost_by_cause_2m={CAUSE_NAMES[c]: _u64(n) for c, n in h.lost_by_cause if c in CAUSE_NAMES and n},
     )
     if h.lost_ratio is not None:
         msg.lost_ratio = h.lost_ratio
@@ -196,48 +197,7 @@ def _pools(v: FleetView, status: str) -> list[dict[str, HostSummary]]:
     return [by_status[status]]
 
 
-class ReportReader:
-    """Reads a host's latest full report from the durable store: per-VM detail is not kept in memory.
-    SQLite in WAL mode lets these read-only connections run beside the writer. The HTTP server runs each
-    request on a new thread, so connections are pooled rather than kept per thread (one per request
-    would be opened and left to the garbage collector)."""
-
-    POOL = 4
-
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = db_path
-        self._pool: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-
-    def _conn(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._pool:
-                return self._pool.pop()
-        return sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False)
-
-    def _release(self, c: sqlite3.Connection) -> None:
-        with self._lock:
-            if len(self._pool) < self.POOL:
-                self._pool.append(c)
-                return
-        c.close()
-
-    def latest(self, host_id: str) -> pb.HostReport | None:
-        c = self._conn()
-        try:
-            row = c.execute("SELECT report FROM hosts WHERE host_id=?", (host_id,)).fetchone()
-        except BaseException:
-            c.close()
-            raise
-        self._release(c)
-        if row is None:
-            return None
-        r = pb.HostReport()
-        r.ParseFromString(row[0])
-        return r
-
-
-def host_detail(v: FleetView, reader: ReportReader, host_id: str) -> q.HostDetail | None:
+def host_detail(v: FleetView, reader: LatestReports, host_id: str) -> q.HostDetail | None:
     found = host_status(v, host_id)
     if found is None:
         return None
@@ -254,7 +214,7 @@ def host_detail(v: FleetView, reader: ReportReader, host_id: str) -> q.HostDetai
 
 
 class QueryServicer(query_pb2_grpc.QueryServicer):
-    def __init__(self, view: Callable[[], FleetView], reader: ReportReader) -> None:
+    def __init__(self, view: Callable[[], FleetView], reader: LatestReports) -> None:
         self._view = view
         self._reader = reader
 

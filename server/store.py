@@ -182,6 +182,10 @@ class Store:
         ).fetchall()
         return [AgentRecord(*r) for r in rows]
 
+    def report_reader(self) -> ReportReader:
+        """Read-only connections beside the writer (WAL), for a host's full latest report."""
+        return ReportReader(self.path)
+
     # --- the writer thread ---
 
     def start(self) -> None:
@@ -503,3 +507,44 @@ def _set_result(fut: asyncio.Future[list[ApplyResult]], value: list[ApplyResult]
 def _set_exception(fut: asyncio.Future[list[ApplyResult]], exc: BaseException) -> None:
     if not fut.done():
         fut.set_exception(exc)
+
+
+class ReportReader:
+    """Reads a host's latest full report from the durable store: per-VM detail is not kept in memory.
+    SQLite in WAL mode lets these read-only connections run beside the writer. The HTTP server runs each
+    request on a new thread, so connections are pooled rather than kept per thread (one per request
+    would be opened and left to the garbage collector)."""
+
+    POOL = 4
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self._pool: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._pool:
+                return self._pool.pop()
+        return sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False)
+
+    def _release(self, c: sqlite3.Connection) -> None:
+        with self._lock:
+            if len(self._pool) < self.POOL:
+                self._pool.append(c)
+                return
+        c.close()
+
+    def latest(self, host_id: str) -> report_pb2.HostReport | None:
+        c = self._conn()
+        try:
+            row = c.execute("SELECT report FROM hosts WHERE host_id=?", (host_id,)).fetchone()
+        except BaseException:
+            c.close()
+            raise
+        self._release(c)
+        if row is None:
+            return None
+        r = report_pb2.HostReport()
+        r.ParseFromString(row[0])
+        return r

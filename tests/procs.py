@@ -90,6 +90,12 @@ class Aggregator:
     http_port: int = field(default_factory=free_port)
     proc: Proc | None = None
     starts: int = 0
+    # --state: None for SQLite under workdir/state, or a postgresql:// URL (a store shared with others).
+    state: str | None = None
+
+    @property
+    def state_arg(self) -> str:
+        return self.state or str(self.workdir / "state")
 
     @property
     def target(self) -> str:
@@ -102,13 +108,19 @@ class Aggregator:
     def start(self, wait: bool = True) -> Aggregator:
         self.starts += 1
         self.proc = Proc([str(BIN / "eptwatch-server"), "--listen", self.target, "--http", f"127.0.0.1:{self.http_port}",
-                          "--state", str(self.workdir / "state"), *self.extra], self.workdir / "server.log").start()
+                          "--state", self.state_arg, *self.extra], self.workdir / "server.log").start()
         if wait:
             wait_http(self.http + "/readyz")
         return self
 
     def applied(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(host, instance) -> (last_sequence, applied_total), read from the durable state."""
+        if self.state is not None:
+            import psycopg
+
+            with psycopg.connect(self.state) as c:
+                rows = c.execute("SELECT host_id, agent_instance, last_sequence, applied_total FROM agents").fetchall()
+            return {(h, i): (int(s), int(n)) for h, i, s, n in rows}
         db = sqlite3.connect(self.workdir / "state" / "eptwatch.sqlite3")
         try:
             return {(h, i): (s, n) for h, i, s, n in db.execute("SELECT host_id, agent_instance, last_sequence, applied_total FROM agents")}

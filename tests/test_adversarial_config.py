@@ -390,9 +390,11 @@ def test_version_matches_pyproject(tmp_path: Path, prog: str) -> None:
 
 def test_package_versions_match_pyproject() -> None:
     import eptwatch.agent
+    import eptwatch.common
     import eptwatch.server
 
     expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert eptwatch.common.__version__ == expected  # a constant in common/__init__.py: bump it with pyproject.toml
     assert eptwatch.agent.__version__ == expected
     assert eptwatch.server.__version__ == expected
 

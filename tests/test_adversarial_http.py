@@ -439,7 +439,7 @@ def test_departed_host_survives_a_restart_and_is_visible(tmp_path: Path) -> None
         fleet = get_json(agg, "/api/v1/fleet")[1]
         assert fleet["hosts_departed"] == "1" and fleet["total"]["hosts"] == "1"
         code, page = http_fetch(agg.http + "/")
-        assert b'<span id="departed">1 departed' in page and b"<td>hv-leaves</td><td>departed</td>" in page
+        assert b'<span id="departed">1 departed' in page and b'<a href="/hosts/hv-leaves">hv-leaves</a></td><td>departed</td>' in page
         code, metrics = http_fetch(agg.http + "/metrics")
         assert b"eptwatch_fleet_hosts_departed 1.0" in metrics
 

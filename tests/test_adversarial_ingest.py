@@ -78,16 +78,17 @@ def implausible(r: pb.HostReport) -> pb.HostReport:
 
 
 # --- the checks, pure ------------------------------------------------------------------------------
-
-NOW = time.time()
+# (the clock is read per check: reports are stamped when built, and a module-level "now" taken at
+# collection lags a long session's later tests by more than the allowed clock skew)
 
 
 def _both(r: pb.HostReport) -> ReportTotals | str:
     """check_report in Python and, where built, with the compiled walk over the report's bytes: they agree."""
     wire = r.SerializeToString()
+    now = time.time()
     with mock.patch.object(validate, "_walk_wire", None):
-        python = check_report(r, NOW)
-    compiled = check_report(r, NOW, (wire, 0, len(wire)))
+        python = check_report(r, now)
+    compiled = check_report(r, now, (wire, 0, len(wire)))
     assert compiled == python
     return python
 
@@ -202,7 +203,7 @@ def test_vm_ids_and_guest_ram_in_odd_encodings(data: st.DataObject) -> None:
     one wins), wrong wire types (kept as unknown fields by the runtime), varints of any size. The
     compiled walk answers as Python does, or leaves it to Python."""
     r = report(1, fixture="linux-6.6-pages2m")
-    r.sample_time.FromSeconds(int(NOW))
+    r.sample_time.FromSeconds(int(time.time()))
     base = r.SerializeToString()
     ids = [b"a", b"b", r.vms[0].vm_id.encode()]
     vm = b""
@@ -227,8 +228,8 @@ def test_vm_ids_and_guest_ram_in_odd_encodings(data: st.DataObject) -> None:
     except Exception:  # noqa: BLE001 - the runtime refuses it: nothing reaches the checks
         return
     with mock.patch.object(validate, "_walk_wire", None):
-        python = check_report(parsed, NOW)
-    assert check_report(parsed, NOW, (wire, 0, len(wire))) == python
+        python = check_report(parsed, time.time())
+    assert check_report(parsed, time.time(), (wire, 0, len(wire))) == python
 
 
 @functools.cache
@@ -236,7 +237,7 @@ def _message_bytes() -> bytes:
     """The same bytes for every example (hypothesis replays its draws against them)."""
     reports = [report(1), report(2, fixture="linux-6.6-pages2m")]
     for r in reports:
-        r.sample_time.FromSeconds(int(NOW))
+        r.sample_time.FromSeconds(int(time.time()))
     return ingest_pb2.AgentMessage(reports=reports, spool_dropped_total=3).SerializeToString()
 
 
@@ -270,9 +271,9 @@ def test_mutated_message_bytes_decode_or_are_named(data: st.DataObject) -> None:
     validate.check_spool_dropped(got.message.spool_dropped_total)
     for i, r in enumerate(got.message.reports):
         with mock.patch.object(validate, "_walk_wire", None):
-            python = check_report(r, NOW)
+            python = check_report(r, time.time())
         if got.spans is not None:
-            assert check_report(r, NOW, (got.data, *got.spans[i])) == python
+            assert check_report(r, time.time(), (got.data, *got.spans[i])) == python
 
 
 # --- against the aggregator process ----------------------------------------------------------------

@@ -59,16 +59,16 @@ def test_console_script_installed() -> None:
 
 
 def test_no_qmp_flag_reaches_the_sampler(monkeypatch: pytest.MonkeyPatch, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from eptwatch.agent import cli
+    from eptwatch.agent import sampler  # cli imports it when `sample` runs
 
     seen = []
-    real = cli.Sampler
+    real = sampler.Sampler
 
     def capture(root, config):  # type: ignore[no-untyped-def]
         seen.append(config)
         return real(root, config)
 
-    monkeypatch.setattr(cli, "Sampler", capture)
+    monkeypatch.setattr(sampler, "Sampler", capture)
     root = str(fixtures_dir / "linux-5.3-unfixed")
     assert main(["sample", "--root", root]) == 0
     assert main(["sample", "--root", root, "--no-qmp"]) == 0

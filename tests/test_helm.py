@@ -50,7 +50,7 @@ RULES_IN_REPO = REPO / "deploy" / "prometheus" / "eptwatch-rules.yaml"
 KUBE_VERSION = "1.37.0"
 RELEASE, NAMESPACE = "fleet", "eptwatch"
 CRD_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
-REQUIRED_CI = {"default-values.yaml", "tls-values.yaml", "scale-values.yaml", "no-monitoring-values.yaml"}
+REQUIRED_CI = {"default-values.yaml", "tls-values.yaml", "scale-values.yaml", "no-monitoring-values.yaml", "postgres-values.yaml"}
 # `helm template` prints no NOTES.txt, but Helm parses it with the other templates, so a template added to a
 # copy of the chart can include it by name; the test renders only that template (--show-only).
 NOTES_PROBE = "templates/zz-test-notes.yaml"
@@ -574,13 +574,22 @@ def test_aggregator_statefulset_services_and_pdb(rendered: dict[str, Rendered], 
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     state_mount = next(m for m in c["volumeMounts"] if m["name"] == "state")
-    assert flags["--state"] == state_mount["mountPath"]
-    if vals["aggregator"]["persistence"]["enabled"]:
+    shared = vals["aggregator"]["postgresql"]["existingSecret"]
+    if shared:
+        # The shared store's URL from its Secret, not on the command line (a --state flag would override it).
+        assert "--state" not in flags
+        (env,) = [e for e in c["env"] if e["name"] == "EPTWATCH_STATE_DIR"]
+        assert env["valueFrom"]["secretKeyRef"] == {"name": shared, "key": vals["aggregator"]["postgresql"]["key"]}
+        assert "volumeClaimTemplates" not in sts["spec"]  # nothing kept on disk
+        assert any(v["name"] == "state" and "emptyDir" in v for v in pod["volumes"])
+    elif vals["aggregator"]["persistence"]["enabled"]:
+        assert flags["--state"] == state_mount["mountPath"]
         (claim,) = sts["spec"]["volumeClaimTemplates"]
         assert claim["metadata"]["name"] == "state"
         assert claim["spec"]["resources"]["requests"]["storage"] == vals["aggregator"]["persistence"]["size"]
         assert "state" not in {v["name"] for v in pod["volumes"]}
     else:
+        assert flags["--state"] == state_mount["mountPath"]
         assert "volumeClaimTemplates" not in sts["spec"]
         assert any(v["name"] == "state" and "emptyDir" in v for v in pod["volumes"])
     pdb = r.one("PodDisruptionBudget")

@@ -573,7 +573,7 @@ def test_sampler_backs_off_a_busy_monitor_per_vm_and_resets_on_success(
         return real_open(path, label)
 
     monkeypatch.setattr(kvm_qmp, "_open_socket_path", counting_open)
-    sampler = Sampler(root, SamplerConfig(use_binary_stats=False, qmp_timeout_seconds=0.2, qmp_backoff_max_intervals=4))
+    sampler = Sampler(root, SamplerConfig(qmp_timeout_seconds=0.2, qmp_backoff_max_intervals=4))
     # Like a QEMU monitor with another client: connects queue in the backlog, no greeting ever comes.
     busy = FakeQmp(sock, None, accept=False)
     reasons = {}
@@ -617,7 +617,7 @@ def test_sampler_backoff_is_per_process_and_can_be_disabled(tmp_path: Path, sock
     sock = sockdir / "missing.sock"  # unreachable: nothing at that path
     root, me = _qmp_vm_root(tmp_path, sock)
     monkeypatch.setattr(HostRoot, "is_live", property(lambda self: True))
-    sampler = Sampler(root, SamplerConfig(use_binary_stats=False, qmp_timeout_seconds=0.2))
+    sampler = Sampler(root, SamplerConfig(qmp_timeout_seconds=0.2))
     first = _qmp_status(sampler.sample())
     assert kvm_qmp.REASON_SOCKET_MISSING in first.reason and "backing off" in first.reason
     assert "backing off after 1 failure(s)" in _qmp_status(sampler.sample()).reason
@@ -628,11 +628,11 @@ def test_sampler_backoff_is_per_process_and_can_be_disabled(tmp_path: Path, sock
     again = _qmp_status(sampler.sample())
     assert kvm_qmp.REASON_SOCKET_MISSING in again.reason and "next 1 interval(s) (1 failure(s) in a row)" in again.reason
     # qmp_backoff_max_intervals=0: asked every interval
-    every = Sampler(root, SamplerConfig(use_binary_stats=False, qmp_timeout_seconds=0.2, qmp_backoff_max_intervals=0))
+    every = Sampler(root, SamplerConfig(qmp_timeout_seconds=0.2, qmp_backoff_max_intervals=0))
     for _ in range(3):
         st = _qmp_status(every.sample())
         assert kvm_qmp.REASON_SOCKET_MISSING in st.reason and "backing off" not in st.reason
     # use_qmp=False: QMP is not tried at all
-    off = Sampler(root, SamplerConfig(use_binary_stats=False, use_qmp=False)).sample()
+    off = Sampler(root, SamplerConfig(use_qmp=False)).sample()
     assert not any(s.source == "kvm_qmp" for s in off.vms[0].statuses)
     assert off.vms[0].counters is None

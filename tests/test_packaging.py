@@ -13,7 +13,7 @@ from .conftest import have_compiler
 
 REPO = Path(__file__).resolve().parent.parent
 # Where each installed package's modules come from (pyproject.toml, [tool.setuptools.package-dir]).
-PACKAGE_DIRS = {"eptwatch/agent/": "agent/", "eptwatch/server/": "server/", "eptwatch/v1/": "proto/eptwatch/v1/"}
+PACKAGE_DIRS = {"eptwatch/agent/": "agent/", "eptwatch/server/": "server/", "eptwatch/common/": "common/", "eptwatch/v1/": "proto/eptwatch/v1/"}
 
 
 def test_wheel_install_works(tmp_path: Path) -> None:
@@ -33,8 +33,10 @@ def test_wheel_install_works(tmp_path: Path) -> None:
         prefix = next(p for p in PACKAGE_DIRS if n.startswith(p))
         assert (REPO / PACKAGE_DIRS[prefix] / n.removeprefix(prefix)).is_file(), f"{n} has no source in the repository"
     assert "eptwatch/agent/sampler.py" in names and "eptwatch/v1/report_pb2.py" in names
+    assert "eptwatch/agent/collectors/smaps.py" in names  # the subpackage is in the wheel too
     assert "eptwatch/server/cli.py" in names and "eptwatch/agent/py.typed" in names
-    assert not any(n.startswith(("agent/", "server/", "tests/")) for n in names)  # no bare top-level packages
+    assert "eptwatch/common/config.py" in names and "eptwatch/common/py.typed" in names
+    assert not any(n.startswith(("agent/", "server/", "common/", "tests/")) for n in names)  # no bare top-level packages
     compiled = [n for n in names if n.startswith(("eptwatch/agent/_smapscan", "eptwatch/server/_reportscan")) and n.endswith(".so")]
     if have_compiler():
         assert len(compiled) == 2, f"a compiler is available but the wheel has only {compiled} of the two extensions"

@@ -66,8 +66,16 @@ def assert_exactly_once(agg: Aggregator, spools: dict[str, Path]) -> None:
         assert applied[(host, instance)] == (created, created), (host, applied[(host, instance)], created)
 
 
-def test_sigkill_aggregator_repeatedly_every_report_applied_exactly_once(tmp_path: Path) -> None:
-    agg = Aggregator(tmp_path / "agg", INSECURE).start()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_state(request: pytest.FixtureRequest) -> str | None:
+    """The aggregator's --state: None for SQLite in its work directory, or a fresh PostgreSQL database."""
+    from .pg import pg_server
+
+    return pg_server().new_database() if request.param == "postgresql" else None
+
+
+def test_sigkill_aggregator_repeatedly_every_report_applied_exactly_once(tmp_path: Path, store_state: str | None) -> None:
+    agg = Aggregator(tmp_path / "agg", INSECURE, state=store_state).start()
     agents = {f"hv-kill-{i}": start_agent(tmp_path, f"hv-kill-{i}", agg.target) for i in range(3)}
     try:
         for _ in range(4):
@@ -86,8 +94,8 @@ def test_sigkill_aggregator_repeatedly_every_report_applied_exactly_once(tmp_pat
         agg.proc.kill9()  # type: ignore[union-attr]
 
 
-def test_agent_sigkilled_during_outage_delivers_its_spool_after_restart(tmp_path: Path) -> None:
-    agg = Aggregator(tmp_path / "agg", INSECURE)  # not started: the outage
+def test_agent_sigkilled_during_outage_delivers_its_spool_after_restart(tmp_path: Path, store_state: str | None) -> None:
+    agg = Aggregator(tmp_path / "agg", INSECURE, state=store_state)  # not started: the outage
     proc, spool = start_agent(tmp_path, "hv-outage", agg.target)
     try:
         wait_for(lambda: spool.exists() and spool_state(spool)[1] > 5, 30, proc)

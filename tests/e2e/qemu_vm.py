@@ -587,7 +587,9 @@ class QemuVm:
         )
         try:
             deadline = time.monotonic() + timeout
-            self._qmp = QmpClient(self.qmp_path)
+            # A hang guard, not a speed limit: a loaded CI machine zeroing 1 GiB pages keeps QEMU's main
+            # loop from answering qmp_capabilities for well over the usual 10 s.
+            self._qmp = QmpClient(self.qmp_path, timeout=60.0)
             while not self.qmp_path.exists():
                 self._check_alive("starting")
                 if time.monotonic() > deadline:

@@ -10,7 +10,7 @@ debugfs ``kvm/<pid>-<fd>/pages_2m``.
 2. file on tmpfs huge=never: 0/0/0, host_mapping_not_huge, "huge=never"
 3. file without align=2M: not pmd_aligned, 0/0, host_mapping_not_huge because of the alignment
 4. anonymous RAM with PR_SET_THP_DISABLE (thp_disabled) and with THP (healthy)
-5. no debugfs: KVM_GET_STATS_FD refused for a foreign VM (REASON_FOREIGN_VM), then QMP query-stats
+5. no debugfs: QMP query-stats (KVM_GET_STATS_FD is refused to any process but QEMU, so it is no source)
 
 Smaps and counters are read at slightly different instants; once the guest has touched its RAM and
 waits in ``hlt`` they are stable. ``_sample`` therefore reads the kernel's numbers before and after the
@@ -22,7 +22,6 @@ Skips (with the reason) without /dev/kvm, QEMU, binutils or root, or with EPTWAT
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -50,7 +49,7 @@ from .qemu_vm import (
     read_kvm_page_counts,
 )
 
-from eptwatch.agent import kvm_binary_stats, kvm_qmp
+from eptwatch.agent import kvm_qmp
 from eptwatch.agent.guest_ram import Backing, GuestRamMapping
 from eptwatch.agent.hostroot import HostRoot
 from eptwatch.agent.kvm_debugfs import CounterScope
@@ -362,32 +361,25 @@ class TestTmpfsHugeAlways:
         assert e["observed_huge_2m"] == str(truth.observed_2m) and e["cause"] == "CAUSE_HEALTHY"
 
     def test_cli_json_without_debugfs_and_no_qmp(self, huge_vm: QemuVm, empty_debugfs: Path) -> None:
-        # --no-qmp: the monitor is not asked; the binary stats are refused (foreign VM): no counters.
+        # --no-qmp: the monitor is not asked: no counters.
         report = _cli_json("--path.debugfs", str(empty_debugfs), "--no-qmp")
         (v,) = [v for v in report["vms"] if v["pid"] == huge_vm.pid]
         assert "kvm" not in v
         sources = {s["source"]: s for s in v["sources"]}
         assert "kvm_qmp" not in sources
-        assert sources["kvm_binary_stats"]["state"] == "SOURCE_STATE_UNAVAILABLE"
+        assert sources["kvm_counters.vm"]["state"] == "SOURCE_STATE_UNAVAILABLE"
         (e,) = [e for e in report["estimates"] if e["vm_id"] == v["vm_id"]]
         assert e["cause"] == "CAUSE_UNKNOWN" and "observed_huge_2m" not in e
         assert e["host_huge_capacity_2m"] == str(_truth(huge_vm).capacity_2m("ShmemPmdMapped"))  # still measured
 
 
-    def test_binary_stats_refused_for_a_foreign_vm(self, huge_vm: QemuVm, empty_debugfs: Path) -> None:
-        s = _sample(huge_vm)
-        fd = s.vm.vm.vm_fds[0]
-        # The kernel: kvm_vm_ioctl() answers EIO when kvm->mm != current->mm.
-        with pytest.raises(kvm_binary_stats.KvmStatsUnavailable) as ei:
-            kvm_binary_stats.read_vm_binary_stats(huge_vm.pid, fd)
-        assert ei.value.reason == kvm_binary_stats.REASON_FOREIGN_VM and ei.value.errno == errno.EIO
+    def test_no_counters_without_debugfs_and_qmp(self, huge_vm: QemuVm, empty_debugfs: Path) -> None:
         # The sampler without debugfs and without QMP: a clear status, no counters, no invented number.
         root = HostRoot(procfs=Path("/proc"), sysfs=Path("/sys"), debugfs=empty_debugfs)
         assert root.is_live
         s2 = _sample(huge_vm, root, SamplerConfig(use_qmp=False))
-        st = _status(s2.vm, "kvm_binary_stats")
-        assert st.state is SourceState.UNAVAILABLE
-        assert kvm_binary_stats.REASON_FOREIGN_VM in st.reason and f"pid {huge_vm.pid} fd {fd}" in st.reason
+        st = _status(s2.vm, "kvm_counters.vm")
+        assert st.state is SourceState.UNAVAILABLE and "no per-VM counters" in st.reason
         assert not any(x.source.startswith(("kvm_debugfs.vm", "kvm_qmp")) for x in s2.vm.statuses)
         assert s2.vm.counters is None
         e = s2.estimate
@@ -433,7 +425,6 @@ class TestTmpfsHugeAlways:
         assert st.state is SourceState.OK and st.path == str(_extra_qmp(huge_vm))
         # the harness's own monitor comes first on the command line and is held by the harness
         assert kvm_qmp.REASON_BUSY in st.reason and str(huge_vm.qmp_path) in st.reason
-        assert _status(s.vm, "kvm_binary_stats").state is SourceState.UNAVAILABLE
         # the same estimate as with debugfs (case 1)
         a, b = with_debugfs.estimate, s.estimate
         assert (b.cause, b.host_huge_capacity_2m, b.observed_huge_2m, b.lost_huge_2m) == (

@@ -25,8 +25,15 @@ KERNEL_VERDICT_KNOWN_BAD: KernelVerdict
 KERNEL_VERDICT_INSUFFICIENT_HOSTS: KernelVerdict
 
 class Rollup(_message.Message):
-    __slots__ = ("hosts", "vms", "host_huge_capacity_2m", "observed_huge_2m", "lost_huge_2m", "lost_explained_2m", "lost_unexplained_2m", "known_bug_vms", "lost_ratio", "vms_by_cause")
+    __slots__ = ("hosts", "vms", "host_huge_capacity_2m", "observed_huge_2m", "lost_huge_2m", "lost_explained_2m", "lost_unexplained_2m", "known_bug_vms", "lost_ratio", "vms_by_cause", "lost_by_cause_2m")
     class VmsByCauseEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LostByCause2mEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +50,7 @@ class Rollup(_message.Message):
     KNOWN_BUG_VMS_FIELD_NUMBER: _ClassVar[int]
     LOST_RATIO_FIELD_NUMBER: _ClassVar[int]
     VMS_BY_CAUSE_FIELD_NUMBER: _ClassVar[int]
+    LOST_BY_CAUSE_2M_FIELD_NUMBER: _ClassVar[int]
     hosts: int
     vms: int
     host_huge_capacity_2m: int
@@ -53,7 +61,8 @@ class Rollup(_message.Message):
     known_bug_vms: int
     lost_ratio: float
     vms_by_cause: _containers.ScalarMap[str, int]
-    def __init__(self, hosts: _Optional[int] = ..., vms: _Optional[int] = ..., host_huge_capacity_2m: _Optional[int] = ..., observed_huge_2m: _Optional[int] = ..., lost_huge_2m: _Optional[int] = ..., lost_explained_2m: _Optional[int] = ..., lost_unexplained_2m: _Optional[int] = ..., known_bug_vms: _Optional[int] = ..., lost_ratio: _Optional[float] = ..., vms_by_cause: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    lost_by_cause_2m: _containers.ScalarMap[str, int]
+    def __init__(self, hosts: _Optional[int] = ..., vms: _Optional[int] = ..., host_huge_capacity_2m: _Optional[int] = ..., observed_huge_2m: _Optional[int] = ..., lost_huge_2m: _Optional[int] = ..., lost_explained_2m: _Optional[int] = ..., lost_unexplained_2m: _Optional[int] = ..., known_bug_vms: _Optional[int] = ..., lost_ratio: _Optional[float] = ..., vms_by_cause: _Optional[_Mapping[str, int]] = ..., lost_by_cause_2m: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class KernelRollup(_message.Message):
     __slots__ = ("kernel_release", "era", "rollup", "verdict", "regressed", "known_bad", "compared_to", "compared_lost_ratio", "evidence")
@@ -88,7 +97,7 @@ class LabelRollup(_message.Message):
     def __init__(self, label: _Optional[str] = ..., value: _Optional[str] = ..., rollup: _Optional[_Union[Rollup, _Mapping]] = ...) -> None: ...
 
 class HostSummary(_message.Message):
-    __slots__ = ("host_id", "kernel_release", "era", "labels", "stale", "sample_time", "received", "vms", "host_huge_capacity_2m", "observed_huge_2m", "lost_huge_2m", "lost_unexplained_2m", "lost_ratio", "vms_by_cause", "agent_version", "agent_instance", "sequence", "status", "problem")
+    __slots__ = ("host_id", "kernel_release", "era", "labels", "stale", "sample_time", "received", "vms", "host_huge_capacity_2m", "observed_huge_2m", "lost_huge_2m", "lost_unexplained_2m", "lost_ratio", "vms_by_cause", "agent_version", "agent_instance", "sequence", "status", "problem", "lost_by_cause_2m")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +106,13 @@ class HostSummary(_message.Message):
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     class VmsByCauseEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LostByCause2mEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +138,7 @@ class HostSummary(_message.Message):
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    LOST_BY_CAUSE_2M_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     kernel_release: str
     era: _report_pb2.PredicateEra
@@ -141,7 +158,8 @@ class HostSummary(_message.Message):
     sequence: int
     status: str
     problem: str
-    def __init__(self, host_id: _Optional[str] = ..., kernel_release: _Optional[str] = ..., era: _Optional[_Union[_report_pb2.PredicateEra, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., stale: _Optional[bool] = ..., sample_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vms: _Optional[int] = ..., host_huge_capacity_2m: _Optional[int] = ..., observed_huge_2m: _Optional[int] = ..., lost_huge_2m: _Optional[int] = ..., lost_unexplained_2m: _Optional[int] = ..., lost_ratio: _Optional[float] = ..., vms_by_cause: _Optional[_Mapping[str, int]] = ..., agent_version: _Optional[str] = ..., agent_instance: _Optional[str] = ..., sequence: _Optional[int] = ..., status: _Optional[str] = ..., problem: _Optional[str] = ...) -> None: ...
+    lost_by_cause_2m: _containers.ScalarMap[str, int]
+    def __init__(self, host_id: _Optional[str] = ..., kernel_release: _Optional[str] = ..., era: _Optional[_Union[_report_pb2.PredicateEra, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., stale: _Optional[bool] = ..., sample_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vms: _Optional[int] = ..., host_huge_capacity_2m: _Optional[int] = ..., observed_huge_2m: _Optional[int] = ..., lost_huge_2m: _Optional[int] = ..., lost_unexplained_2m: _Optional[int] = ..., lost_ratio: _Optional[float] = ..., vms_by_cause: _Optional[_Mapping[str, int]] = ..., agent_version: _Optional[str] = ..., agent_instance: _Optional[str] = ..., sequence: _Optional[int] = ..., status: _Optional[str] = ..., problem: _Optional[str] = ..., lost_by_cause_2m: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class FleetSummary(_message.Message):
     __slots__ = ("generated_at", "total", "hosts_stale", "hosts_departed", "kernels", "labels", "worst_hosts", "newest_report", "oldest_fresh_report", "stale_after_seconds", "hosts_invalid")

@@ -1,0 +1,107 @@
+"""Lag from commit to visibility on another replica sharing one PostgreSQL.
+
+Starts a private PostgreSQL (Debian's postgresql, as tests/pg.py does) and two aggregator processes on
+it. A writer sends one report of a new host at a time to replica A and waits for its ack (the ack
+follows the commit); a watcher polls replica B's /api/v1/hosts/{id} until the host is there. The lag is
+ack to first sighting on B, so it includes up to one HTTP poll (--poll seconds) of measurement slack.
+The documented bound is 2 s (followers poll every 0.5 s).
+
+    .venv/bin/python bench/follow_lag.py --reports 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from _common import clear_proxy_env, free_port, machine, pct, stop_processes, wait_http_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc  # noqa: E402
+from eptwatch.v1 import report_pb2 as pb  # noqa: E402
+
+BIN = Path(sys.executable).parent
+BOUND_SECONDS = 2.0
+
+
+def seen(http: int, host: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/api/v1/hosts/{host}", timeout=5) as r:
+            return r.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
+async def send(target: str, report: pb.HostReport) -> int:
+    async with grpc.aio.insecure_channel(target) as ch:
+        call = ingest_pb2_grpc.IngestStub(ch).Stream(timeout=30)
+        await call.write(ingest_pb2.AgentMessage(reports=[report]))
+        reply = await call.read()
+        await call.done_writing()
+        return int(reply.acks[0].status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reports", type=int, default=100, help="reports (each a new host) to time")
+    p.add_argument("--poll", type=float, default=0.01, help="seconds between the watcher's HTTP polls")
+    args = p.parse_args(argv)
+    clear_proxy_env()
+    from tests.conftest import sampled_report_bytes
+    from tests.pg import _start as start_postgres
+
+    template = pb.HostReport.FromString(sampled_report_bytes("linux-5.3-unfixed"))
+    pg = start_postgres()
+    work = Path(tempfile.mkdtemp(prefix="eptwatch-lag-", dir="/tmp"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        dsn = pg.new_database()
+        ports = [(free_port(), free_port()) for _ in range(2)]
+        for k, (grpc_port, http) in enumerate(ports):
+            log = work / f"agg-{k}.log"
+            proc = subprocess.Popen([str(BIN / "eptwatch-server"), "--listen", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http}",
+                                     "--state", dsn, "--insecure-plaintext", "--insecure-no-auth", "--log-level", "WARNING"],
+                                    stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+            procs.append(proc)
+            wait_http_ready(f"http://127.0.0.1:{http}/readyz", proc, log, 30)
+        (a_grpc, _), (_, b_http) = ports
+        lags: list[float] = []
+        for i in range(args.reports):
+            r = pb.HostReport()
+            r.CopyFrom(template)
+            r.host_id, r.agent_instance, r.sequence = f"hv-lag-{i}", "lag", 1
+            r.sample_time.FromNanoseconds(time.time_ns())
+            status = asyncio.run(send(f"127.0.0.1:{a_grpc}", r))
+            acked = time.monotonic()
+            assert status == ingest_pb2.ACK_STATUS_APPLIED, status
+            while not seen(b_http, r.host_id):
+                if time.monotonic() - acked > 30:
+                    raise SystemExit(f"{r.host_id} not visible on replica B after 30 s")
+                time.sleep(args.poll)
+            lags.append(time.monotonic() - acked)
+        p50, p99, worst = pct(lags, 0.5), pct(lags, 0.99), max(lags)
+        out = {"machine": machine(), "reports": len(lags), "lag_p50_s": p50, "lag_p99_s": p99, "lag_max_s": worst,
+               "bound_s": BOUND_SECONDS, "met": bool(p99 is not None and p99 <= BOUND_SECONDS)}
+        print(json.dumps(out, indent=2))
+        return 0 if out["met"] else 1
+    finally:
+        stop_processes(procs)
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Keeping a replica's fleet view current from a shared store (PostgreSQL).
+
+With a shared store every replica answers for the whole fleet, not just for the hosts whose streams it
+carries: a follower task asks the store for the hosts whose latest report changed since the last ingest
+id it saw (`PgStore.reports_since`) every FOLLOW_INTERVAL_SECONDS and puts them into the fleet state.
+Staleness bound: a report committed by any replica is in every replica's fleet view at most
+FOLLOW_INTERVAL_SECONDS plus one poll's duration after its commit (documented as 2 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Protocol
+
+from google.protobuf.message import DecodeError
+
+from .fleet import FleetState, summarise
+from .store_pg import FollowedHost
+
+log = logging.getLogger("eptwatch.server.follow")
+
+FOLLOW_INTERVAL_SECONDS = 0.5
+STALENESS_BOUND_SECONDS = 2.0  # what the docs promise: FOLLOW_INTERVAL_SECONDS plus a poll, with room
+FOLLOW_BATCH = 10_000  # rows per query; a longer list of changes is read in several queries at once
+_ERROR_LOG_EVERY_SECONDS = 30.0
+# The fleet rollups go to Prometheus from one replica only (the others would double every sum): the one
+# holding this lease, renewed at every poll. After a holder dies another takes over within the TTL.
+FLEET_EXPORT_LEASE = "fleet-metrics-exporter"
+FLEET_EXPORT_LEASE_TTL_SECONDS = 5.0
+
+
+class Followable(Protocol):
+    def reports_since(self, after_ingest_id: int, limit: int = ..., after_host_id: str | None = ...) -> list[FollowedHost]: ...
+
+    def ingest_high_water(self) -> int: ...
+
+    def hold_lease(self, name: str, holder: str, ttl_seconds: float) -> bool: ...
+
+
+class SharedFleetState(FleetState):
+    """The fleet state of a replica on a shared store. A stream that ends cleanly (`departing`) on this
+    replica does not take its hosts out of the view: with a shared store an agent that rotates goes on
+    reporting through another replica, and this replica keeps following it. A host that stops for good
+    leaves by going stale, as everywhere."""
+
+    def stream_ended(self, host_ids: Iterable[str], clean: bool) -> None:
+        super().stream_ended(host_ids, clean=False)
+
+
+class NoDepartedLog:
+    """On a shared store no departure is recorded: a clean stream end is an agent rotating to another
+    replica (SharedFleetState), and a host that stopped leaves by going stale."""
+
+    def load(self) -> dict[str, float]:
+        return {}
+
+    def start(self) -> None:
+        pass
+
+    def record(self, host_id: str, departed_at: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class StoreFollower:
+    def __init__(self, store: Followable, fleet: FleetState, interval_seconds: float = FOLLOW_INTERVAL_SECONDS) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.interval_seconds = interval_seconds
+        self.cursor = 0  # the last change applied to the fleet view: (ingest id, host id)
+        self.cursor_host: str | None = None  # None: every change with ingest id `cursor` is applied
+        self.hosts_followed_total = 0  # changes put into the fleet view (others' commits, mostly)
+        self.polls_failed_total = 0
+        self._last_error_log = 0.0
+        self.holder_id = uuid.uuid4().hex  # this process, as a lease holder
+        self._lease_until = 0.0  # monotonic time until which this process holds the export lease
+
+    def exports_fleet(self) -> bool:
+        """Whether this replica exports the fleet rollups to Prometheus now. The local expiry is half the
+        TTL, so a holder gives up before another can take over: two exporters overlap, at worst, by
+        nothing but a renewal in flight."""
+        return time.monotonic() < self._lease_until
+
+    def renew_lease(self) -> None:
+        started = time.monotonic()
+        if self.store.hold_lease(FLEET_EXPORT_LEASE, self.holder_id, FLEET_EXPORT_LEASE_TTL_SECONDS):
+            self._lease_until = started + FLEET_EXPORT_LEASE_TTL_SECONDS / 2
+        else:
+            self._lease_until = 0.0
+
+    def start_at_high_water(self) -> None:
+        """Call before loading the hosts: changes committed after this are followed, none missed."""
+        self.cursor = self.store.ingest_high_water()
+
+    def poll_once(self) -> int:
+        """Apply every change since the cursor (blocking: run it in a thread); how many hosts changed."""
+        n = 0
+        while True:
+            changes = self.store.reports_since(self.cursor, FOLLOW_BATCH, self.cursor_host)
+            for ch in changes:
+                self._apply(ch)
+            n += len(changes)
+            if changes:
+                self.cursor, self.cursor_host = changes[-1].ingest_id, changes[-1].host_id
+            if len(changes) < FOLLOW_BATCH:
+                return n
+
+    def _apply(self, h: FollowedHost) -> None:
+        cur = self.fleet.get(h.host_id)
+        if cur is not None and (cur.agent_instance, cur.sequence, cur.sample_time) == (h.agent_instance, h.sequence, h.sample_time):
+            # This replica applied it itself: only the receive time is taken from the store, so that every
+            # replica judges staleness on the same instant (the committing transaction's).
+            if cur.received != h.received:
+                self.fleet.put(dataclasses.replace(cur, received=h.received))
+            return
+        try:
+            summary = summarise(h.report(), h.received, h.spool_dropped_total)
+        except (ValueError, DecodeError) as exc:
+            # One bad row costs only its host: the cursor moves on past it.
+            log.warning("followed report of host %r not loaded: %s", h.host_id[:80], exc)
+            return
+        self.fleet.put(summary)
+        self.hosts_followed_total += 1
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.poll_once)
+                await asyncio.to_thread(self.renew_lease)
+            except Exception as exc:  # noqa: BLE001 - the store may be away for a while; keep following
+                self.polls_failed_total += 1
+                now = time.monotonic()
+                if now - self._last_error_log >= _ERROR_LOG_EVERY_SECONDS:
+                    self._last_error_log = now
+                    log.warning("following the shared store failed (the fleet view may fall behind): %s", str(exc).strip())
+            await asyncio.sleep(self.interval_seconds)

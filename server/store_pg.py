@@ -1,0 +1,502 @@
+"""Durable aggregator state in PostgreSQL, shared by several aggregator processes or replicas.
+
+Same contract as the SQLite store (`storebase.StoreBase`): stream handlers submit batches, one writer
+thread per process applies everything queued in one transaction (group commit), and a report is
+acknowledged only after that transaction has committed.
+
+Exactly-once across processes is the database's job, not memory's: each transaction first locks the
+`agents` rows (the per-(host, agent instance) high-water marks) of every agent it carries, in key order,
+with SELECT ... FOR UPDATE, decides APPLIED/DUPLICATE against the marks it read under that lock, and
+writes the new marks in the same transaction. An agent whose stream moves to another replica in the
+middle of a backlog is resent from its oldest unacknowledged report; the other replica's transaction
+waits for the lock, reads the mark the first one committed, and answers DUPLICATE for what was already
+applied. Nothing is cached between transactions but which agents rows exist.
+
+Following the store: every transaction that stores a host's latest report stamps its `hosts` rows with
+an ingest id from the one-row `ingest_clock` table, incremented in the same transaction just before the
+commit. The row lock orders those transactions, so ids become visible in increasing order: a reader
+that has seen id N will never later find a new row with an id <= N (`reports_since`). The price is that
+the final step of every commit (a few row writes and the commit itself) is serialised across replicas.
+
+SQL stays within what PostgreSQL-compatible distributed databases (CockroachDB, YugabyteDB) also accept:
+plain tables, INSERT ... ON CONFLICT, SELECT ... FOR UPDATE, UPDATE ... RETURNING, GREATEST; no
+advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization failures and deadlocks
+(which those databases, and PostgreSQL at first contact of two agents, may report) are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
+
+from eptwatch.v1 import ingest_pb2, report_pb2
+
+from .store import (
+    DATABASE,
+    REPORT,
+    AgentRecord,
+    ApplyResult,
+    Incoming,
+    StoredHost,
+    StoreError,
+    _set_exception,
+    _set_result,
+    _wake,
+    sample_seconds,
+)
+from .storebase import redact_dsn
+
+log = logging.getLogger("eptwatch.server.store_pg")
+
+SCHEMA_VERSION = 1
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS agents (
+        host_id TEXT NOT NULL,
+        agent_instance TEXT NOT NULL,
+        last_sequence BIGINT NOT NULL,
+        applied_total BIGINT NOT NULL,
+        spool_dropped_total BIGINT NOT NULL DEFAULT 0,
+        last_seen DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (host_id, agent_instance)
+    )""",
+    """CREATE TABLE IF NOT EXISTS hosts (
+        host_id TEXT PRIMARY KEY,
+        agent_instance TEXT NOT NULL,
+        sequence BIGINT NOT NULL,
+        sample_time DOUBLE PRECISION NOT NULL,
+        received DOUBLE PRECISION NOT NULL,
+        report BYTEA NOT NULL,
+        ingest_id BIGINT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS hosts_by_ingest_id ON hosts (ingest_id)",
+    "CREATE TABLE IF NOT EXISTS ingest_clock (id INT PRIMARY KEY, last_id BIGINT NOT NULL)",
+    "INSERT INTO ingest_clock (id, last_id) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    # Leases: one replica does what must be done once (export the fleet rollups to Prometheus).
+    "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)",
+)
+# Transient conflicts between concurrent transactions: the whole transaction is run again.
+_RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+RETRIES = 8
+# Keys per statement when locking marks (two parameters each; PostgreSQL allows 65535 per statement).
+_LOCK_CHUNK = 1000
+READER_POOL_SIZE = 4
+
+_Job = tuple[list[Incoming], asyncio.AbstractEventLoop, "asyncio.Future[list[ApplyResult]]"]
+
+
+@dataclass(frozen=True)
+class FollowedHost:
+    """A host's stored latest report as a follower sees it: `ingest_id` orders the changes. The report
+    is parsed only if asked for: a replica already holds the reports it committed itself."""
+
+    ingest_id: int
+    host_id: str
+    agent_instance: str
+    sequence: int
+    sample_time: float
+    received: float
+    report_bytes: bytes
+    spool_dropped_total: int  # of the agent instance that sent the report
+
+    def report(self) -> report_pb2.HostReport:
+        r = report_pb2.HostReport()
+        r.ParseFromString(self.report_bytes)
+        return r
+
+
+class PgStore:
+    """Owns a writer connection and a small pool for reads. `submit` from the event loop; SQL runs on
+    the writer thread (writes) or the caller's thread (reads, through the pool)."""
+
+    def __init__(self, dsn: str, max_batch: int = 2000, commit_delay_seconds: float = 0.0) -> None:
+        if not 0.0 <= commit_delay_seconds <= 1.0:
+            raise ValueError(f"commit delay: expected 0 to 1 s, got {commit_delay_seconds!r}")
+        self._dsn = dsn
+        self.where = redact_dsn(dsn)  # what logs and errors may say
+        self._max_batch = max_batch
+        self._commit_delay = commit_delay_seconds
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._known_agents: set[tuple[str, str]] = set()  # agents rows known to exist (rows are never deleted)
+        self._thread: threading.Thread | None = None
+        self.commits_total = 0
+        self.reports_committed_total = 0
+        self.retries_total = 0
+        self.commit_failures_total: dict[str, int] = {}  # by reason: DATABASE, REPORT (as the SQLite store)
+        self._conn = self._connect()
+        self._create_schema()
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=READER_POOL_SIZE, kwargs={"autocommit": True},
+                                    name="eptwatch-readers", open=False)
+        self._pool.open()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10, application_name="eptwatch-server")
+        except psycopg.Error as exc:
+            # libpq's messages name host and port, never the password; the DSN is shown redacted.
+            raise RuntimeError(f"PostgreSQL store {self.where}: cannot connect: {str(exc).strip()}") from None
+        try:
+            # An ack promises a durable commit, whatever the server's or role's default says.
+            conn.execute("SET synchronous_commit = on")
+        except psycopg.Error:
+            pass  # a compatible database without the setting commits durably anyway (CockroachDB, YugabyteDB)
+        return conn
+
+    def _create_schema(self) -> None:
+        # Replicas starting together race on CREATE ... IF NOT EXISTS (PostgreSQL may then report a unique
+        # violation in its catalogue): the loser tries again and finds the tables.
+        for attempt in range(5):
+            try:
+                with self._conn.transaction():
+                    for stmt in _SCHEMA:
+                        self._conn.execute(stmt)
+                    row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                    if row is None:
+                        self._conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) ON CONFLICT (key) DO NOTHING",
+                                           (str(SCHEMA_VERSION),))
+                    elif int(row[0]) != SCHEMA_VERSION:
+                        raise RuntimeError(f"PostgreSQL store {self.where}: schema version {row[0]}, "
+                                           f"this aggregator understands {SCHEMA_VERSION}")
+                return
+            except (pg_errors.UniqueViolation, pg_errors.DuplicateTable, pg_errors.DuplicateObject, *_RETRYABLE):
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+            except psycopg.Error as exc:
+                raise RuntimeError(f"PostgreSQL store {self.where}: cannot create the schema: {str(exc).strip()}") from None
+
+    # --- reads (any thread) ---
+
+    def load_hosts(self) -> list[StoredHost]:
+        with self._pool.connection() as c:
+            rows = c.execute("SELECT host_id, agent_instance, sequence, sample_time, received, report FROM hosts").fetchall()
+        return [_stored_host(row) for row in rows]
+
+    def load_agents(self) -> list[AgentRecord]:
+        with self._pool.connection() as c:
+            rows = c.execute("SELECT host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen "
+                             "FROM agents").fetchall()
+        return [AgentRecord(*r) for r in rows]
+
+    def reports_since(self, after_ingest_id: int, limit: int = 10_000, after_host_id: str | None = None) -> list[FollowedHost]:
+        """Hosts whose stored latest report changed after `after_ingest_id` (after the change of host
+        `after_host_id` within that ingest id, if given), in
+        (ingest id, host id) order, at most `limit`: ask again from the last one's (ingest_id, host_id)
+        for more (one transaction stamps all its hosts with one id, so a page may end inside it). A host
+        changed several times shows only its current row. See the module doc for why a follower that
+        asks from the last change it has seen misses nothing."""
+        if after_host_id is None:
+            where, args = "h.ingest_id > %s", (after_ingest_id, limit)
+        else:
+            where, args = "(h.ingest_id, h.host_id) > (%s, %s)", (after_ingest_id, after_host_id, limit)  # type: ignore[assignment]
+        with self._pool.connection() as c:
+            rows = c.execute(
+                "SELECT h.host_id, h.agent_instance, h.sequence, h.sample_time, h.received, h.report, h.ingest_id, "
+                "COALESCE(a.spool_dropped_total, 0) FROM hosts h LEFT JOIN agents a "
+                "ON a.host_id = h.host_id AND a.agent_instance = h.agent_instance "
+                f"WHERE {where} ORDER BY h.ingest_id, h.host_id LIMIT %s", args,
+            ).fetchall()
+        return [FollowedHost(int(iid), h, inst, int(seq), float(st), float(rcv), bytes(blob), int(dropped))
+                for h, inst, seq, st, rcv, blob, iid, dropped in rows]
+
+    def ingest_high_water(self) -> int:
+        """The highest ingest id committed: every change up to it is visible now, so a follower that
+        loads the hosts after reading this and then follows from it misses nothing."""
+        with self._pool.connection() as c:
+            row = c.execute("SELECT last_id FROM ingest_clock WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+
+    def hold_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        """Take or renew the lease `name` for `holder` for `ttl_seconds`; whether `holder` holds it now.
+        A plain conditional upsert judged on the database's clock (replicas' clocks may differ); a
+        holder that stops renewing loses the lease `ttl_seconds` after its last renewal."""
+        with self._pool.connection() as c:
+            row = c.execute(
+                "INSERT INTO leases (name, holder, expires) VALUES (%s, %s, EXTRACT(EPOCH FROM now()) + %s) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires "
+                "WHERE leases.holder = excluded.holder OR leases.expires < EXTRACT(EPOCH FROM now()) RETURNING holder",
+                (name, holder, ttl_seconds),
+            ).fetchone()
+        return row is not None and row[0] == holder
+
+    def report_reader(self) -> PgReportReader:
+        return PgReportReader(self._pool)
+
+    # --- the writer thread ---
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="eptwatch-pgstore-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._pool.close()
+        self._conn.close()
+
+    def submit(self, items: Sequence[Incoming]) -> asyncio.Future[list[ApplyResult]]:
+        """Queue `items` for the next transaction; the future resolves once it has committed."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[ApplyResult]] = loop.create_future()
+        self._queue.put((list(items), loop, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            count = len(first[0])
+            stop = False
+            if self._commit_delay:
+                time.sleep(self._commit_delay)  # group commit: let more batches join this transaction
+            while count < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
+                count += len(nxt[0])
+            try:
+                results = self._commit([j[0] for j in jobs])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                # A value the database refuses (an integer beyond BIGINT, say) fails the whole group:
+                # commit each message alone, and a failing message's reports one by one, so that the bad
+                # report alone is REJECTED (as the SQLite store does).
+                log.warning("PostgreSQL store %s: a group commit of %d message(s) failed (%s): retrying one at a time",
+                            self.where, len(jobs), str(exc).strip())
+                for job in jobs:
+                    self._commit_alone(job)
+            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
+                self._fail(jobs, exc, count)
+            else:
+                _wake(jobs, results, _set_result)
+            if stop:
+                return
+
+    def _commit_alone(self, job: _Job) -> None:
+        try:
+            try:
+                results = self._commit([job[0]]) if len(job[0]) > 1 else None
+            except (psycopg.DataError, psycopg.IntegrityError):
+                results = None
+            if results is None:
+                results = [self._per_report(job[0])]
+        except BaseException as exc:  # noqa: BLE001 - its waiter must hear of the failure
+            self._fail([job], exc, len(job[0]))
+        else:
+            _wake([job], results, _set_result)
+
+    def _per_report(self, batch: list[Incoming]) -> list[ApplyResult]:
+        """A message's reports in a transaction each; one the database refuses is REJECTED."""
+        res: list[ApplyResult] = []
+        for item in batch:
+            try:
+                res.extend(self._commit([[item]])[0])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                self.commit_failures_total[REPORT] = self.commit_failures_total.get(REPORT, 0) + 1
+                r = item.report
+                reason = f"could not be stored: {type(exc).__name__}: {str(exc).strip()}"[:500]
+                log.warning("report %s/%s/%d %s", r.host_id[:80], r.agent_instance[:64], r.sequence, reason)
+                res.append(ApplyResult(ingest_pb2.ACK_STATUS_REJECTED, False, reason=reason))
+        return res
+
+    def _fail(self, jobs: list[_Job], exc: BaseException, count: int) -> None:
+        """The database, not a report, is at fault: nothing acknowledged, every waiter told why."""
+        self.commit_failures_total[DATABASE] = self.commit_failures_total.get(DATABASE, 0) + 1
+        log.warning("PostgreSQL store %s: commit of %d reports failed: %s", self.where, count, str(exc).strip())
+        if isinstance(exc, psycopg.Error):
+            exc = StoreError(DATABASE, f"PostgreSQL {self.where}: {type(exc).__name__}: {str(exc).strip()}")
+        _wake(jobs, [exc] * len(jobs), _set_exception)
+
+    def _commit(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
+        if self._conn.closed or self._conn.broken:
+            self._conn = self._connect()  # the server restarted or the connection dropped: a new session
+        for attempt in range(RETRIES):
+            try:
+                with self._conn.transaction():
+                    results, reports, keys = self._apply(batches)
+            except _RETRYABLE:
+                self.retries_total += 1
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+                continue
+            self._known_agents.update(keys)  # only rows a committed transaction made are known to exist
+            self.commits_total += 1
+            self.reports_committed_total += reports
+            return results
+        raise AssertionError("unreachable")
+
+    def _apply(self, batches: list[list[Incoming]]) -> tuple[list[list[ApplyResult]], int, list[tuple[str, str]]]:
+        """Inside one transaction: lock the marks, decide, write. The results are the same as applying the
+        reports one by one in order against the marks and latest reports committed before."""
+        c = self._conn
+        now = time.time()
+        keys = sorted({(i.report.host_id, i.report.agent_instance) for b in batches for i in b})
+        new_keys = [k for k in keys if k not in self._known_agents]
+        if new_keys:
+            self._insert_marks(new_keys, now)
+        known_marks = self._lock_marks(keys)
+        missing = [k for k in keys if k not in known_marks]
+        if missing:
+            # Only if a row this process thought existed is gone (deleted by hand): make and lock it now.
+            self._insert_marks(missing, now)
+            known_marks.update(self._lock_marks(missing))
+        host_ids = sorted({k[0] for k in keys})
+        known_latest: dict[str, float] = {}
+        for start in range(0, len(host_ids), _LOCK_CHUNK * 2):
+            chunk_h = host_ids[start:start + _LOCK_CHUNK * 2]
+            for h, st in c.execute("SELECT host_id, sample_time FROM hosts WHERE host_id IN ("
+                                   + ", ".join(["%s"] * len(chunk_h)) + ")", chunk_h).fetchall():
+                known_latest[h] = float(st)
+
+        marks: dict[tuple[str, str], int] = {}
+        latest: dict[str, float] = {}
+        agents: dict[tuple[str, str], list[int]] = {}  # key -> [last_sequence, applied, spool_dropped_total]
+        hosts: dict[str, tuple[Incoming, float]] = {}
+        latest_slots: dict[str, list[tuple[int, int]]] = {}  # host -> (batch, index) of results said latest
+        applied = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
+        applied_latest = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)
+        duplicates: dict[int, ApplyResult] = {}  # by high-water mark: one object per mark, not per report
+        results: list[list[ApplyResult]] = []
+        for b, batch in enumerate(batches):
+            res: list[ApplyResult] = []
+            for item in batch:
+                r = item.report
+                host, seq = r.host_id, r.sequence
+                key = (host, r.agent_instance)
+                last = marks.get(key)
+                if last is None:
+                    last = known_marks.get(key, 0)
+                if seq <= last:
+                    # The mark goes with the ack, so that an agent can tell its spool was rewound.
+                    dup = duplicates.get(last)
+                    if dup is None:
+                        dup = duplicates[last] = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False, last)
+                    res.append(dup)
+                    continue
+                marks[key] = seq
+                a = agents.get(key)
+                if a is None:
+                    agents[key] = [seq, 1, item.spool_dropped_total]
+                else:
+                    a[0] = seq
+                    a[1] += 1
+                    if item.spool_dropped_total > a[2]:
+                        a[2] = item.spool_dropped_total
+                st = sample_seconds(r)
+                cur = latest.get(host)
+                if cur is None:
+                    cur = known_latest.get(host)
+                if cur is None or st >= cur:  # the newest sample time wins (ties: the later report)
+                    latest[host] = st
+                    hosts[host] = (item, st)
+                    latest_slots.setdefault(host, []).append((b, len(res)))
+                    res.append(applied_latest)
+                else:
+                    res.append(applied)
+            results.append(res)
+        if agents:
+            c.cursor().executemany(
+                "UPDATE agents SET last_sequence = %s, applied_total = applied_total + %s, "
+                "spool_dropped_total = GREATEST(spool_dropped_total, %s), last_seen = %s "
+                "WHERE host_id = %s AND agent_instance = %s",
+                [(seq, n, dropped, now, h, i) for (h, i), (seq, n, dropped) in agents.items()],
+            )
+        if hosts:
+            # Last, so that the clock row is held for as short a time as possible: taking it orders the
+            # commits that stamp ingest ids (see the module doc).
+            row = c.execute("UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id").fetchone()
+            if row is None:
+                raise RuntimeError(f"PostgreSQL store {self.where}: the ingest_clock row is missing")
+            ingest_id = int(row[0])
+            host_rows = []
+            for host, (item, st) in sorted(hosts.items()):
+                r = item.report
+                payload = item.payload if item.payload is not None else r.SerializeToString()
+                host_rows.append((host, r.agent_instance, r.sequence, st, now, payload, ingest_id))
+            cur_h = c.cursor()
+            cur_h.executemany(
+                "INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, report, ingest_id) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (host_id) DO UPDATE SET "
+                "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
+                "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id "
+                "WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id",
+                host_rows, returning=True,
+            )
+            stored: set[str] = set()
+            while True:
+                for (h,) in cur_h.fetchall():
+                    stored.add(h)
+                if not cur_h.nextset():
+                    break
+            # Another replica committed a newer report of the host after we read its sample time: ours
+            # is applied (its mark moved) but is not the host's latest state.
+            for host, slots in latest_slots.items():
+                if host not in stored:
+                    for b, i in slots:
+                        results[b][i] = applied
+        return results, sum(len(b) for b in batches), keys
+
+    def _insert_marks(self, keys: list[tuple[str, str]], now: float) -> None:
+        """A mark row to lock for agents never seen: concurrent first inserts of the same agent on two
+        replicas meet here, and the second waits for the first to commit."""
+        self._conn.cursor().executemany(
+            "INSERT INTO agents (host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen) "
+            "VALUES (%s, %s, 0, 0, 0, %s) ON CONFLICT (host_id, agent_instance) DO NOTHING",
+            [(h, i, now) for h, i in keys],
+        )
+
+    def _lock_marks(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Lock the marks of `keys` (sorted: every transaction locks in the same order) and read them."""
+        marks: dict[tuple[str, str], int] = {}
+        for start in range(0, len(keys), _LOCK_CHUNK):
+            chunk = keys[start:start + _LOCK_CHUNK]
+            rows = self._conn.execute(
+                "SELECT host_id, agent_instance, last_sequence FROM agents WHERE (host_id, agent_instance) IN ("
+                + ", ".join(["(%s, %s)"] * len(chunk)) + ") ORDER BY host_id, agent_instance FOR UPDATE",
+                [v for k in chunk for v in k],
+            ).fetchall()
+            for h, i, last in rows:
+                marks[(h, i)] = int(last)
+        return marks
+
+
+class PgReportReader:
+    """A host's latest full report, read through the store's reader pool."""
+
+    def __init__(self, pool: ConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    def latest(self, host_id: str) -> report_pb2.HostReport | None:
+        with self._pool.connection() as c:
+            row = c.execute("SELECT report FROM hosts WHERE host_id = %s", (host_id,)).fetchone()
+        if row is None:
+            return None
+        r = report_pb2.HostReport()
+        r.ParseFromString(bytes(row[0]))
+        return r
+
+
+def _stored_host(row: Sequence[Any]) -> StoredHost:
+    host_id, inst, seq, st, rcv, blob = row
+    r = report_pb2.HostReport()
+    r.ParseFromString(bytes(blob))
+    return StoredHost(host_id, inst, int(seq), float(st), float(rcv), r)

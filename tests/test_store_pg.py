@@ -1,0 +1,277 @@
+"""The PostgreSQL store against a real PostgreSQL server (tests/pg.py): the store contract both stores
+share, exactly-once across two stores (two replicas) on one database, following by ingest id, and the
+DSN never shown with its password."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from eptwatch.server.store import DATABASE, REPORT, Incoming, StoreError
+from eptwatch.server.store_pg import PgStore
+from eptwatch.server.storebase import StoreBase, is_postgres_url, open_store, redact_dsn
+from eptwatch.v1 import ingest_pb2, report_pb2
+
+from .pg import pg_server
+
+APPLIED, DUPLICATE = ingest_pb2.ACK_STATUS_APPLIED, ingest_pb2.ACK_STATUS_DUPLICATE
+
+
+def _incoming(host: str, inst: str, seq: int, t: float) -> Incoming:
+    r = report_pb2.HostReport(host_id=host, agent_instance=inst, sequence=seq)
+    r.sample_time.FromNanoseconds(int(t * 1e9))
+    return Incoming(r, r.SerializeToString())
+
+
+@pytest.fixture
+def pg_dsn() -> str:
+    return pg_server().new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """--state for either store: a directory, or a URL of a fresh PostgreSQL database."""
+    return pg_server().new_database() if request.param == "postgresql" else str(tmp_path / "state")
+
+
+def test_store_contract_dedupes_keeps_latest_and_survives_reopen(state: str) -> None:
+    async def go() -> None:
+        st = open_store(state)
+        st.start()
+        res = await st.submit([_incoming("h", "i", 1, 100), _incoming("h", "i", 2, 200), _incoming("h", "i", 2, 200)])
+        assert [r.status for r in res] == [APPLIED, APPLIED, DUPLICATE]
+        assert res[2].high_water_sequence == 2  # the mark goes with a DUPLICATE ack
+        # A replayed older report from a new instance applies, but does not replace the newer state.
+        (r,) = await st.submit([_incoming("h", "j", 1, 150)])
+        assert r.status == APPLIED and not r.became_latest
+        assert st.report_reader().latest("h") is not None and st.report_reader().latest("nobody") is None
+        st.close()
+        st2 = open_store(state)
+        (host,) = st2.load_hosts()
+        assert host.sequence == 2 and host.agent_instance == "i"
+        assert {(a.agent_instance, a.last_sequence, a.applied_total) for a in st2.load_agents()} == {("i", 2, 2), ("j", 1, 1)}
+        st2.start()
+        (r,) = await st2.submit([_incoming("h", "i", 2, 200)])  # the mark survived the restart
+        assert r.status == DUPLICATE
+        st2.close()
+
+    asyncio.run(go())
+
+
+def test_postgres_url_selects_the_postgres_store(pg_dsn: str, tmp_path: Path) -> None:
+    st = open_store(pg_dsn)
+    try:
+        assert isinstance(st, PgStore)
+    finally:
+        st.close()
+    assert is_postgres_url("postgres://x/y") and is_postgres_url("POSTGRESQL://x") and not is_postgres_url(str(tmp_path))
+
+
+def test_dsn_password_is_never_shown() -> None:
+    assert redact_dsn("postgresql://agg:s3cr%40t@db:5432/ept?sslmode=require") == "postgresql://agg:***@db:5432/ept?sslmode=require"
+    assert redact_dsn("postgresql://db/ept?user=agg&password=s3cret&sslmode=require") == \
+        "postgresql://db/ept?user=agg&password=***&sslmode=require"
+    assert redact_dsn("host=db password='a b' user=agg") == "host=db password=*** user=agg"
+    assert redact_dsn("postgresql://agg@db/ept") == "postgresql://agg@db/ept"
+
+
+def test_a_refused_connection_names_the_server_but_not_the_password() -> None:
+    from .procs import free_port
+
+    dsn = f"postgresql://agg:hunter2@127.0.0.1:{free_port()}/ept"
+    with pytest.raises(RuntimeError) as err:
+        PgStore(dsn)
+    assert "hunter2" not in str(err.value) and "postgresql://agg:***@127.0.0.1" in str(err.value), err.value
+
+
+def _run_stream(store: StoreBase, host: str, inst: str, seqs: list[int], per_message: int) -> dict[int, int]:
+    """Submit `seqs` in messages of `per_message` reports, each awaited (as a stream does); seq -> status."""
+    async def go() -> dict[int, int]:
+        out: dict[int, int] = {}
+        for k in range(0, len(seqs), per_message):
+            part = seqs[k:k + per_message]
+            res = await store.submit([_incoming(host, inst, s, 1000 + s) for s in part])
+            out.update({s: r.status for s, r in zip(part, res)})
+        return out
+
+    return asyncio.run(go())
+
+
+def test_two_replicas_on_one_database_apply_each_report_exactly_once(pg_dsn: str) -> None:
+    """One agent's backlog sent to two replicas at once, overlapping (a stream moved while the first was
+    still committing): every sequence is APPLIED by exactly one replica and DUPLICATE on the other, and
+    the database's mark and count say each was applied once."""
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    a.start()
+    b.start()
+    try:
+        outcome: dict[str, dict[int, int]] = {}
+        seqs = list(range(1, 301))
+        threads = [threading.Thread(target=lambda n=n, s=s: outcome.__setitem__(n, _run_stream(s, "hv-1", "inst", seqs, 7)))
+                   for n, s in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for s in seqs:
+            assert sorted([outcome["a"][s], outcome["b"][s]]) == [APPLIED, DUPLICATE], s
+        (agent,) = a.load_agents()
+        assert (agent.last_sequence, agent.applied_total) == (300, 300)
+        (host,) = b.load_hosts()
+        assert host.sequence == 300  # the newest report is the stored state, whoever applied it
+    finally:
+        a.close()
+        b.close()
+
+
+def test_agent_moving_to_another_replica_mid_backlog_gets_duplicate_then_applied(pg_dsn: str) -> None:
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    a.start()
+    b.start()
+    try:
+        first = _run_stream(a, "hv-2", "inst", list(range(1, 21)), 5)
+        assert set(first.values()) == {APPLIED}
+        # Acks for 16..20 were lost with the stream: the agent resends from 16 to the other replica.
+        second = _run_stream(b, "hv-2", "inst", list(range(16, 41)), 5)
+        assert all(second[s] == DUPLICATE for s in range(16, 21))
+        assert all(second[s] == APPLIED for s in range(21, 41))
+        # And back again: the first replica holds nothing in memory that could disagree.
+        third = _run_stream(a, "hv-2", "inst", list(range(39, 46)), 3)
+        assert [third[s] for s in range(39, 46)] == [DUPLICATE] * 2 + [APPLIED] * 5
+        (agent,) = a.load_agents()
+        assert (agent.last_sequence, agent.applied_total) == (45, 45)
+        assert a.commits_total > 0 and b.commits_total > 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_reports_since_follows_every_change_in_order(pg_dsn: str) -> None:
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    a.start()
+    b.start()
+    try:
+        assert a.reports_since(0) == []
+        _run_stream(a, "h1", "i", [1, 2], 2)
+        _run_stream(b, "h2", "i", [1], 1)
+        seen = a.reports_since(0)
+        assert [f.host_id for f in seen] == ["h1", "h2"]
+        assert seen[0].ingest_id < seen[1].ingest_id
+        cursor = seen[-1].ingest_id
+        assert b.reports_since(cursor) == []
+        _run_stream(b, "h1", "i", [3], 1)
+        (change,) = a.reports_since(cursor)
+        assert (change.host_id, change.sequence) == ("h1", 3) and change.ingest_id > cursor
+        assert [f.host_id for f in a.reports_since(0, limit=1)] == ["h2"]  # h1 changed since: now after h2
+        # One transaction stamps all its hosts with one id: paging inside it misses none.
+        async def three() -> None:
+            await a.submit([_incoming(h, "i", 1, 2000) for h in ("g1", "g2", "g3")])
+
+        asyncio.run(three())
+        page = a.reports_since(change.ingest_id, limit=2)
+        assert [f.host_id for f in page] == ["g1", "g2"] and page[0].ingest_id == page[1].ingest_id
+        rest = a.reports_since(page[-1].ingest_id, 2, page[-1].host_id)
+        assert [f.host_id for f in rest] == ["g3"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_commit_after_the_database_connection_dropped_reconnects(pg_dsn: str) -> None:
+    st = PgStore(pg_dsn)
+    st.start()
+    try:
+        assert _run_stream(st, "h", "i", [1], 1) == {1: APPLIED}
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE application_name = 'eptwatch-server' AND pid <> pg_backend_pid()")
+        # The commit on the dead connection fails (the stream would fail and the agent resend) ...
+        with pytest.raises(StoreError, match="PostgreSQL postgresql://eptwatch@127.0.0.1") as err:
+            _run_stream(st, "h", "i", [2], 1)
+        assert err.value.reason == DATABASE and st.commit_failures_total == {DATABASE: 1}
+        # ... and the next one runs on a new connection; nothing was applied twice or lost.
+        assert _run_stream(st, "h", "i", [2, 3], 2) == {2: APPLIED, 3: APPLIED}
+        (agent,) = st.load_agents()
+        assert (agent.last_sequence, agent.applied_total) == (3, 3)
+    finally:
+        st.close()
+
+
+def test_server_with_an_unreachable_database_exits_2_without_showing_the_password(capsys: pytest.CaptureFixture[str]) -> None:
+    from eptwatch.server.cli import main
+
+    from .procs import free_port
+
+    url = f"postgresql://agg:hunter2@127.0.0.1:{free_port()}/ept"
+    assert main(["--state", url, "--insecure-plaintext", "--insecure-no-auth", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "agg:***@127.0.0.1" in err and "hunter2" not in err, err
+
+
+def test_follower_takes_every_change_into_the_fleet_view_across_pages(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from eptwatch.server import follow
+    from eptwatch.server.fleet import FleetState
+
+    writer, mine = PgStore(pg_dsn), PgStore(pg_dsn)
+    writer.start()
+    try:
+        _run_stream(writer, "before", "i", [1], 1)
+        fleet = FleetState()
+        f = follow.StoreFollower(mine, fleet)
+        f.start_at_high_water()  # what was committed before is loaded, not followed
+        monkeypatch.setattr(follow, "FOLLOW_BATCH", 2)
+
+        async def five() -> None:
+            await writer.submit([_incoming(f"h{k}", "i", 1, 3000) for k in range(5)])
+
+        asyncio.run(five())
+        assert f.poll_once() == 5
+        assert set(fleet.hosts()) == {f"h{k}" for k in range(5)} and f.hosts_followed_total == 5
+        assert f.poll_once() == 0  # nothing new
+        async def newer() -> None:
+            await writer.submit([_incoming("h0", "i", 2, 4000)])
+
+        asyncio.run(newer())
+        assert f.poll_once() == 1 and fleet.get("h0").sequence == 2  # type: ignore[union-attr]
+        # A row that does not parse costs only its host: the follower moves past it.
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute("UPDATE hosts SET report = %s, ingest_id = 1000, sample_time = 9999 WHERE host_id = 'h1'", (b"\xff\xff",))
+            good = _incoming("h2", "i", 7, 9999).report.SerializeToString()
+            c.execute("UPDATE hosts SET report = %s, ingest_id = 1001, sample_time = 9999, sequence = 7 WHERE host_id = 'h2'", (good,))
+        assert f.poll_once() == 2
+        assert fleet.get("h1").sequence == 1 and fleet.get("h2").sequence == 7  # type: ignore[union-attr]
+        assert f.poll_once() == 0
+        # The export lease: one holder at a time.
+        g = follow.StoreFollower(writer, FleetState())
+        f.renew_lease()
+        g.renew_lease()
+        assert f.exports_fleet() and not g.exports_fleet()
+    finally:
+        writer.close()
+        mine.close()
+
+
+def test_a_value_the_database_refuses_fails_only_its_own_report(pg_dsn: str) -> None:
+    """A sequence beyond BIGINT (were the checks to let it through) is REJECTED alone: the other messages
+    of its group commit, and the other reports of its own message, are applied."""
+    st = PgStore(pg_dsn, commit_delay_seconds=0.2)  # both messages wait for, and join, one transaction
+    st.start()
+
+    async def go() -> tuple[object, object]:
+        good = st.submit([_incoming("h-good", "i", 1, 100)])
+        bad = st.submit([_incoming("h-bad", "i", 1, 100), _incoming("h-bad", "i", 2**63, 100)])
+        return tuple(await asyncio.gather(good, bad, return_exceptions=True))  # type: ignore[return-value]
+
+    try:
+        good, bad = asyncio.run(go())
+        assert [r.status for r in good] == [APPLIED]  # type: ignore[attr-defined]
+        assert [r.status for r in bad] == [APPLIED, ingest_pb2.ACK_STATUS_REJECTED]  # type: ignore[attr-defined]
+        assert "could not be stored" in bad[1].reason  # type: ignore[index]
+        assert {(a.host_id, a.applied_total) for a in st.load_agents()} == {("h-good", 1), ("h-bad", 1)}
+        assert st.commit_failures_total == {REPORT: 1}
+    finally:
+        st.close()
