@@ -78,8 +78,54 @@ big_size_lines(PyObject *module, PyObject *args)
     return out;
 }
 
+PyDoc_STRVAR(count_newlines_doc,
+"count_newlines(data, /) -> int\n\n"
+"The number of newline bytes in data (any contiguous bytes-like object): bytes.count(b'\\n'), fast.");
+
+/* The streaming scan (smaps.LargeVmaScanner) counts the lines of every chunk so that an error can name
+ * its line after the chunk is gone. bytes.count(b"\n") tests one byte per step (about 3 ms for 7.5 MB
+ * here, 11% of `cat`); sixteen bytes per step, with per-byte counters that are summed before they can
+ * wrap, is about a tenth of that. Vector extensions are GCC/Clang's; other compilers get the plain loop. */
+static Py_ssize_t
+count_nl(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t count = 0, i = 0;
+#if defined(__GNUC__)
+    typedef unsigned char v16 __attribute__((vector_size(16)));
+    const v16 nl = {'\n', '\n', '\n', '\n', '\n', '\n', '\n', '\n', '\n', '\n', '\n', '\n', '\n', '\n', '\n', '\n'};
+    while (n - i >= 16) {
+        v16 acc = {0};
+        Py_ssize_t stop = i + 16 * 255; /* each lane adds at most 1 per step: 255 steps cannot wrap */
+        if (stop > n - 15)
+            stop = n - 15;
+        for (; i < stop; i += 16) {
+            v16 v;
+            memcpy(&v, p + i, 16);
+            acc -= (v16)(v == nl); /* a match is -1 in every bit: subtracting it adds one */
+        }
+        for (int k = 0; k < 16; k++)
+            count += acc[k];
+    }
+#endif
+    for (; i < n; i++)
+        count += p[i] == '\n';
+    return count;
+}
+
+static PyObject *
+count_newlines(PyObject *module, PyObject *args)
+{
+    Py_buffer view;
+    if (!PyArg_ParseTuple(args, "y*:count_newlines", &view))
+        return NULL;
+    Py_ssize_t count = count_nl((const unsigned char *)view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(count);
+}
+
 static PyMethodDef smapscan_methods[] = {
     {"big_size_lines", big_size_lines, METH_VARARGS, big_size_lines_doc},
+    {"count_newlines", count_newlines, METH_VARARGS, count_newlines_doc},
     {NULL, NULL, 0, NULL},
 };
 

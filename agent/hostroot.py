@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import overload
+from typing import Protocol, overload
 
 # smaps of a QEMU process with tens of thousands of VMAs runs to tens of MB; anything past this is not
 # a procfs file we understand, and reading on would only grow memory.
@@ -145,6 +145,38 @@ class ReadBuffer:
 
 
 
+class ChunkSink(Protocol):
+    """A consumer of a file read in chunks into memory it owns (smaps.LargeVmaScanner): the reader
+    calls room() for where the next bytes go, reads into it until it is full or the file ends,
+    releases it, then calls filled(n). The sink sees each chunk while the kernel's writes are still
+    in the CPU cache and need not keep the file."""
+
+    def room(self) -> memoryview: ...
+
+    def filled(self, n: int) -> None: ...
+
+
+def _stream(fd: int, path: Path, limit: int, sink: ChunkSink, deadline: float) -> None:
+    total = 0
+    try:
+        # A readinto larger than this reader's buffer goes straight into the sink's memory, looping
+        # over the kernel's one-page reads in C until the room is full or the file ends.
+        reader = io.BufferedReader(io.FileIO(fd, closefd=False), _HEADROOM_BYTES)
+        while True:
+            with sink.room() as room:
+                want = len(room)
+                got = reader.readinto(room)
+            total += got
+            if total > limit:
+                raise HostReadError("too_large", path, f"larger than the {limit}-byte read limit")
+            sink.filled(got)
+            _check_deadline(path, deadline)
+            if got < want:  # readinto stops short only at end of file
+                break
+    except OSError as exc:
+        raise _classify(path, exc) from None
+
+
 def _check_deadline(path: Path, deadline: float) -> None:
     if _monotonic() > deadline:
         raise HostReadError("timeout", path, f"read took longer than {READ_DEADLINE_SECONDS:.0f} s: given up")
@@ -161,12 +193,16 @@ def _require_regular(fd: int, path: Path) -> None:
         raise HostReadError("not_regular", path, f"is {kind}, not a regular file: not read")
 
 
-def _read_fd(fd: int, path: Path, limit: int, into: ReadBuffer | None) -> bytes | bytearray:
-    """The whole of an open regular file, within `limit` bytes and READ_DEADLINE_SECONDS."""
+def _read_fd(fd: int, path: Path, limit: int, into: ReadBuffer | ChunkSink | None) -> bytes | bytearray | None:
+    """The whole of an open regular file, within `limit` bytes and READ_DEADLINE_SECONDS (into a
+    sink: fed to it, and None returned)."""
     _require_regular(fd, path)
     deadline = _monotonic() + READ_DEADLINE_SECONDS
-    if into is not None:
+    if isinstance(into, ReadBuffer):
         return into._fill(fd, path, limit, deadline)
+    if into is not None:
+        _stream(fd, path, limit, into, deadline)
+        return None
     chunks: list[bytes] = []
     total = 0
     while True:
@@ -192,7 +228,11 @@ def read_file(path: Path, limit: int = MAX_READ_BYTES, into: None = None) -> byt
 def read_file(path: Path, limit: int = MAX_READ_BYTES, *, into: ReadBuffer) -> bytes | bytearray: ...
 
 
-def read_file(path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | None = None) -> bytes | bytearray:
+@overload
+def read_file(path: Path, limit: int = MAX_READ_BYTES, *, into: ChunkSink) -> None: ...
+
+
+def read_file(path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | ChunkSink | None = None) -> bytes | bytearray | None:
     """A file the caller names itself (a benchmark's /proc/PID/smaps, a test's file), with the same
     checks as HostRoot reads (regular file, size and time bounds) but no root to stay beneath."""
     try:
@@ -360,10 +400,14 @@ class HostRoot:
     @overload
     def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, *, into: ReadBuffer) -> bytes | bytearray: ...
 
-    def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | None = None) -> bytes | bytearray:
-        """The whole file, opened beneath the root. With `into`, read into that buffer instead of new
-        memory and return what ReadBuffer's contract describes (valid only until the next read into
-        the same buffer)."""
+    @overload
+    def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, *, into: ChunkSink) -> None: ...
+
+    def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | ChunkSink | None = None) -> bytes | bytearray | None:
+        """The whole file, opened beneath the root. With a ReadBuffer `into`, read into that buffer
+        instead of new memory and return what ReadBuffer's contract describes (valid only until the
+        next read into the same buffer). With a ChunkSink, feed the file to it chunk by chunk (the
+        same checks and bounds) and return None."""
         fd = self._open(path, _OPEN_FLAGS)
         try:
             return _read_fd(fd, path, limit, into)

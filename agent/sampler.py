@@ -22,11 +22,11 @@ from . import kvm_binary_stats, kvm_qmp
 from .bounds import MAX_BYTES, MAX_PID, MAX_U64, small_decimal
 from .discovery import DiscoveredVm, discover_vms, parse_stat, parse_status_thp_enabled
 from .guest_ram import DEFAULT_GUEST_RAM_MIN_BYTES, Backing, GuestRamMapping, attribute_guest_ram, on_internal_shm_mount
-from .hostroot import HostReadError, HostRoot, ReadBuffer
+from .hostroot import HostReadError, HostRoot
 from .kernel import KernelIdentity, read_kernel_identity
 from .kvm_debugfs import CounterScope, KvmCounterValues, debugfs_kvm_dir, list_vm_dirs, read_counters
 from .model import Era, EraDecision, EraOverride, Estimate, HostHuge, ModelConfig, VmInputs, era_for, estimate_vm
-from .smaps import Vma, parse_smaps_rollup, scan_large_vmas
+from .smaps import LargeVmaScanner, Vma, parse_smaps_rollup
 from .status import ParseError, SourceState, SourceStatus
 from .thp import Mount, ThpSettings, mount_for_path, parse_mountinfo, read_thp_settings
 
@@ -114,8 +114,8 @@ class Sampler:
         self._budgets: dict[tuple[int, int], _Budget] = {}
         self._timings: dict[str, float] = {}
         self._file_mapper_index: dict[tuple[str, int], set[int]] | None = None
-        # Full smaps is read into one reused buffer (see _scan_smaps).
-        self._smaps_buffer = ReadBuffer()
+        # Full smaps streams through one reused scanner and its small buffer (see _scan_smaps).
+        self._smaps_scanner = LargeVmaScanner()
 
     @contextmanager
     def _timed(self, collector: str) -> Iterator[None]:
@@ -366,11 +366,12 @@ class Sampler:
         """The VMAs of one process's smaps big enough to be guest RAM, each parsed strictly (see
         smaps.scan_large_vmas). Raises HostReadError or ParseError.
 
-        The file (megabytes for a big QEMU) is read into the sampler's reused buffer rather than new
-        memory, and scanned before this returns; the Vma objects hold no reference to it, so the next
-        call may overwrite it. bench/smaps_cost.py measures this function against `cat`."""
-        data = self.root.read_bytes(path, into=self._smaps_buffer)
-        return scan_large_vmas(data, str(path), self.config.guest_ram_min_bytes)
+        The file (megabytes for a big QEMU) is read in chunks into the scanner's small reused buffer and
+        each chunk is scanned while it is in cache; the file is never held whole. bench/smaps_cost.py
+        measures this function against `cat`."""
+        self._smaps_scanner.start(str(path), self.config.guest_ram_min_bytes)
+        self.root.read_bytes(path, into=self._smaps_scanner)
+        return self._smaps_scanner.finish()
 
     def _mounts(self, vm: DiscoveredVm, statuses: list[SourceStatus]) -> list[Mount]:
         path = self.root.proc(vm.pid, "mountinfo")
