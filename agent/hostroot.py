@@ -443,6 +443,27 @@ class HostRoot:
         finally:
             os.close(fd)
 
+    def readlinks(self, path: Path) -> list[tuple[str, str]]:
+        """(name, link target) of each symbolic link in the directory at `path` (/proc/PID/fd), none
+        followed. The directory is opened beneath the root once; each entry is then one readlinkat(2)
+        on a bare name relative to it, which reads the link itself and cannot leave the directory.
+        Entries that vanish meanwhile (a closed fd) or are not links are skipped."""
+        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                names = os.listdir(fd)
+            except OSError as exc:
+                raise _classify(path, exc) from None
+            out = []
+            for name in names:
+                try:
+                    out.append((name, os.readlink(name, dir_fd=fd)))
+                except OSError:
+                    continue  # closed since the listing, or not a link
+            return out
+        finally:
+            os.close(fd)
+
     def exists(self, path: Path) -> bool:
         try:
             os.close(self._open(path, os.O_PATH | os.O_CLOEXEC))
