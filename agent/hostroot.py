@@ -7,9 +7,10 @@ turn into a source status.
 
 One read, smaps of a big QEMU process, runs to megabytes per VM and sample. procfs hands a seq file
 out about one page per read() whatever size is asked for, so collecting it as new `bytes` costs an
-allocation per page plus a join into fresh, not yet faulted-in memory. The sampler instead reads it
-into its `ReadBuffer` (`root.read_bytes(path, into=buffer)`): the pages land in memory that earlier
-samples already faulted in, and the file is not copied again.
+allocation per page plus a join into fresh, not yet faulted-in memory. The sampler instead streams
+it through a `ChunkSink` (`root.read_bytes(path, into=scanner)`, smaps.LargeVmaScanner): each chunk
+lands in the sink's small reused buffer and is scanned while the CPU still has it in cache. A
+`ReadBuffer` (`into=buffer`) holds a whole file in memory that earlier reads already faulted in.
 
 `--root` is a boundary (the tree may be a container's or an attacker's): every path is opened
 beneath the root with openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) where the kernel has it

@@ -250,8 +250,8 @@ def rollup_from_vmas(vmas: list[Vma]) -> SmapsRollup:
 # produce it and a line-by-line Python parse ten times that. Guest RAM lives only in large VMAs, so
 # the sampler scans for `Size:` lines of at least `min_bytes` with one C-level regex pass and parses
 # just those blocks (strictly), plus the first and last block so that a truncated or foreign file is
-# still an error. The data may be `bytes` or the sampler's reused `bytearray` (hostroot.ReadBuffer);
-# nothing returned refers to it.
+# still an error. The sampler streams the file through LargeVmaScanner (below), a chunk at a time
+# while it is in cache; nothing returned refers to its buffer.
 #
 # Cost of that pass (bench/smaps_cost.py, docs/benchmarks.md): the regex engine steps through every
 # byte, so what matters is how little it does per byte and per candidate line. `[ \t]*+` is possessive,
@@ -295,14 +295,20 @@ def _candidate_pattern(digits: int) -> re.Pattern[bytes]:
     return pattern
 
 
-def _big_size_lines_regex(data: bytes | bytearray | memoryview, digits: int) -> list[tuple[int, int, int]]:
+def _big_size_lines_regex(data: bytes | bytearray | memoryview, digits: int, min_value: int = 0) -> list[tuple[int, int, int]]:
     """(offset of the newline before `Size:`, start, end of its digits) for each `Size:` line of at
-    least `digits` digits, and (offset of that newline, end of `Size:`, the same) for each malformed
-    `Size:` line: the fallback for _smapscan.big_size_lines, which returns the same."""
+    least `digits` digits (and, if it has at most 18, a value of at least `min_value`), and (offset of
+    that newline, end of `Size:`, the same) for each malformed `Size:` line: the fallback for
+    _smapscan.big_size_lines, which returns the same."""
     if digits < 1:
         raise ValueError("min_digits must be at least 1")
-    return [(m.start() - 3, m.start(1), m.end(1)) if m.group(1) is not None else (m.start() - 3, m.end(), m.end())
-            for m in _candidate_pattern(digits).finditer(data)]
+    out = []
+    for m in _candidate_pattern(digits).finditer(data):
+        if m.group(1) is None:
+            out.append((m.start() - 3, m.end(), m.end()))
+        elif min_value <= 0 or m.end(1) - m.start(1) > 18 or int(m.group(1)) >= min_value:
+            out.append((m.start() - 3, m.start(1), m.end(1)))
+    return out
 
 
 try:
@@ -446,14 +452,12 @@ class LargeVmaScanner:
             m = _HEADER_B.search(buf, max(self._first_nl - self._base, lo), cut)
             if m is not None:
                 self._first_block = bytes(buf[: m.start() + 1])  # the first block starts the file: _base is 0
-        for newline, d0, d1 in _big_size_lines(memoryview(buf)[lo:cut], self._digits):
+        # Sizes below min_kb are dropped by the search itself. An empty digit range is a malformed Size
+        # line: its block is parsed (and fails). A value longer than any real size (over 18 digits) is
+        # parsed too, and fails its bound.
+        for newline, _, _ in _big_size_lines(memoryview(buf)[lo:cut], self._digits, self._min_kb):
             if self._candidate_error is not None:
                 break
-            n_digits = d1 - d0
-            # An empty digit range is a malformed Size line: its block is parsed (and fails). A value
-            # longer than any real size is parsed too (and fails its bound) rather than int()ed here.
-            if 0 < n_digits <= 18 and int(buf[lo + d0 : lo + d1]) < self._min_kb:
-                continue
             newline += lo
             start = buf.rfind(b"\n", 0, newline) + 1  # the header: the line before `Size:`
             if self._pending:

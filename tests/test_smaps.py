@@ -670,3 +670,14 @@ def test_chunk_sink_reads_keep_the_bounds_and_the_root(tmp_path: Path) -> None:
     with pytest.raises(HostReadError) as info:
         HostRoot.from_root(tmp_path).read_bytes(tmp_path / "proc" / "1" / "fifo", into=_Collect())
     assert info.value.kind == "not_regular"
+
+
+@settings(max_examples=300, deadline=None)
+@given(smaps_texts(), st.integers(1, 7), st.one_of(st.just(0), st.integers(1, 1 << 30)), st.binary(max_size=8))
+def test_searches_agree_on_the_value_threshold(text: str, digits: int, min_value: int, noise: bytes) -> None:
+    """The compiled search drops sizes below min_value itself; the regex fallback filters the same."""
+    data = text.encode() + noise + b"\nSize: 99999999999999999999 kB\nSize:  lots kB\n"
+    expected = [(nl, d0, d1) for nl, d0, d1 in smaps_module._big_size_lines_regex(data, digits)
+                if d0 == d1 or d1 - d0 > 18 or int(data[d0:d1]) >= min_value]
+    for search in SEARCHES.values():
+        assert search(data, digits, min_value) == expected
