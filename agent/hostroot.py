@@ -32,7 +32,8 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from functools import cached_property
+from pathlib import Path
 from typing import Protocol, overload
 
 # smaps of a QEMU process with tens of thousands of VMAs runs to tens of MB; anything past this is not
@@ -367,17 +368,27 @@ class HostRoot:
 
     # --- I/O primitives: the only places that touch the host ---
 
-    def _anchor(self, path: Path) -> tuple[Path, PurePath]:
-        """(the directory `path` must stay beneath, the rest of `path` below it)."""
-        if ".." in path.parts:
-            raise HostReadError("outside_root", path, "'..' in a host path: not followed")
+    @cached_property
+    def _anchors(self) -> tuple[tuple[Path, str, str], ...]:
+        """(anchor, its path as a string, the prefix of the paths beneath it), in the order _anchor
+        tries them: --root first, then the deepest of debugfs, sysfs, procfs. Beneath "." is every
+        relative path (as PurePath.relative_to has it)."""
         anchors = ([self.root] if self.root is not None else []) + sorted(
             (self.debugfs, self.sysfs, self.procfs), key=lambda p: len(p.parts), reverse=True)
-        for anchor in anchors:
-            try:
-                return anchor, path.relative_to(anchor)
-            except ValueError:
-                continue
+        return tuple((a, str(a), "" if str(a) == "." else str(a).rstrip("/") + "/") for a in anchors)
+
+    def _anchor(self, path: Path) -> tuple[Path, str]:
+        """(the directory `path` must stay beneath, the rest of `path` below it, "" for the anchor
+        itself). String prefixes of normalised paths, the same answer as PurePath.relative_to at a
+        fraction of its cost: every host read passes here (discovery reads a few files per process)."""
+        text = str(path)
+        if "/../" in f"/{text}/":
+            raise HostReadError("outside_root", path, "'..' in a host path: not followed")
+        for anchor, exact, prefix in self._anchors:
+            if text == exact:
+                return anchor, ""
+            if text.startswith(prefix) and (prefix or not text.startswith("/")):
+                return anchor, text[len(prefix) :]
         raise HostReadError("outside_root", path, "not under this host root's procfs, sysfs or debugfs")
 
     def _open(self, path: Path, flags: int) -> int:
@@ -388,8 +399,8 @@ class HostRoot:
             base = os.open(anchor, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 if _have_openat2():
-                    return _raw_openat2(base, str(rel) if rel.parts else ".", flags)
-                return _walk_beneath(base, list(rel.parts), flags)
+                    return _raw_openat2(base, rel or ".", flags)
+                return _walk_beneath(base, rel.split("/"), flags)
             finally:
                 os.close(base)
         except OSError as exc:
