@@ -93,7 +93,8 @@ def _classify(path: Path, exc: OSError) -> HostReadError:
 
 
 class ReadBuffer:
-    """A reusable destination for one large host read at a time (the sampler's smaps reads).
+    """A reusable destination for one large host read at a time (a whole file; the sampler streams
+    smaps through a ChunkSink instead).
 
     Contract: a read into this buffer returns the buffer itself (a `bytearray`), or, for a file of
     less than half its allocation, a `bytes` copy. Treat either as valid only until the next read
