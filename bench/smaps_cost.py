@@ -28,6 +28,7 @@ scan_smaps (scan_large_vmas on bytes already in memory).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -165,7 +166,9 @@ def main() -> int:
         debug_dir = Path(f"/sys/kernel/debug/kvm/{pid}-{vmfd}")
         counter_files = [str(debug_dir / f) for f in ("pages_4k", "pages_2m", "pages_1g")] if debug_dir.is_dir() else []
 
-        config = SamplerConfig(smaps_mode="full", check_other_mappers=False, use_binary_stats=False, use_qmp=False)
+        # Only the options this agent has (use_binary_stats goes away with the binary-stats collector).
+        wanted = {"smaps_mode": "full", "check_other_mappers": False, "use_binary_stats": False, "use_qmp": False}
+        config = SamplerConfig(**{k: v for k, v in wanted.items() if k in {f.name for f in dataclasses.fields(SamplerConfig)}})  # type: ignore[arg-type]
         sampler = Sampler(root, config)
         smaps_path = Path(smaps)
 
