@@ -150,22 +150,35 @@ def _numeric_dirs(root: HostRoot) -> list[int]:
 
 
 def vm_fds_of(root: HostRoot, pid: int) -> list[int]:
-    """fds of `pid` that are KVM VM fds. Racing with exit or close: whatever vanished is skipped."""
+    """fds of `pid` that are KVM VM fds. Racing with exit or close: whatever vanished is skipped.
+    One confined open of the fd directory, then a plain readlinkat per fd (HostRoot.readlinks)."""
     try:
-        names = root.listdir(root.proc(pid, "fd"))
+        links = root.readlinks(root.proc(pid, "fd"))
     except HostReadError:
         return []
-    fds = []
-    for n in names:
-        fd = small_decimal(n, MAX_FD)
-        if fd is None:
-            continue
-        try:
-            if root.readlink(root.proc(pid, "fd", n)) == KVM_VM_FD_LINK:
-                fds.append(fd)
-        except HostReadError:
-            continue
-    return fds
+    return sorted(fd for name, target in links if target == KVM_VM_FD_LINK and (fd := small_decimal(name, MAX_FD)) is not None)
+
+
+# comm (at most 15 characters) or argv[0] of a process that may be a VMM: only these, and the pids
+# KVM's debugfs names, have their fds looked at. A host has thousands of fds, nearly all in processes
+# that are no VMM; reading every fd link cost more than the whole smaps scan of a VM.
+_VMM_NAMES = ("qemu-system", "qemu-kvm", "kvm", "firecracker", "cloud-hyperviso", "crosvm", "lkvm")
+
+
+def _vmm_kind(root: HostRoot, pid: int, comm: str) -> str | None:
+    """"qemu" for a process named QEMU by comm or argv[0] (QEMU's `-name ...,process=X` renames comm,
+    not argv), "vmm" for another name in _VMM_NAMES (found only if it holds a VM fd), else None.
+    comm first (one small read); cmdline only when comm does not settle it."""
+    if comm.startswith(("qemu-system", "qemu-kvm")):
+        return "qemu"
+    try:
+        raw = root.read_bytes(root.proc(pid, "cmdline"), limit=4096)
+    except HostReadError:
+        raw = b""
+    exe = raw.split(b"\0", 1)[0].rsplit(b"/", 1)[-1]
+    if exe.startswith((b"qemu-system", b"qemu-kvm")):
+        return "qemu"
+    return "vmm" if comm.startswith(_VMM_NAMES) else None
 
 
 @dataclass
@@ -175,7 +188,10 @@ class _Candidate:
 
 
 def discover_vms(root: HostRoot, debugfs_vm_dirs: list[tuple[int, int]], scan_fds: bool = True) -> tuple[list[DiscoveredVm], list[str]]:
-    """Return the VMs found and notes about candidates dropped (exited, unreadable, stale)."""
+    """Return the VMs found and notes about candidates dropped (exited, unreadable, stale).
+
+    Cost grows with the number of processes (one comm read each, a cmdline read for those whose comm
+    is not a VMM's) and with the fds of VMM processes, not with every fd on the host."""
     candidates: dict[int, _Candidate] = {}
     notes: list[str] = []
     for pid, fd in debugfs_vm_dirs:
@@ -191,19 +207,24 @@ def discover_vms(root: HostRoot, debugfs_vm_dirs: list[tuple[int, int]], scan_fd
         notes.append(f"cannot list processes: {exc}")
         pids = []
     for pid in pids:
+        named = pid in candidates  # by debugfs
+        kind: str | None = None
+        if not named:
+            try:
+                comm = root.read_text(root.proc(pid, "comm"), limit=256).strip()
+            except HostReadError:
+                continue  # exited (or unreadable) and named by nothing else
+            kind = _vmm_kind(root, pid, comm)
+            if kind is None:
+                continue
         if scan_fds:
             fds = vm_fds_of(root, pid)
             if fds:
                 c = candidates.setdefault(pid, _Candidate())
                 c.by.add("vm_fd")
                 c.fds.update(fds)
-        if pid not in candidates:
-            try:
-                comm = root.read_text(root.proc(pid, "comm"), limit=256).strip()
-            except HostReadError:
-                continue
-            if comm.startswith(("qemu-system", "qemu-kvm")):
-                candidates.setdefault(pid, _Candidate()).by.add("cmdline")
+        if not named and kind == "qemu" and pid not in candidates:
+            candidates.setdefault(pid, _Candidate()).by.add("cmdline")  # by name alone
     found: list[DiscoveredVm] = []
     for pid in sorted(candidates):
         c = candidates[pid]

@@ -7,9 +7,10 @@ turn into a source status.
 
 One read, smaps of a big QEMU process, runs to megabytes per VM and sample. procfs hands a seq file
 out about one page per read() whatever size is asked for, so collecting it as new `bytes` costs an
-allocation per page plus a join into fresh, not yet faulted-in memory. The sampler instead reads it
-into its `ReadBuffer` (`root.read_bytes(path, into=buffer)`): the pages land in memory that earlier
-samples already faulted in, and the file is not copied again.
+allocation per page plus a join into fresh, not yet faulted-in memory. The sampler instead streams
+it through a `ChunkSink` (`root.read_bytes(path, into=scanner)`, smaps.LargeVmaScanner): each chunk
+lands in the sink's small reused buffer and is scanned while the CPU still has it in cache. A
+`ReadBuffer` (`into=buffer`) holds a whole file in memory that earlier reads already faulted in.
 
 `--root` is a boundary (the tree may be a container's or an attacker's): every path is opened
 beneath the root with openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS) where the kernel has it
@@ -31,8 +32,9 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePath
-from typing import overload
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol, overload
 
 # smaps of a QEMU process with tens of thousands of VMAs runs to tens of MB; anything past this is not
 # a procfs file we understand, and reading on would only grow memory.
@@ -91,7 +93,8 @@ def _classify(path: Path, exc: OSError) -> HostReadError:
 
 
 class ReadBuffer:
-    """A reusable destination for one large host read at a time (the sampler's smaps reads).
+    """A reusable destination for one large host read at a time (a whole file; the sampler streams
+    smaps through a ChunkSink instead).
 
     Contract: a read into this buffer returns the buffer itself (a `bytearray`), or, for a file of
     less than half its allocation, a `bytes` copy. Treat either as valid only until the next read
@@ -145,6 +148,38 @@ class ReadBuffer:
 
 
 
+class ChunkSink(Protocol):
+    """A consumer of a file read in chunks into memory it owns (smaps.LargeVmaScanner): the reader
+    calls room() for where the next bytes go, reads into it until it is full or the file ends,
+    releases it, then calls filled(n). The sink sees each chunk while the kernel's writes are still
+    in the CPU cache and need not keep the file."""
+
+    def room(self) -> memoryview: ...
+
+    def filled(self, n: int) -> None: ...
+
+
+def _stream(fd: int, path: Path, limit: int, sink: ChunkSink, deadline: float) -> None:
+    total = 0
+    try:
+        # A readinto larger than this reader's buffer goes straight into the sink's memory, looping
+        # over the kernel's one-page reads in C until the room is full or the file ends.
+        reader = io.BufferedReader(io.FileIO(fd, closefd=False), _HEADROOM_BYTES)
+        while True:
+            with sink.room() as room:
+                want = len(room)
+                got = reader.readinto(room)
+            total += got
+            if total > limit:
+                raise HostReadError("too_large", path, f"larger than the {limit}-byte read limit")
+            sink.filled(got)
+            _check_deadline(path, deadline)
+            if got < want:  # readinto stops short only at end of file
+                break
+    except OSError as exc:
+        raise _classify(path, exc) from None
+
+
 def _check_deadline(path: Path, deadline: float) -> None:
     if _monotonic() > deadline:
         raise HostReadError("timeout", path, f"read took longer than {READ_DEADLINE_SECONDS:.0f} s: given up")
@@ -161,12 +196,16 @@ def _require_regular(fd: int, path: Path) -> None:
         raise HostReadError("not_regular", path, f"is {kind}, not a regular file: not read")
 
 
-def _read_fd(fd: int, path: Path, limit: int, into: ReadBuffer | None) -> bytes | bytearray:
-    """The whole of an open regular file, within `limit` bytes and READ_DEADLINE_SECONDS."""
+def _read_fd(fd: int, path: Path, limit: int, into: ReadBuffer | ChunkSink | None) -> bytes | bytearray | None:
+    """The whole of an open regular file, within `limit` bytes and READ_DEADLINE_SECONDS (into a
+    sink: fed to it, and None returned)."""
     _require_regular(fd, path)
     deadline = _monotonic() + READ_DEADLINE_SECONDS
-    if into is not None:
+    if isinstance(into, ReadBuffer):
         return into._fill(fd, path, limit, deadline)
+    if into is not None:
+        _stream(fd, path, limit, into, deadline)
+        return None
     chunks: list[bytes] = []
     total = 0
     while True:
@@ -192,7 +231,11 @@ def read_file(path: Path, limit: int = MAX_READ_BYTES, into: None = None) -> byt
 def read_file(path: Path, limit: int = MAX_READ_BYTES, *, into: ReadBuffer) -> bytes | bytearray: ...
 
 
-def read_file(path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | None = None) -> bytes | bytearray:
+@overload
+def read_file(path: Path, limit: int = MAX_READ_BYTES, *, into: ChunkSink) -> None: ...
+
+
+def read_file(path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | ChunkSink | None = None) -> bytes | bytearray | None:
     """A file the caller names itself (a benchmark's /proc/PID/smaps, a test's file), with the same
     checks as HostRoot reads (regular file, size and time bounds) but no root to stay beneath."""
     try:
@@ -326,17 +369,27 @@ class HostRoot:
 
     # --- I/O primitives: the only places that touch the host ---
 
-    def _anchor(self, path: Path) -> tuple[Path, PurePath]:
-        """(the directory `path` must stay beneath, the rest of `path` below it)."""
-        if ".." in path.parts:
-            raise HostReadError("outside_root", path, "'..' in a host path: not followed")
+    @cached_property
+    def _anchors(self) -> tuple[tuple[Path, str, str], ...]:
+        """(anchor, its path as a string, the prefix of the paths beneath it), in the order _anchor
+        tries them: --root first, then the deepest of debugfs, sysfs, procfs. Beneath "." is every
+        relative path (as PurePath.relative_to has it)."""
         anchors = ([self.root] if self.root is not None else []) + sorted(
             (self.debugfs, self.sysfs, self.procfs), key=lambda p: len(p.parts), reverse=True)
-        for anchor in anchors:
-            try:
-                return anchor, path.relative_to(anchor)
-            except ValueError:
-                continue
+        return tuple((a, str(a), "" if str(a) == "." else str(a).rstrip("/") + "/") for a in anchors)
+
+    def _anchor(self, path: Path) -> tuple[Path, str]:
+        """(the directory `path` must stay beneath, the rest of `path` below it, "" for the anchor
+        itself). String prefixes of normalised paths, the same answer as PurePath.relative_to at a
+        fraction of its cost: every host read passes here (discovery reads a few files per process)."""
+        text = str(path)
+        if "/../" in f"/{text}/":
+            raise HostReadError("outside_root", path, "'..' in a host path: not followed")
+        for anchor, exact, prefix in self._anchors:
+            if text == exact:
+                return anchor, ""
+            if text.startswith(prefix) and (prefix or not text.startswith("/")):
+                return anchor, text[len(prefix) :]
         raise HostReadError("outside_root", path, "not under this host root's procfs, sysfs or debugfs")
 
     def _open(self, path: Path, flags: int) -> int:
@@ -347,8 +400,8 @@ class HostRoot:
             base = os.open(anchor, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 if _have_openat2():
-                    return _raw_openat2(base, str(rel) if rel.parts else ".", flags)
-                return _walk_beneath(base, list(rel.parts), flags)
+                    return _raw_openat2(base, rel or ".", flags)
+                return _walk_beneath(base, rel.split("/"), flags)
             finally:
                 os.close(base)
         except OSError as exc:
@@ -360,10 +413,14 @@ class HostRoot:
     @overload
     def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, *, into: ReadBuffer) -> bytes | bytearray: ...
 
-    def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | None = None) -> bytes | bytearray:
-        """The whole file, opened beneath the root. With `into`, read into that buffer instead of new
-        memory and return what ReadBuffer's contract describes (valid only until the next read into
-        the same buffer)."""
+    @overload
+    def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, *, into: ChunkSink) -> None: ...
+
+    def read_bytes(self, path: Path, limit: int = MAX_READ_BYTES, into: ReadBuffer | ChunkSink | None = None) -> bytes | bytearray | None:
+        """The whole file, opened beneath the root. With a ReadBuffer `into`, read into that buffer
+        instead of new memory and return what ReadBuffer's contract describes (valid only until the
+        next read into the same buffer). With a ChunkSink, feed the file to it chunk by chunk (the
+        same checks and bounds) and return None."""
         fd = self._open(path, _OPEN_FLAGS)
         try:
             return _read_fd(fd, path, limit, into)
@@ -396,6 +453,27 @@ class HostRoot:
             return os.readlink(path.name, dir_fd=fd)
         except OSError as exc:
             raise _classify(path, exc) from None
+        finally:
+            os.close(fd)
+
+    def readlinks(self, path: Path) -> list[tuple[str, str]]:
+        """(name, link target) of each symbolic link in the directory at `path` (/proc/PID/fd), none
+        followed. The directory is opened beneath the root once; each entry is then one readlinkat(2)
+        on a bare name relative to it, which reads the link itself and cannot leave the directory.
+        Entries that vanish meanwhile (a closed fd) or are not links are skipped."""
+        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            try:
+                names = os.listdir(fd)
+            except OSError as exc:
+                raise _classify(path, exc) from None
+            out = []
+            for name in names:
+                try:
+                    out.append((name, os.readlink(name, dir_fd=fd)))
+                except OSError:
+                    continue  # closed since the listing, or not a link
+            return out
         finally:
             os.close(fd)
 

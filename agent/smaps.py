@@ -250,8 +250,8 @@ def rollup_from_vmas(vmas: list[Vma]) -> SmapsRollup:
 # produce it and a line-by-line Python parse ten times that. Guest RAM lives only in large VMAs, so
 # the sampler scans for `Size:` lines of at least `min_bytes` with one C-level regex pass and parses
 # just those blocks (strictly), plus the first and last block so that a truncated or foreign file is
-# still an error. The data may be `bytes` or the sampler's reused `bytearray` (hostroot.ReadBuffer);
-# nothing returned refers to it.
+# still an error. The sampler streams the file through LargeVmaScanner (below), a chunk at a time
+# while it is in cache; nothing returned refers to its buffer.
 #
 # Cost of that pass (bench/smaps_cost.py, docs/benchmarks.md): the regex engine steps through every
 # byte, so what matters is how little it does per byte and per candidate line. `[ \t]*+` is possessive,
@@ -295,14 +295,20 @@ def _candidate_pattern(digits: int) -> re.Pattern[bytes]:
     return pattern
 
 
-def _big_size_lines_regex(data: bytes | bytearray, digits: int) -> list[tuple[int, int, int]]:
+def _big_size_lines_regex(data: bytes | bytearray | memoryview, digits: int, min_value: int = 0) -> list[tuple[int, int, int]]:
     """(offset of the newline before `Size:`, start, end of its digits) for each `Size:` line of at
-    least `digits` digits, and (offset of that newline, end of `Size:`, the same) for each malformed
-    `Size:` line: the fallback for _smapscan.big_size_lines, which returns the same."""
+    least `digits` digits (and, if it has at most 18, a value of at least `min_value`), and (offset of
+    that newline, end of `Size:`, the same) for each malformed `Size:` line: the fallback for
+    _smapscan.big_size_lines, which returns the same."""
     if digits < 1:
         raise ValueError("min_digits must be at least 1")
-    return [(m.start() - 3, m.start(1), m.end(1)) if m.group(1) is not None else (m.start() - 3, m.end(), m.end())
-            for m in _candidate_pattern(digits).finditer(data)]
+    out = []
+    for m in _candidate_pattern(digits).finditer(data):
+        if m.group(1) is None:
+            out.append((m.start() - 3, m.end(), m.end()))
+        elif min_value <= 0 or m.end(1) - m.start(1) > 18 or int(m.group(1)) >= min_value:
+            out.append((m.start() - 3, m.start(1), m.end(1)))
+    return out
 
 
 try:
@@ -316,69 +322,253 @@ SCANNER = "c" if _big_size_lines_c is not None else "regex"
 _big_size_lines = _big_size_lines_c if _big_size_lines_c is not None else _big_size_lines_regex
 
 
-def _block_bounds(data: bytes | bytearray, size_line_start: int) -> tuple[int, int]:
-    """(start of the header line, end of the block) around the `\\nSize:` at `size_line_start`."""
-    start = data.rfind(b"\n", 0, size_line_start) + 1
-    nxt = _HEADER_B.search(data, size_line_start + 1)
-    end = nxt.start() + 1 if nxt is not None else len(data)
-    return start, end
+try:
+    from ._smapscan import count_newlines as _count_newlines_c
+except ImportError:
+    _count_newlines_c = None
 
 
-def _parse_slice(data: bytes | bytearray, name: str, start: int, end: int) -> Vma:
-    text = data[start:end].decode("utf-8", errors="replace")
+def _count_newlines_py(data: bytes | bytearray | memoryview) -> int:
+    return bytes(data).count(b"\n") if isinstance(data, memoryview) else data.count(b"\n")
+
+
+# Both the compiled search and the compiled line count, or neither: SCANNER names one pair.
+_count_newlines = _count_newlines_c if _big_size_lines_c is not None and _count_newlines_c is not None else _count_newlines_py
+
+# The streaming scan reads smaps in chunks of this size into one small reused buffer and scans each
+# chunk right after the kernel wrote it, while it is still in the CPU's cache (bench/smaps_cost.py:
+# holding the whole 7.5 MB file and scanning it afterwards cost 4 to 8% of `cat` more than this).
+CHUNK_BYTES = 128 * 1024
+# A scanner keeps a buffer grown by a huge block (only a mangled file has one) up to this much.
+_KEEP_BYTES = 4 * 1024 * 1024
+# The start of the last VMA header line in a region: a greedy `.*` backtracks from the region's end,
+# so the cost is the length of the last block, not of the region.
+_LAST_HEADER = re.compile(rb".*\n()[0-9a-f]+-[0-9a-f]+ ", re.DOTALL)
+_VMFLAGS = b"\nVmFlags:"
+
+
+def _parse_block_bytes(block: bytes | bytearray | memoryview, name: str, line_base: int) -> Vma:
+    """One VMA block, parsed strictly; `line_base` newlines precede it in the file (for the error)."""
+    text = bytes(block).decode("utf-8", errors="replace")
     try:
         vmas = parse_smaps(text, name)
     except ParseError as exc:
-        # Re-anchor the line number from the slice to the whole file.
-        base = data.count(b"\n", 0, start)
-        raise ParseError(name, str(exc).split(": ", 1)[1].split(": ", 1)[-1], (exc.line or 1) + base) from None
+        # Re-anchor the line number from the block to the whole file (the message keeps the field it names).
+        where = f"{exc.name}:{exc.line}: " if exc.line is not None else f"{exc.name}: "
+        raise ParseError(name, str(exc).removeprefix(where), (exc.line or 1) + line_base) from None
     if len(vmas) != 1:
-        raise ParseError(name, f"expected one VMA block, found {len(vmas)}", data.count(b"\n", 0, start) + 1)
+        raise ParseError(name, f"expected one VMA block, found {len(vmas)}", line_base + 1)
     return vmas[0]
 
 
-def scan_large_vmas(data: bytes | bytearray, name: str, min_bytes: int) -> list[Vma]:
-    """The VMAs of at least `min_bytes`, parsed strictly, from a whole smaps file; smaller VMAs are
-    located but not parsed. Raises ParseError for a truncated file or one that is not smaps.
-    `data` is only read during the call (a reused buffer may be passed)."""
-    if not data:
-        return []
-    if not data.endswith(b"\n"):
-        raise ParseError(name, "truncated: the file does not end with a newline", data.count(b"\n") + 1)
-    if _HEADER.match(data[: data.find(b"\n")].decode("utf-8", errors="replace")) is None:
-        raise ParseError(name, f"expected a VMA header line first, got {bytes(data[:60])!r}", 1)
-    min_kb = min_bytes // KIB
-    # Only Size lines with at least as many digits as min_kb can qualify: the search drops the other
-    # ~all of them in C, which is what keeps this pass cheap.
-    out: list[Vma] = []
-    seen_starts: set[int] = set()
-    for newline, digits_start, digits_end in _big_size_lines(data, max(1, len(str(min_kb)))):
-        # An empty digit range is a malformed Size line: its block is parsed (and fails) below. A
-        # value longer than any real size is parsed too (and fails its bound) rather than int()ed here.
-        n_digits = digits_end - digits_start
-        if 0 < n_digits <= 18 and int(data[digits_start:digits_end]) < min_kb:
-            continue
-        start, end = _block_bounds(data, newline)
-        seen_starts.add(start)
-        out.append(_parse_slice(data, name, start, end))
-    # First and last blocks, strictly: a cut-off tail or a file that is not smaps fails here.
-    first_end = _block_bounds(data, data.find(b"\n"))[1]
-    nxt = None
-    for nxt in _HEADER_B.finditer(data, max(0, len(data) - 65536)):
-        pass
-    last_start = nxt.start() + 1 if nxt is not None else 0
-    sample_blocks = {0: first_end, last_start: len(data)}
-    reference: frozenset[str] | None = None
-    for start, end in sample_blocks.items():
-        if start in seen_starts:
-            continue
-        vma = _parse_slice(data, name, start, end)
-        present = frozenset(f.name for f in fields(HugeFields) if getattr(vma, f.name) is not None)
-        if reference is None:
-            reference = present
-        elif present != reference:
-            raise ParseError(name, f"truncated or mangled VMA block: fields {sorted(reference ^ present)} differ from the first block",
-                             data.count(b"\n", 0, start) + 1)
-    if data.rfind(b"\nVmFlags:") > 0 and b"\nVmFlags:" not in data[max(0, last_start - 1) :]:
-        raise ParseError(name, "truncated: the last VMA block has no VmFlags line", data.count(b"\n", 0, last_start) + 1)
-    return out
+class LargeVmaScanner:
+    """The sampler's smaps pass, fed chunk by chunk as the file is read: the VMAs of at least
+    `min_bytes`, parsed strictly, plus the checks that make a truncated or foreign file an error.
+    Smaller VMAs are located but not parsed.
+
+    Use: `start(name, min_bytes)`, then `HostRoot.read_bytes(path, into=scanner)` (which calls
+    `room()` and `filled(n)` until the end of the file), then `finish()`. `scan_large_vmas` does the
+    same over bytes already in memory; whatever the chunk size, the result and any error (message
+    and line) are the same (tests/test_smaps.py checks).
+
+    Only the last, still open VMA block is carried from one chunk to the next (about a kilobyte), so
+    the buffer stays at about `chunk_bytes`. Line numbers for errors come from counting the newlines
+    of each chunk while it is in cache. Not thread-safe: one per sampling thread.
+
+    What is checked, and in which order the first failure is reported (as scan_large_vmas always did):
+    the file ends with a newline; its first line is a VMA header; every large VMA block (and every
+    malformed `Size:` line's block) parses strictly; the first and the last block parse strictly
+    and carry the same fields; if any block has VmFlags, the last one does.
+    """
+
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be at least 1")
+        self._chunk = chunk_bytes
+        self._buf = bytearray(chunk_bytes + 4096)
+        self.start("smaps", 0)
+
+    def start(self, name: str, min_bytes: int) -> None:
+        """Forget any previous file and scan a new one, `name` being how errors name it."""
+        if len(self._buf) > _KEEP_BYTES:
+            self._buf = bytearray(self._chunk + 4096)
+        self._name = name
+        self._min_kb = min_bytes // KIB
+        self._digits = max(1, len(str(self._min_kb)))
+        self._n = 0  # bytes held in _buf
+        self._base = 0  # file offset of _buf[0]
+        self._scanned = 0  # _buf index where the unscanned text starts (a line start)
+        self._lines = 0  # newlines in the file before _scanned
+        self._total = 0
+        self._last_byte = -1
+        self._block = 0  # _buf index of the start of the last VMA header line seen (the file's start at first)
+        self._first_nl: int | None = None  # file offset of the first newline
+        self._first_block: bytes | None = None
+        self._pending: list[int] = []  # file offsets of candidate blocks whose end is not read yet
+        self._pending_from = 0  # file offset from which to look for their end
+        self._out: list[Vma] = []
+        self._seen: set[int] = set()
+        self._vmflags = False
+        self._header_error: ParseError | None = None
+        self._candidate_error: ParseError | None = None
+        self._draining = False  # an error is known: only the newline count and the last byte still matter
+
+    # --- the sink HostRoot.read_bytes fills ---
+
+    def room(self) -> memoryview:
+        """Where the next read lands: `chunk_bytes` free bytes after what is carried."""
+        need = self._n + self._chunk
+        if len(self._buf) < need:
+            self._buf.extend(bytes(need - len(self._buf)))  # a block longer than a chunk: only a mangled file
+        return memoryview(self._buf)[self._n : need]
+
+    def filled(self, got: int) -> None:
+        """`got` bytes were read into the last room()."""
+        if got <= 0:
+            return
+        buf = self._buf
+        n = self._n = self._n + got
+        self._total += got
+        self._last_byte = buf[n - 1]
+        cut = buf.rfind(b"\n", self._scanned, n) + 1  # the complete lines end here
+        if cut <= self._scanned:
+            return  # no complete new line yet
+        counted = _count_newlines(memoryview(buf)[self._scanned : cut])
+        if self._first_nl is None:
+            self._first_nl = first_nl = buf.find(b"\n", 0, cut)
+            if _HEADER.match(buf[:first_nl].decode("utf-8", errors="replace")) is None:
+                self._header_error = ParseError(self._name, f"expected a VMA header line first, got {bytes(buf[: min(60, first_nl)])!r}", 1)
+                self._draining = True
+        if self._draining:
+            self._lines += counted
+            self._base += n
+            self._n = self._scanned = self._block = 0
+            return
+        lo = self._scanned - 1 if self._scanned > 0 else 0  # from the newline before the first new line
+        if self._pending:
+            self._resolve_pending(cut)
+        if self._first_block is None:
+            assert self._first_nl is not None
+            m = _HEADER_B.search(buf, max(self._first_nl - self._base, lo), cut)
+            if m is not None:
+                self._first_block = bytes(buf[: m.start() + 1])  # the first block starts the file: _base is 0
+        # Sizes below min_kb are dropped by the search itself. An empty digit range is a malformed Size
+        # line: its block is parsed (and fails). A value longer than any real size (over 18 digits) is
+        # parsed too, and fails its bound.
+        for newline, _, _ in _big_size_lines(memoryview(buf)[lo:cut], self._digits, self._min_kb):
+            if self._candidate_error is not None:
+                break
+            newline += lo
+            start = buf.rfind(b"\n", 0, newline) + 1  # the header: the line before `Size:`
+            if self._pending:
+                self._pending.append(self._base + start)
+                continue
+            m = _HEADER_B.search(buf, newline + 1, cut)
+            if m is None:  # the block goes on past this chunk
+                self._pending.append(self._base + start)
+                self._pending_from = self._base + cut - 1  # searched up to here; a header's newline may be the last one
+                continue
+            self._take(start, m.start() + 1)
+        if not self._vmflags:  # as before: a VmFlags line anywhere but at the file's very start
+            self._vmflags = buf.find(_VMFLAGS, lo + 1 if lo == 0 and self._base == 0 else lo, cut) >= 0
+        m = _LAST_HEADER.match(buf, lo, cut)
+        if m is not None:
+            self._block = m.start(1)
+        if self._candidate_error is not None:
+            self._draining = True
+        # Keep the last block (with the newline before it) and the partial line; drop the rest.
+        keep = self._block - 1 if self._block > 0 else 0
+        if self._draining:
+            keep = n
+        if keep > 0:
+            buf[: n - keep] = buf[keep:n]
+            self._base += keep
+            self._n = n - keep
+            self._block -= min(keep, self._block)
+        self._scanned = cut - keep if cut > keep else 0
+        self._lines += counted
+
+    # --- the result ---
+
+    def finish(self) -> list[Vma]:
+        """The large VMAs of the file fed since start(), or the ParseError that describes it."""
+        name = self._name
+        if self._total == 0:
+            return []
+        if self._last_byte != ord("\n"):
+            # No newline after the last cut: every newline of the file is counted.
+            raise ParseError(name, "truncated: the file does not end with a newline", self._lines + 1)
+        if self._header_error is not None:
+            raise self._header_error
+        if self._candidate_error is not None:
+            raise self._candidate_error
+        buf, n = self._buf, self._n
+        for start in self._pending:  # the last block was a candidate: it ends with the file
+            self._take(start - self._base, n)
+        pending, self._pending = self._pending, []
+        del pending
+        if self._candidate_error is not None:
+            raise self._candidate_error
+        first = self._first_block if self._first_block is not None else bytes(buf[:n])
+        last_start = self._base + self._block
+        samples: dict[int, tuple[bytes | bytearray, int]] = {0: (first, 0)}
+        if last_start == 0 or self._first_block is None:
+            samples = {0: (bytes(buf[:n]), 0)}  # one block: from the start to the end of the file
+        else:
+            samples[last_start] = (bytes(buf[self._block : n]), self._line_at(self._block) - 1)
+        reference: frozenset[str] | None = None
+        for start, (block, line_base) in samples.items():
+            if start in self._seen:
+                continue
+            vma = _parse_block_bytes(block, name, line_base)
+            present = frozenset(f.name for f in fields(HugeFields) if getattr(vma, f.name) is not None)
+            if reference is None:
+                reference = present
+            elif present != reference:
+                raise ParseError(name, f"truncated or mangled VMA block: fields {sorted(reference ^ present)} differ from the first block",
+                                 line_base + 1)
+        if self._vmflags and _VMFLAGS not in buf[max(0, self._block - 1) : n]:
+            raise ParseError(name, "truncated: the last VMA block has no VmFlags line", self._line_at(self._block))
+        return self._out
+
+    # --- helpers ---
+
+    def _take(self, start: int, end: int) -> None:
+        """Parse the candidate block at _buf[start:end]; the first failure is kept for finish()."""
+        self._seen.add(self._base + start)
+        try:
+            self._out.append(_parse_block_bytes(memoryview(self._buf)[start:end], self._name, self._line_at(start) - 1))
+        except ParseError as exc:
+            self._candidate_error = exc
+
+    def _resolve_pending(self, cut: int) -> None:
+        m = _HEADER_B.search(self._buf, max(self._pending_from - self._base, 0), cut)
+        if m is None:
+            self._pending_from = self._base + max(cut - 1, 0)  # a header's newline may be the last one
+            return
+        end = m.start() + 1
+        pending, self._pending = self._pending, []
+        for start in pending:
+            if self._candidate_error is None:
+                self._take(start - self._base, end)
+
+    def _line_at(self, index: int) -> int:
+        """The line number of the line that starts at _buf[index] (on error paths and per block parsed)."""
+        if index <= self._scanned:
+            return self._lines - self._buf.count(b"\n", index, self._scanned) + 1
+        return self._lines + self._buf.count(b"\n", self._scanned, index) + 1
+
+
+def scan_large_vmas(data: bytes | bytearray, name: str, min_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> list[Vma]:
+    """The VMAs of at least `min_bytes`, parsed strictly, from a whole smaps file already in memory;
+    smaller VMAs are located but not parsed. Raises ParseError for a truncated file or one that is
+    not smaps. The same pass as the sampler's streaming read (LargeVmaScanner), fed from `data`."""
+    scanner = LargeVmaScanner(chunk_bytes)
+    scanner.start(name, min_bytes)
+    view = memoryview(data)
+    for pos in range(0, len(view), chunk_bytes):
+        piece = view[pos : pos + chunk_bytes]
+        with scanner.room() as room:
+            room[: len(piece)] = piece
+        scanner.filled(len(piece))
+    return scanner.finish()

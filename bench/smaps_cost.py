@@ -1,39 +1,43 @@
 #!/usr/bin/env python3
-"""Agent sampling cost vs the kernel's own cost of producing the same files.
+"""Agent sampling cost vs the kernel's own cost of producing the same files (issue 12 targets).
 
-A synthetic QEMU-like process maps N small VMAs (default 10,000; every other page of one region is
-mprotect()ed so neighbours cannot merge) plus a 1 GiB MADV_HUGEPAGE guest-RAM region, touches them, and,
-where /dev/kvm works, holds a real KVM VM fd so discovery and per-VM debugfs counters take the real path.
+A QEMU-like child (comm `qemu-system-x86`) maps N small VMAs (default 10,000; every other page of one
+region is mprotect()ed so neighbours cannot merge) plus guest RAM as a 1 GiB memfd mapped shared and
+touched, and, where /dev/kvm works, holds a real KVM VM fd, so discovery and the per-VM debugfs
+counters take the real path. --fd-holders processes that are no VMM hold --fds-each fds each (a
+host's other daemons), so discovery runs on a host with thousands of fds.
 
-Measured, as CPU seconds (user+system) per operation, in --repeat interleaved rounds (each round
-measures every quantity once, so background load hits kernel and agent alike); medians over rounds:
-  kernel_cat      `cat` of the same files into /dev/null (child rusage), minus an empty `cat` baseline
-  kernel_read     the same bytes read in-process with hostroot.read_file into new bytes (no parsing)
-  agent_smaps     what the sampler does with one VM's smaps: Sampler._scan_smaps (read into the
-                  sampler's reused buffer + smaps.scan_large_vmas) + guest_ram.attribute_guest_ram
-  agent_vm        the agent's whole per-VM sample (smaps, mountinfo, status, stat, counters)
-  agent_smaps_regex  the same with the regex candidate search (the fallback of hosts without the
-                  compiled agent/_smapscan.c), measured in the same rounds where the compiled one is built
-Breakdown rows: read_smaps_reused (the read into a ReadBuffer alone), scan_smaps (scan_large_vmas on
-bytes already in memory), kernel_cat_maps (`cat /proc/PID/maps`: the least that any "read maps first
-to find the big VMAs" scheme would add).
-The ratios agent/kernel are what the target (<= 1.2) is about; ratio_*_per_round is the median of
-the per-round ratios, less sensitive to load drifting between rounds.
-
-To measure an older agent with this script: PYTHONPATH=DIR, where DIR/eptwatch/agent is that agent/
-tree (e.g. `git archive <commit> agent | tar -x -C DIR/eptwatch`). What it lacks falls back to the
-old inline read + scan (Sampler._scan_smaps) or is reported as None (hostroot.ReadBuffer).
+Measured as CPU seconds (user+system) per operation, in --repeat interleaved rounds (each round
+measures every quantity once, so background load hits kernel and agent alike); ratios are medians of
+the per-round ratios, figures medians over rounds:
+  cat_smaps        `cat` of the child's smaps into /dev/null (child rusage, minus an empty `cat`)
+  agent_smaps      Sampler._scan_smaps (smaps streamed through the scanner's small buffer, each chunk
+                   scanned while in cache) + guest_ram.attribute_guest_ram. Target: <= 1.10 x cat_smaps
+  agent_smaps_regex  the same with the regex search and Python line count (hosts without the
+                   compiled agent/_smapscan.c), in the same rounds
+  cat_widened / agent_widened  the same scan over a fixture's smaps widened to N VMAs, in a tmpfs
+                   file (`cat` of a page-cache file is a copy, far cheaper than the kernel making smaps)
+  discovery        list_vm_dirs + discover_vms on the live host. Target: <= 0.3 x agent_smaps
+  agent_sample     one VM's whole sample: discovery, THP settings, per-VM counters, smaps, mountinfo,
+                   status, stat, the model. cat_sample: `cat` of every file it read (recorded once).
+                   Target: <= 1.25 x cat_sample
+Breakdown rows: read_smaps_whole (the old read of the whole file into a ReadBuffer, no scan) and
+scan_smaps (scan_large_vmas on bytes already in memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,14 +47,17 @@ from eptwatch.agent import smaps as smaps_module
 from eptwatch.agent.discovery import discover_vms
 from eptwatch.agent.guest_ram import attribute_guest_ram
 from eptwatch.agent.hostroot import HostRoot, read_file
-from eptwatch.agent.model import Era
+from eptwatch.agent.kvm_debugfs import list_vm_dirs
+from eptwatch.agent.model import Era, VmInputs, estimate_vm
 from eptwatch.agent.sampler import Sampler, SamplerConfig
 from eptwatch.agent.smaps import parse_smaps, scan_large_vmas
+from eptwatch.agent.thp import read_thp_settings
 
 CHILD = r"""
 import ctypes, mmap, os, sys, fcntl
 n = int(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl(15, b"qemu-system-x86", 0, 0, 0)  # PR_SET_NAME: discovery finds it by comm, as a QEMU
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -64,9 +71,11 @@ for i in range(0, n, 2):
 for i in range(1, n, 2):
     libc.mprotect(base + i * PAGE, PAGE, R)
 GIB = 1 << 30
-ram = libc.mmap(None, GIB + (2 << 20), RW, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000, -1, 0)  # MAP_NORESERVE
-ram = (ram + (2 << 20) - 1) & ~((2 << 20) - 1)
-libc.madvise(ram, GIB, 14)  # MADV_HUGEPAGE
+# Guest RAM as libvirt's <source type='memfd'/> gives it: a 1 GiB memfd mapped shared, touched.
+mfd = os.memfd_create("pc.ram", 0)
+os.ftruncate(mfd, GIB)
+ram = libc.mmap(None, GIB, RW, mmap.MAP_SHARED, mfd, 0)
+libc.madvise(ram, GIB, 14)  # MADV_HUGEPAGE (shmem THP, where shmem_enabled allows it)
 ramb = (ctypes.c_char * GIB).from_address(ram)
 for off in range(0, GIB, PAGE):
     ramb[off] = b"y"
@@ -80,6 +89,25 @@ print(vmfd, flush=True)
 sys.stdin.read()
 """
 
+# A process that is no VMM and holds many fds (a host's other daemons): discovery must not read them.
+FD_HOLDER = r"""
+import os, sys
+fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(int(sys.argv[1]))]
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def host_fd_count() -> int:
+    total = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                total += len(os.listdir(f"/proc/{name}/fd"))
+            except OSError:
+                pass
+    return total
+
 
 def cpu_of(fn: Callable[[], object]) -> float:
     """CPU seconds (this thread's user+system) of one call of fn."""
@@ -92,7 +120,8 @@ def cat_cpu(paths: list[str]) -> float:
     """CPU seconds of `cat paths > /dev/null` (child rusage) minus those of an empty `cat /dev/null`."""
     def one(args: list[str]) -> float:
         with open(os.devnull, "wb") as null:
-            p = subprocess.Popen(args, stdout=null)
+            # stderr too: a file of a process that exited since it was recorded is simply not read.
+            p = subprocess.Popen(args, stdout=null, stderr=null)
             _, _, ru = os.wait4(p.pid, 0)
         return ru.ru_utime + ru.ru_stime
 
@@ -101,140 +130,179 @@ def cat_cpu(paths: list[str]) -> float:
     return max(full - empty, 1e-9)
 
 
+def widened_fixture(target_vmas: int) -> bytes:
+    """A fixture's smaps (the 6.6 host, whose QEMU has guest RAM) widened to about `target_vmas` VMAs
+    by repeating its small blocks between the first and the last block."""
+    text = (Path(__file__).resolve().parent.parent / "tests/fixtures/linux-6.6-pages2m/proc/8100/smaps").read_text()
+    blocks = re.split(r"(?m)^(?=[0-9a-f]+-[0-9a-f]+ )", text)
+    blocks = [b for b in blocks if b]
+    small = [b for b in blocks[1:-1] if int(re.search(r"(?m)^Size:\s+(\d+) kB", b).group(1)) * 1024 < SamplerConfig().guest_ram_min_bytes]  # type: ignore[union-attr]
+    middle = (small * (target_vmas // max(1, len(small)) + 1))[: max(0, target_vmas - len(blocks))]
+    return "".join([blocks[0], *middle, *blocks[1:]]).encode()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vmas", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=21)
+    ap.add_argument("--fd-holders", type=int, default=20, help="processes that are no VMM, each holding --fds-each fds")
+    ap.add_argument("--fds-each", type=int, default=100)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.vmas)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holders = [subprocess.Popen([sys.executable, "-c", FD_HOLDER, str(args.fds_each)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for _ in range(args.fd_holders)]
+    widened_path = Path(tempfile.mkdtemp(prefix="smaps-cost-")) / "smaps"
     try:
+        for h in holders:
+            assert h.stdout is not None and h.stdout.readline().strip() == "ready"
         assert child.stdout is not None
         vmfd = int(child.stdout.readline())
         pid = child.pid
         root = HostRoot()
         smaps = f"/proc/{pid}/smaps"
         nvma = len(parse_smaps(open(smaps).read(), smaps))
+        kvm_dir = Path("/sys/kernel/debug/kvm") if Path("/sys/kernel/debug/kvm").is_dir() else None
         debug_dir = Path(f"/sys/kernel/debug/kvm/{pid}-{vmfd}")
         counter_files = [str(debug_dir / f) for f in ("pages_4k", "pages_2m", "pages_1g")] if debug_dir.is_dir() else []
-        vm_files = [smaps, f"/proc/{pid}/mountinfo", f"/proc/{pid}/status", f"/proc/{pid}/stat", f"/proc/{pid}/cmdline", *counter_files]
 
-        def raw_read(paths: list[str]) -> None:
-            for p in paths:
-                read_file(Path(p))
-
-        config = SamplerConfig(smaps_mode="full", check_other_mappers=False)
+        # Only the options this agent has (use_binary_stats goes away with the binary-stats collector).
+        wanted = {"smaps_mode": "full", "check_other_mappers": False, "use_binary_stats": False, "use_qmp": False}
+        config = SamplerConfig(**{k: v for k, v in wanted.items() if k in {f.name for f in dataclasses.fields(SamplerConfig)}})  # type: ignore[arg-type]
         sampler = Sampler(root, config)
         smaps_path = Path(smaps)
-        # The sampler's own per-VM smaps read (read into its reused buffer + scan); an older tree
-        # without it gets the read + scan it did inline.
-        scan_smaps = getattr(sampler, "_scan_smaps", None) or (
-            lambda path: scan_large_vmas(read_file(path), str(path), config.guest_ram_min_bytes))
 
         def agent_smaps() -> list[object]:
-            return attribute_guest_ram(scan_smaps(smaps_path), min_bytes=config.guest_ram_min_bytes)
+            return attribute_guest_ram(sampler._scan_smaps(smaps_path), min_bytes=config.guest_ram_min_bytes)
 
         ram = agent_smaps()
         if len(ram) != 1:
             raise SystemExit(f"expected the 1 GiB guest-RAM region to be found, got {ram!r}")
-        reuse = hostroot.ReadBuffer() if hasattr(hostroot, "ReadBuffer") else None
-
-        def read_reused() -> None:
-            assert reuse is not None
-            read_file(smaps_path, into=reuse)
-
+        reuse = hostroot.ReadBuffer()
         in_memory = read_file(smaps_path)
+
+        def read_whole_reused() -> None:
+            read_file(smaps_path, into=reuse)
 
         def scan_only() -> None:
             scan_large_vmas(in_memory, smaps, config.guest_ram_min_bytes)
 
-        compiled_search = getattr(smaps_module, "_big_size_lines_c", None)
-        regex_search = getattr(smaps_module, "_big_size_lines_regex", None)
+        compiled_search = smaps_module._big_size_lines_c
+        compiled_count = getattr(smaps_module, "_count_newlines", None)  # None: an agent before the streaming scan
 
-        def with_regex(fn):  # type: ignore[no-untyped-def]
+        def with_regex(fn: Callable[[], object]) -> Callable[[], None]:
             def run() -> None:
-                smaps_module._big_size_lines = regex_search
+                smaps_module._big_size_lines = smaps_module._big_size_lines_regex
+                if compiled_count is not None:
+                    smaps_module._count_newlines = smaps_module._count_newlines_py
                 try:
                     fn()
                 finally:
-                    smaps_module._big_size_lines = compiled_search
+                    smaps_module._big_size_lines = compiled_search or smaps_module._big_size_lines_regex
+                    if compiled_count is not None:
+                        smaps_module._count_newlines = compiled_count
             return run
 
-        (vm,) = [v for v in discover_vms(root, [(pid, vmfd)] if counter_files else [], scan_fds=False)[0] if v.pid == pid] or [None]
-        kvm_dir = Path("/sys/kernel/debug/kvm") if counter_files else None
+        widened_path.write_bytes(widened_fixture(args.vmas))
+        widened_scanner = smaps_module.LargeVmaScanner() if hasattr(smaps_module, "LargeVmaScanner") else None
 
-        def agent_vm() -> None:
-            sampler._sample_vm(vm, kvm_dir, Era.HOST_PAGE_WALK)
+        def agent_widened() -> list[object]:
+            if widened_scanner is None:  # an agent before the streaming scan: read whole, then scan
+                return scan_large_vmas(read_file(widened_path, into=reuse), str(widened_path), config.guest_ram_min_bytes)  # type: ignore[return-value]
+            widened_scanner.start(str(widened_path), config.guest_ram_min_bytes)
+            read_file(widened_path, into=widened_scanner)
+            return widened_scanner.finish()  # type: ignore[return-value]
 
-        maps = f"/proc/{pid}/maps"
+        if not agent_widened():
+            raise SystemExit("expected guest RAM in the widened fixture")
+
+        def discovery() -> list[object]:
+            vm_dirs = list_vm_dirs(root, kvm_dir) if kvm_dir is not None else []
+            return discover_vms(root, vm_dirs)[0]  # type: ignore[return-value]
+
+        found = [v for v in discovery() if v.pid == pid]  # type: ignore[attr-defined]
+        if not found:
+            raise SystemExit("discovery did not find the QEMU-like child")
+        thp = read_thp_settings(root)[0]
+
+        def agent_sample() -> None:
+            """One VM's whole sample: discovery, THP settings, counters, smaps, model."""
+            (vm,) = [v for v in discovery() if v.pid == pid]  # type: ignore[attr-defined]
+            s = sampler._sample_vm(vm, kvm_dir, Era.HOST_PAGE_WALK)
+            estimate_vm(VmInputs(vm_id=vm.vm_id, host_huge=s.host_huge, mappings=s.mappings, whole_process=s.whole_process,
+                                 counters=s.counters, counter_scope=s.counters.scope if s.counters else None,
+                                 thp_enabled_for_process=s.thp_enabled_for_process),
+                        Era.HOST_PAGE_WALK, read_thp_settings(root)[0], config.model)
+
+        # The files that sample reads, recorded once: `cat` of them is the kernel's cost of producing them.
+        read_paths: list[str] = []
+        original_read_bytes = HostRoot.read_bytes
+
+        def recording(self: HostRoot, path: Path, *a: object, **k: object) -> object:
+            read_paths.append(str(path))
+            return original_read_bytes(self, path, *a, **k)  # type: ignore[call-overload]
+
+        HostRoot.read_bytes = recording  # type: ignore[method-assign,assignment]
+        try:
+            agent_sample()
+        finally:
+            HostRoot.read_bytes = original_read_bytes  # type: ignore[method-assign]
+        sample_files = [p for p in read_paths if os.path.exists(p)]
+        del thp
+
         load_before = os.getloadavg()
-        keys = ("cat_smaps", "read_smaps", "agent_smaps", "cat_vm", "read_vm", "agent_vm", "read_smaps_reused", "scan_smaps", "cat_maps",
-                "agent_smaps_regex", "scan_smaps_regex")
+        keys = ("cat_smaps", "agent_smaps", "read_smaps_whole", "scan_smaps", "agent_smaps_regex", "cat_widened", "agent_widened",
+                "discovery", "cat_sample", "agent_sample")
         rounds: dict[str, list[float]] = {k: [] for k in keys}
         for _ in range(args.repeat):
             rounds["cat_smaps"].append(cat_cpu([smaps]))
-            rounds["read_smaps"].append(cpu_of(lambda: raw_read([smaps])))
             rounds["agent_smaps"].append(cpu_of(agent_smaps))
-            rounds["cat_vm"].append(cat_cpu(vm_files))
-            rounds["read_vm"].append(cpu_of(lambda: raw_read(vm_files)))
-            if vm is not None:
-                rounds["agent_vm"].append(cpu_of(agent_vm))
-            if reuse is not None:
-                rounds["read_smaps_reused"].append(cpu_of(read_reused))
+            rounds["read_smaps_whole"].append(cpu_of(read_whole_reused))
             rounds["scan_smaps"].append(cpu_of(scan_only))
-            rounds["cat_maps"].append(cat_cpu([maps]))
-            if compiled_search is not None and regex_search is not None:
+            if compiled_search is not None:
                 rounds["agent_smaps_regex"].append(cpu_of(with_regex(agent_smaps)))
-                rounds["scan_smaps_regex"].append(cpu_of(with_regex(scan_only)))
+            rounds["cat_widened"].append(cat_cpu([str(widened_path)]))
+            rounds["agent_widened"].append(cpu_of(agent_widened))
+            rounds["discovery"].append(cpu_of(discovery))
+            rounds["cat_sample"].append(cat_cpu(sample_files))
+            rounds["agent_sample"].append(cpu_of(agent_sample))
         med = {k: statistics.median(v) if v else None for k, v in rounds.items()}
 
         def per_round(num: str, den: str) -> float | None:
             pairs = [a / b for a, b in zip(rounds[num], rounds[den]) if b > 0]
             return statistics.median(pairs) if pairs else None
 
+        cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
         results: dict[str, object] = {
             "vmas": nvma,
             "smaps_bytes": len(in_memory),
-            "maps_bytes": len(read_file(Path(maps))),
+            "widened_fixture_bytes": widened_path.stat().st_size,
+            "host_fds": host_fd_count(),
+            "host_processes": sum(1 for n in os.listdir("/proc") if n.isdigit()),
+            "sample_files": len(sample_files),
             "rounds": args.repeat,
-            "kernel_cat_smaps_s": med["cat_smaps"],
-            "kernel_read_smaps_s": med["read_smaps"],
-            "agent_smaps_s": med["agent_smaps"],
-            "kernel_cat_vm_files_s": med["cat_vm"],
-            "kernel_read_vm_files_s": med["read_vm"],
-            "agent_vm_s": med["agent_vm"],
-            "read_smaps_reused_s": med["read_smaps_reused"],
-            "scan_smaps_s": med["scan_smaps"],
-            "kernel_cat_maps_s": med["cat_maps"],
-            "smaps_scanner": getattr(smaps_module, "SCANNER", "regex"),
-            "agent_smaps_regex_s": med["agent_smaps_regex"],
-            "scan_smaps_regex_s": med["scan_smaps_regex"],
+            "smaps_scanner": smaps_module.SCANNER,
             "per_vm_debugfs": bool(counter_files),
         }
-
-        def ratio(num: str, den: str) -> float | None:
-            a, b = med[num], med[den]
-            return a / b if a is not None and b else None
-
-        results["ratio_smaps_vs_cat"] = ratio("agent_smaps", "cat_smaps")
-        results["ratio_smaps_vs_read"] = ratio("agent_smaps", "read_smaps")
-        results["ratio_smaps_vs_cat_per_round"] = per_round("agent_smaps", "cat_smaps")
-        if med["agent_smaps_regex"] is not None:
-            results["ratio_smaps_regex_vs_cat_per_round"] = per_round("agent_smaps_regex", "cat_smaps")
-        if med["agent_vm"] is not None:
-            results["ratio_vm_vs_cat"] = ratio("agent_vm", "cat_vm")
-            results["ratio_vm_vs_read"] = ratio("agent_vm", "read_vm")
-            results["ratio_vm_vs_cat_per_round"] = per_round("agent_vm", "cat_vm")
+        results.update({f"{k}_ms": round(v * 1000, 3) if v is not None else None for k, v in med.items()})
+        results["ratio_smaps_vs_cat"] = per_round("agent_smaps", "cat_smaps")
+        results["ratio_smaps_regex_vs_cat"] = per_round("agent_smaps_regex", "cat_smaps")
+        results["ratio_widened_vs_cat_widened"] = per_round("agent_widened", "cat_widened")
+        results["ratio_widened_vs_cat_smaps"] = per_round("agent_widened", "cat_smaps")
+        results["ratio_discovery_vs_agent_smaps"] = per_round("discovery", "agent_smaps")
+        results["ratio_sample_vs_cat"] = per_round("agent_sample", "cat_sample")
         results["loadavg_1m_before_after"] = f"{load_before[0]:.2f} {os.getloadavg()[0]:.2f}"
-        results["machine"] = f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, kernel {platform.release()}, Python {platform.python_version()}"
+        results["machine"] = f"{cpu_model}, {os.cpu_count()} cpu, kernel {platform.release()}, Python {platform.python_version()}"
         if args.json:
             print(json.dumps(results, indent=2))
         else:
             for k, v in results.items():
-                print(f"{k:26} {v:.6f}" if isinstance(v, float) else f"{k:26} {v}")
+                print(f"{k:32} {v:.4f}" if isinstance(v, float) else f"{k:32} {v}")
     finally:
-        child.kill()
-        child.wait()
+        for p in [child, *holders]:
+            p.kill()
+            p.wait()
+        shutil.rmtree(widened_path.parent, ignore_errors=True)
     return 0
 
 

@@ -250,6 +250,7 @@ def test_fast_scan_mutations_agree_or_raise(data: st.DataObject) -> None:
 
 # --- the scan pattern and the reused read buffer (bench/smaps_cost.py, docs/benchmarks.md) ---
 
+import os  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -530,3 +531,153 @@ def test_fast_scan_rejects_a_block_with_two_size_lines() -> None:
     doubled = SEED_BLOCK.replace("Size:            4194304 kB\n", "Size:            4194304 kB\nSize:            4194304 kB\n")
     with pytest.raises(ParseError, match="repeated"):
         scan_large_vmas((SMALL_BLOCK + doubled + SMALL_BLOCK).encode(), "s", MIN)
+
+
+# --- the streaming scan: chunk boundaries change nothing (LargeVmaScanner) ---
+
+from eptwatch.agent.smaps import LargeVmaScanner  # noqa: E402
+
+
+def _scan_chunked(data: bytes, name: str, min_bytes: int, chunk_bytes: int) -> list[Vma] | str:
+    """scan_large_vmas fed `chunk_bytes` at a time, with every search; the error text stands for an error."""
+    results: dict[str, list[Vma] | str] = {}
+    for search in SEARCHES:
+        with mock.patch.object(smaps_module, "_big_size_lines", SEARCHES[search]):
+            try:
+                results[search] = scan_large_vmas(data, name, min_bytes, chunk_bytes=chunk_bytes)
+            except ParseError as exc:
+                results[search] = f"ParseError: {exc}"
+    assert len({repr(r) for r in results.values()}) == 1, results
+    return results["regex"]
+
+
+def _mutated_smaps(data: st.DataObject) -> bytes:
+    text = SMALL_BLOCK + SEED_BLOCK + SMALL_BLOCK + ANON_BLOCK + SMALL_BLOCK
+    pos = data.draw(st.integers(0, len(text)))
+    kind = data.draw(st.sampled_from(["none", "truncate", "insert", "delete", "replace"]))
+    if kind == "truncate":
+        text = text[:pos]
+    elif kind == "insert":
+        text = text[:pos] + data.draw(st.text(alphabet="0123456789abcdef -:kB\nSizeRsVmFlag", max_size=30)) + text[pos:]
+    elif kind == "delete":
+        text = text[:pos] + text[pos + data.draw(st.integers(1, 400)) :]
+    elif kind == "replace":
+        text = text[:pos] + data.draw(st.sampled_from(list("0123456789 \nx:-"))) + text[pos + 1 :]
+    return text.encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_streaming_scan_is_the_same_whatever_the_chunk_size(data: st.DataObject) -> None:
+    """The sampler reads smaps in chunks and scans each as it arrives: cut anywhere (one byte per
+    chunk, mid-line, mid-block), the result and any error, line number included, are those of one
+    chunk holding the whole file."""
+    raw = _mutated_smaps(data)
+    whole = _scan_chunked(raw, "s", MIN, max(1, len(raw)))
+    for chunk in (1, data.draw(st.integers(2, 90)), data.draw(st.integers(91, 2000))):
+        assert _scan_chunked(raw, "s", MIN, chunk) == whole, chunk
+
+
+@pytest.mark.parametrize("root", fixture_roots(), ids=lambda p: p.name)
+def test_streaming_scan_of_fixtures_in_small_chunks(root) -> None:  # type: ignore[no-untyped-def]
+    for smaps in (root / "proc").glob("*/smaps"):
+        data = smaps.read_bytes()
+        strict = [v for v in parse_smaps(data.decode(), "s") if (v.size_bytes or 0) >= MIN]
+        for chunk in (7, 100, 4096):
+            assert _scan_chunked(data, "s", MIN, chunk) == strict
+
+
+def test_streaming_scan_names_the_line_of_an_error_far_into_the_file() -> None:
+    # The error is found long after the chunks before it were dropped: its line still counts them.
+    blocks = SMALL_BLOCK * 500
+    bad = SEED_BLOCK.replace("Rss:              583680 kB", "Rss:             lots kB")
+    raw = (blocks + bad + SMALL_BLOCK).encode()
+    line = blocks.count("\n") + 1 + bad.split("\n").index("Rss:             lots kB")
+    for chunk in (64, 4096, len(raw)):
+        with pytest.raises(ParseError) as info:
+            scan_large_vmas(raw, "s", MIN, chunk_bytes=chunk)
+        assert info.value.line == line and "Rss" in str(info.value)
+    with pytest.raises(ParseError) as info:  # a cut-off file names its last line, all of them counted
+        scan_large_vmas((blocks + SEED_BLOCK).encode()[:-5], "s", MIN, chunk_bytes=64)
+    assert info.value.line == (blocks + SEED_BLOCK).count("\n") and "newline" in str(info.value)
+
+
+def test_streaming_scanner_is_reused_across_files_and_keeps_a_small_buffer() -> None:
+    scanner = LargeVmaScanner(chunk_bytes=256)
+    files = [(SMALL_BLOCK * 40 + SEED_BLOCK + SMALL_BLOCK).encode(), b"MemTotal: 1 kB\n", (ANON_BLOCK + SMALL_BLOCK * 3).encode()]
+    for raw in files * 2:
+        scanner.start("s", MIN)
+        for pos in range(0, len(raw), 256):
+            piece = raw[pos : pos + 256]
+            with scanner.room() as room:
+                assert len(room) == 256
+                room[: len(piece)] = piece
+            scanner.filled(len(piece))
+        try:
+            got: object = scanner.finish()
+        except ParseError as exc:
+            got = str(exc)
+        try:
+            expected: object = scan_large_vmas(raw, "s", MIN)
+        except ParseError as exc:
+            expected = str(exc)
+        assert got == expected
+        # Only the open block and the partial line are carried: the buffer never holds the file.
+        assert len(scanner._buf) < 256 + 4096 + 2 * len(SEED_BLOCK)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000), st.integers(0, 40))
+def test_compiled_newline_count_equals_bytes_count(raw: bytes, skip: int) -> None:
+    if smaps_module._count_newlines_c is None:
+        pytest.skip("the compiled scanner is not built here")
+    view = memoryview(bytearray(raw * 3 + b"\n" * skip))[skip:]
+    assert smaps_module._count_newlines_c(view) == bytes(view).count(b"\n") == smaps_module._count_newlines_py(view)
+
+
+class _Collect:
+    """A ChunkSink that keeps what it is fed, with a small room so that a file takes many chunks."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(1000)
+        self.data = bytearray()
+        self.calls = 0
+
+    def room(self) -> memoryview:
+        return memoryview(self.buf)
+
+    def filled(self, n: int) -> None:
+        self.calls += 1
+        self.data += self.buf[:n]
+
+
+def test_chunk_sink_reads_keep_the_bounds_and_the_root(tmp_path: Path) -> None:
+    path = tmp_path / "proc" / "1" / "smaps"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(range(256)) * 40)
+    sink = _Collect()
+    assert HostRoot.from_root(tmp_path).read_bytes(path, into=sink) is None
+    assert bytes(sink.data) == path.read_bytes() and sink.calls == 11  # 10 full rooms and the short last one
+    with pytest.raises(HostReadError) as info:
+        read_file(path, 5000, into=_Collect())
+    assert info.value.kind == "too_large"
+    (tmp_path / "proc" / "2").mkdir()
+    (tmp_path / "proc" / "2" / "smaps").symlink_to("/etc/hostname")  # leaves the root: never read
+    with pytest.raises(HostReadError) as info:
+        HostRoot.from_root(tmp_path).read_bytes(tmp_path / "proc" / "2" / "smaps", into=_Collect())
+    assert info.value.kind == "outside_root"
+    os.mkfifo(tmp_path / "proc" / "1" / "fifo")
+    with pytest.raises(HostReadError) as info:
+        HostRoot.from_root(tmp_path).read_bytes(tmp_path / "proc" / "1" / "fifo", into=_Collect())
+    assert info.value.kind == "not_regular"
+
+
+@settings(max_examples=300, deadline=None)
+@given(smaps_texts(), st.integers(1, 7), st.one_of(st.just(0), st.integers(1, 1 << 30)), st.binary(max_size=8))
+def test_searches_agree_on_the_value_threshold(text: str, digits: int, min_value: int, noise: bytes) -> None:
+    """The compiled search drops sizes below min_value itself; the regex fallback filters the same."""
+    data = text.encode() + noise + b"\nSize: 99999999999999999999 kB\nSize:  lots kB\n"
+    expected = [(nl, d0, d1) for nl, d0, d1 in smaps_module._big_size_lines_regex(data, digits)
+                if d0 == d1 or d1 - d0 > 18 or int(data[d0:d1]) >= min_value]
+    for search in SEARCHES.values():
+        assert search(data, digits, min_value) == expected

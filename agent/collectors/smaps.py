@@ -17,9 +17,9 @@ from pathlib import Path
 from ..bounds import MAX_BYTES
 from ..discovery import DiscoveredVm
 from ..guest_ram import Backing, GuestRamMapping, attribute_guest_ram, on_internal_shm_mount
-from ..hostroot import HostReadError, HostRoot, ReadBuffer
+from ..hostroot import HostReadError, HostRoot
 from ..model import Era, HostHuge
-from ..smaps import Vma, parse_smaps_rollup, scan_large_vmas
+from ..smaps import LargeVmaScanner, Vma, parse_smaps_rollup
 from ..status import ParseError, SourceState, SourceStatus
 from ..thp import Mount, mount_for_path, parse_mountinfo
 from .base import HostFacts, VmKey, status_from_read_error, vm_key
@@ -79,7 +79,8 @@ class SmapsCollector:
         self.file_mappers = FileMappers(root)
         self._budgets: dict[VmKey, _Budget] = {}
         # Full smaps is read into one reused buffer (see scan_smaps).
-        self._buffer = ReadBuffer()
+        # Full smaps streams through one reused scanner and its small buffer (see scan_smaps).
+        self._scanner = LargeVmaScanner()
 
     def begin_sample(self) -> None:
         self.file_mappers.reset()
@@ -204,11 +205,12 @@ class SmapsCollector:
         """The VMAs of one process's smaps big enough to be guest RAM, each parsed strictly (see
         smaps.scan_large_vmas). Raises HostReadError or ParseError.
 
-        The file (megabytes for a big QEMU) is read into the collector's reused buffer rather than new
-        memory, and scanned before this returns; the Vma objects hold no reference to it, so the next
-        call may overwrite it. bench/smaps_cost.py measures this function against `cat`."""
-        data = self.root.read_bytes(path, into=self._buffer)
-        return scan_large_vmas(data, str(path), self.guest_ram_min_bytes)
+        The file (megabytes for a big QEMU) is read in chunks into the scanner's small reused buffer and
+        each chunk is scanned while it is in cache; the file is never held whole. bench/smaps_cost.py
+        measures this function against `cat`."""
+        self._scanner.start(str(path), self.guest_ram_min_bytes)
+        self.root.read_bytes(path, into=self._scanner)
+        return self._scanner.finish()
 
     def _mounts(self, vm: DiscoveredVm, statuses: list[SourceStatus]) -> list[Mount]:
         path = self.root.proc(vm.pid, "mountinfo")
