@@ -107,6 +107,19 @@ def kvm_available(qemu_binary: str = QEMU_BINARY) -> tuple[bool, str]:
     return True, ""
 
 
+def real_vm_skip_reason(root_needed_for: str) -> str | None:
+    """Why the real-VM tests of a module cannot run here (None: they can): EPTWATCH_SKIP_E2E=1, no
+    usable KVM, or not root (`root_needed_for` says what the module needs root for)."""
+    if os.environ.get("EPTWATCH_SKIP_E2E") == "1":
+        return "EPTWATCH_SKIP_E2E=1"
+    ok, why = kvm_available()
+    if not ok:
+        return f"real-VM e2e tests need KVM: {why}"
+    if not is_root():
+        return f"real-VM e2e tests need root ({root_needed_for})"
+    return None
+
+
 def ensure_debugfs(root: Path = DEBUGFS_ROOT) -> bool:
     """Mount debugfs at ``root`` if needed; True when ``root/kvm`` exists."""
     if (root / "kvm").is_dir():

@@ -42,11 +42,10 @@ from .qemu_vm import (
     QemuVm,
     SmapsVma,
     ensure_debugfs,
-    is_root,
-    kvm_available,
     mounted_tmpfs,
     proc_status,
     read_kvm_page_counts,
+    real_vm_skip_reason,
 )
 
 from eptwatch.agent import kvm_qmp
@@ -68,18 +67,7 @@ PMDS_PER_1G = 512
 AGENT_COUNTER_FILES = ("pages_4k", "pages_2m", "pages_1g", "lpages", "largepages", "nx_lpage_splits", "nx_largepages_splitted")
 
 
-def _skip_reason() -> str | None:
-    if os.environ.get("EPTWATCH_SKIP_E2E") == "1":
-        return "EPTWATCH_SKIP_E2E=1"
-    ok, why = kvm_available()
-    if not ok:
-        return f"real-VM e2e tests need KVM: {why}"
-    if not is_root():
-        return "real-VM e2e tests need root (tmpfs mounts, debugfs, other processes' smaps and fds)"
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = real_vm_skip_reason("tmpfs mounts, debugfs, other processes' smaps and fds")
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 

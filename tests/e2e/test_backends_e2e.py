@@ -36,10 +36,9 @@ from .qemu_vm import (
     QemuVm,
     SmapsVma,
     ensure_debugfs,
-    is_root,
-    kvm_available,
     mounted_tmpfs,
     read_kvm_page_counts,
+    real_vm_skip_reason,
 )
 
 from eptwatch.agent.guest_ram import Backing, GuestRamMapping, unreal_mapping_name
@@ -55,18 +54,7 @@ THP = Path("/sys/kernel/mm/transparent_hugepage")
 HUGEPAGES = Path("/sys/kernel/mm/hugepages")
 
 
-def _skip_reason() -> str | None:
-    if os.environ.get("EPTWATCH_SKIP_E2E") == "1":
-        return "EPTWATCH_SKIP_E2E=1"
-    ok, why = kvm_available()
-    if not ok:
-        return f"real-VM e2e tests need KVM: {why}"
-    if not is_root():
-        return "real-VM e2e tests need root (mounts, hugetlb reservations, debugfs, other processes' smaps)"
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = real_vm_skip_reason("mounts, hugetlb reservations, debugfs, other processes' smaps")
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 

@@ -25,9 +25,8 @@ from .qemu_vm import (
     QemuVm,
     build_guest,
     ensure_debugfs,
-    is_root,
-    kvm_available,
     mounted_tmpfs,
+    real_vm_skip_reason,
 )
 
 MIB = 1024  # smaps values are in kB
@@ -36,18 +35,7 @@ TOUCH_TIMEOUT = 90.0
 TWO_MIB = 2 << 20
 
 
-def _skip_reason() -> str | None:
-    if os.environ.get("EPTWATCH_SKIP_E2E") == "1":
-        return "EPTWATCH_SKIP_E2E=1"
-    ok, why = kvm_available()
-    if not ok:
-        return f"real-VM e2e tests need KVM: {why}"
-    if not is_root():
-        return "real-VM e2e tests need root (tmpfs mounts, debugfs)"
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = real_vm_skip_reason("tmpfs mounts, debugfs")
 _F = TypeVar("_F")
 
 

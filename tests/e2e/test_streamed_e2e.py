@@ -44,10 +44,9 @@ from .qemu_vm import (
     QemuVm,
     SmapsVma,
     ensure_debugfs,
-    is_root,
-    kvm_available,
     mounted_tmpfs,
     read_kvm_page_counts,
+    real_vm_skip_reason,
 )
 
 MEM_MIB = 512
@@ -66,13 +65,9 @@ SAMPLED_AFTER_MARGIN = 2.0
 
 
 def _skip_reason() -> str | None:
-    if os.environ.get("EPTWATCH_SKIP_E2E") == "1":
-        return "EPTWATCH_SKIP_E2E=1"
-    ok, why = kvm_available()
-    if not ok:
-        return f"real-VM e2e tests need KVM: {why}"
-    if not is_root():
-        return "real-VM e2e tests need root (tmpfs mounts, debugfs, other processes' smaps and fds)"
+    reason = real_vm_skip_reason("tmpfs mounts, debugfs, other processes' smaps and fds")
+    if reason is not None:
+        return reason
     for exe in ("eptwatch-server", "eptwatch-agent"):
         if not (BIN / exe).exists():
             return f"{BIN / exe} is not installed (pip install -e .)"
