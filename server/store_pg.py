@@ -79,6 +79,12 @@ _SCHEMA = (
         report BYTEA NOT NULL,
         ingest_id BIGINT NOT NULL
     )""",
+    # When the host's agent closed its stream cleanly (it stopped), NULL while it reports; and a count of
+    # the streams that started carrying the host, on any replica. Written by PgDepartedLog (see there);
+    # a change of departed_at is stamped with an ingest id like a report, so followers see it. Added to
+    # version 1 in place (idempotent ALTERs, which CockroachDB and YugabyteDB accept as well).
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS departed_at DOUBLE PRECISION",
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS stream_epoch BIGINT NOT NULL DEFAULT 0",
     "CREATE INDEX IF NOT EXISTS hosts_by_ingest_id ON hosts (ingest_id)",
     "CREATE TABLE IF NOT EXISTS ingest_clock (id INT PRIMARY KEY, last_id BIGINT NOT NULL)",
     "INSERT INTO ingest_clock (id, last_id) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
@@ -108,6 +114,7 @@ class FollowedHost:
     received: float
     report_bytes: bytes
     spool_dropped_total: int  # of the agent instance that sent the report
+    departed_at: float | None = None  # when its agent closed its stream cleanly; None: it reports
 
     def report(self) -> report_pb2.HostReport:
         r = report_pb2.HostReport()
@@ -202,12 +209,13 @@ class PgStore:
         with self._pool.connection() as c:
             rows = c.execute(
                 "SELECT h.host_id, h.agent_instance, h.sequence, h.sample_time, h.received, h.report, h.ingest_id, "
-                "COALESCE(a.spool_dropped_total, 0) FROM hosts h LEFT JOIN agents a "
+                "COALESCE(a.spool_dropped_total, 0), h.departed_at FROM hosts h LEFT JOIN agents a "
                 "ON a.host_id = h.host_id AND a.agent_instance = h.agent_instance "
                 f"WHERE {where} ORDER BY h.ingest_id, h.host_id LIMIT %s", args,
             ).fetchall()
-        return [FollowedHost(int(iid), h, inst, int(seq), float(st), float(rcv), bytes(blob), int(dropped))
-                for h, inst, seq, st, rcv, blob, iid, dropped in rows]
+        return [FollowedHost(int(iid), h, inst, int(seq), float(st), float(rcv), bytes(blob), int(dropped),
+                             None if gone is None else float(gone))
+                for h, inst, seq, st, rcv, blob, iid, dropped, gone in rows]
 
     def ingest_high_water(self) -> int:
         """The highest ingest id committed: every change up to it is visible now, so a follower that
@@ -437,7 +445,7 @@ class PgStore:
                 "INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, report, ingest_id) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (host_id) DO UPDATE SET "
                 "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
-                "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id "
+                "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id, departed_at = NULL "
                 "WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id",
                 host_rows, returning=True,
             )
@@ -477,6 +485,141 @@ class PgStore:
             for h, i, last in rows:
                 marks[(h, i)] = int(last)
         return marks
+
+
+class _DepartedMeanwhile(Exception):
+    """A host whose stream starts here was departed by another replica in the middle of the write."""
+
+
+class PgDepartedLog:
+    """Which hosts departed (their agent closed its stream cleanly), in the shared store: the same role as
+    the SQLite store's DepartedLog (durable across restarts; `record` only queues, a small thread of its
+    own writes, never on the ingest path), and every replica sees it.
+
+    An agent that rotates closes its stream on one replica and opens one on another at once; only an agent
+    that stops should show as departed. So every stream that starts carrying a host says so (`record(host,
+    None)`: the host's `stream_epoch` goes up, and a departure is cleared), and a clean end departs the host
+    only if no stream started carrying it since this replica's own did (`stream_epoch` unchanged). Both
+    replicas' writes may land in either order and the result is the same. A departure or return is stamped
+    with an ingest id, as a report is, so followers on the other replicas pick it up within the staleness
+    bound. Where even that is undone (a host new to the store, whose row did not exist yet when its stream
+    started), the replica carrying the live stream settles it when it sees the departure
+    (`SharedFleetState.apply_followed`). A lost write (the process killed before it lands) costs only how
+    one host is shown until it reports."""
+
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+        self.path = store.where  # what logs may say
+        self._queue: queue.Queue[tuple[str, float | None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        # host -> the stream_epoch this replica's stream of it set (0: the row did not exist yet).
+        # Only the writer thread touches it.
+        self._epochs: dict[str, int] = {}
+        self.writes_failed_total = 0
+
+    def load(self) -> dict[str, float]:
+        """host -> when it departed."""
+        with self._store._pool.connection() as c:
+            rows = c.execute("SELECT host_id, departed_at FROM hosts WHERE departed_at IS NOT NULL").fetchall()
+        return {h: float(at) for h, at in rows}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="eptwatch-pg-departed-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, host_id: str, departed_at: float | None) -> None:
+        """Queue a departure (`departed_at`) or a stream starting to carry the host (None); written in order."""
+        self._queue.put((host_id, departed_at))
+
+    def close(self) -> None:
+        """Writes what is queued, then stops."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            stop = False
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            self.write(items)
+            if stop:
+                return
+
+    def write(self, items: Sequence[tuple[str, float | None]]) -> None:
+        """Apply stream starts and departures in one transaction; a host's last word wins."""
+        carried = sorted({h for h, at in items if at is None})
+        departs = sorted((h, at) for h, at in dict(items).items() if at is not None)
+        try:
+            clock = False
+            for attempt in range(RETRIES):
+                try:
+                    epochs = self._write(carried, departs, clock)
+                    break
+                except _DepartedMeanwhile:
+                    clock = True  # again, taking the clock first (never after the rows: see _write)
+                except _RETRYABLE:
+                    if attempt == RETRIES - 1:
+                        raise
+                    time.sleep(0.01 * (attempt + 1))
+        except (psycopg.Error, RuntimeError) as exc:
+            self.writes_failed_total += 1
+            log.warning("PostgreSQL store %s: %d departure(s) and stream start(s) not recorded: %s", self.path, len(items),
+                        str(exc).strip())
+            return
+        self._epochs.update(epochs)
+        for h, _ in departs:
+            self._epochs.pop(h, None)
+
+    def _write(self, carried: list[str], departs: list[tuple[str, float]], clock: bool) -> dict[str, int]:
+        epochs: dict[str, int] = {}
+        with self._store._pool.connection() as c, c.transaction():
+            need_clock = clock or bool(departs) or (bool(carried) and c.execute(
+                "SELECT 1 FROM hosts WHERE host_id = ANY(%s) AND departed_at IS NOT NULL LIMIT 1", (carried,)).fetchone() is not None)
+            ingest_id = 0
+            if need_clock:
+                # The clock first, then the rows: the order the ingest writer takes them in.
+                row = c.execute("UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id").fetchone()
+                if row is None:
+                    raise RuntimeError("the ingest_clock row is missing")
+                ingest_id = int(row[0])
+            if carried:
+                if need_clock:  # some host returns: its row changes for followers
+                    rows = c.execute("UPDATE hosts SET stream_epoch = stream_epoch + 1, departed_at = NULL, ingest_id = "
+                                     "CASE WHEN departed_at IS NULL THEN ingest_id ELSE %s END WHERE host_id = ANY(%s) "
+                                     "RETURNING host_id, stream_epoch", (ingest_id, carried)).fetchall()
+                else:  # nothing a follower shows changes: no ingest id, no wait for the clock row
+                    rows = c.execute("UPDATE hosts SET stream_epoch = stream_epoch + 1 WHERE host_id = ANY(%s) AND departed_at IS NULL "
+                                     "RETURNING host_id, stream_epoch", (carried,)).fetchall()
+                    if len(rows) < len(carried):
+                        got = {r[0] for r in rows}
+                        if c.execute("SELECT 1 FROM hosts WHERE host_id = ANY(%s) LIMIT 1",
+                                     ([h for h in carried if h not in got],)).fetchone() is not None:
+                            # Another replica departed one of them since the check above: it returns now,
+                            # which followers must see (a new ingest id, so the clock row).
+                            raise _DepartedMeanwhile
+                epochs = {h: 0 for h in carried}  # no row yet: the report that makes it starts at 0
+                epochs.update((h, int(e)) for h, e in rows)
+            unknown = [(at, ingest_id, h) for h, at in departs if h not in epochs and h not in self._epochs]
+            known = [(at, ingest_id, h, epochs.get(h, self._epochs.get(h))) for h, at in departs if h in epochs or h in self._epochs]
+            if known:
+                # Only if no stream started carrying the host since ours did: a rotating agent is no departure.
+                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s WHERE host_id = %s AND stream_epoch = %s", known)
+            if unknown:
+                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s WHERE host_id = %s", unknown)
+        return epochs
 
 
 class PgReportReader:
