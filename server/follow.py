@@ -20,7 +20,7 @@ from typing import Protocol
 from google.protobuf.message import DecodeError
 
 from .fleet import FleetState, HostSummary, summarise
-from .store_pg import FollowedHost
+from .store_pg import FollowedHost, PgReportReader, decode_summary
 
 log = logging.getLogger("eptwatch.server.follow")
 
@@ -40,6 +40,8 @@ class Followable(Protocol):
     def ingest_high_water(self) -> int: ...
 
     def hold_lease(self, name: str, holder: str, ttl_seconds: float) -> bool: ...
+
+    def report_reader(self) -> PgReportReader: ...
 
 
 class SharedFleetState(FleetState):
@@ -156,7 +158,13 @@ class StoreFollower:
                 summary = dataclasses.replace(cur, received=h.received)
         else:
             try:
-                summary = summarise(h.report(), h.received, h.spool_dropped_total)
+                # The committing replica's summary where it left one: no report to parse and walk here.
+                summary = decode_summary(h)
+                if summary is None:
+                    r = h.report() if h.report_bytes is not None else self.store.report_reader().latest(h.host_id)
+                    if r is None:
+                        return  # the row is gone (deleted by hand)
+                    summary = summarise(r, h.received, h.spool_dropped_total)
             except (ValueError, DecodeError) as exc:
                 # One bad row costs only its host: the cursor moves on past it.
                 log.warning("followed report of host %r not loaded: %s", h.host_id[:80], exc)

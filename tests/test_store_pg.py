@@ -343,3 +343,47 @@ def test_departures_are_kept_in_the_store_followed_by_other_replicas_and_cleared
     finally:
         writer.close()
         mine.close()
+
+
+def test_followers_take_the_committing_replicas_summary_and_fall_back_to_the_report(pg_dsn: str) -> None:
+    """A replica stores each host's summary beside its report; another replica's follower takes it as
+    the summary it would have made itself, and summarises the report where the summary is missing,
+    broken, or belongs to another report than the row's."""
+    import dataclasses
+
+    from eptwatch.server import follow
+    from eptwatch.server.fleet import FleetState, summarise
+    from eptwatch.server.store_pg import decode_summary
+    from eptwatch.server.validate import report_totals
+
+    from .test_streaming import report
+
+    writer, mine = PgStore(pg_dsn), PgStore(pg_dsn)
+    writer.start()
+    try:
+        r = report(3, host="hv-sum", instance="s", fixture="anon-thp")
+        r.labels["rack"] = "r1"
+
+        async def put() -> None:
+            await writer.submit([Incoming(r, r.SerializeToString(), 7, report_totals(r))])
+
+        asyncio.run(put())
+        (row,) = mine.reports_since(0)
+        assert row.summary is not None and row.report_bytes is None  # the report itself is not sent
+        expected = dataclasses.replace(summarise(r, row.received, 7), spool_dropped_total=row.spool_dropped_total)
+        assert decode_summary(row) == expected and expected.vms > 0 and expected.labels == (("rack", "r1"),)
+        fleet = FleetState()
+        assert follow.StoreFollower(mine, fleet).poll_once() == 1
+        assert fleet.get("hv-sum") == expected
+        # A summary that is not its row's, or does not decode: the row's report is summarised instead.
+        assert decode_summary(dataclasses.replace(row, sequence=4)) is None
+        assert decode_summary(dataclasses.replace(row, summary='["s", 3')) is None
+        assert decode_summary(dataclasses.replace(row, summary=row.summary.replace('"s",3', '"s",true'))) is None
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute("UPDATE hosts SET summary = '[1]', ingest_id = 1000")
+        other = FleetState()
+        assert follow.StoreFollower(mine, other).poll_once() == 1
+        assert other.get("hv-sum") == expected
+    finally:
+        writer.close()
+        mine.close()
