@@ -15,7 +15,8 @@ from eptwatch.v1 import report_pb2 as pb
 
 from .fleet import ERA_NAMES, FleetView, HostSummary, host_status
 from .page import _age, _pct, _utc, cause_name, causes_cell, e, page, table
-from .query import ReportReader, host_detail
+from .query import host_detail
+from .storebase import LatestReports
 
 MIB = 1 << 20
 MAX_ID_SHOWN = 200  # characters of an unknown host id echoed on the 404 page
@@ -134,7 +135,7 @@ Hosts it knows: <a href="/api/v1/hosts?status=all">/api/v1/hosts?status=all</a>.
 HTML = "text/html; charset=utf-8"
 
 
-def host_page_response(v: FleetView, reader: ReportReader, raw_id: str, title: str = "eptwatch fleet") -> tuple[int, str, bytes]:
+def host_page_response(v: FleetView, reader: LatestReports, raw_id: str, title: str = "eptwatch fleet") -> tuple[int, str, bytes]:
     """GET /hosts/{raw_id}: the id arrives URL-quoted (the fleet page quotes every link it makes)."""
     host_id = unquote(raw_id)
     d = host_detail(v, reader, host_id)
