@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.pg import _start as start_postgres
 
     template = pb.HostReport.FromString(sampled_report_bytes("linux-5.3-unfixed"))
-    pg = start_postgres()
+    pg = start_postgres(fsync=True)  # commits flushed to disk, as in production (the tests' cluster runs without)
     work = Path(tempfile.mkdtemp(prefix="eptwatch-lag-", dir="/tmp"))
     procs: list[subprocess.Popen[bytes]] = []
     try:

@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
             from tests.pg import _start as start_postgres
 
-            pg = start_postgres()
+            pg = start_postgres(fsync=True)  # commits flushed to disk, as in production (the tests' cluster runs without)
             state_url = pg.new_database()
             global POSTMASTER_PID
             POSTMASTER_PID = int((pg.data / "postmaster.pid").read_text().split()[0])
