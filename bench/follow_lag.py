@@ -22,11 +22,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
+import multiprocessing as mp
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -62,9 +63,10 @@ async def send(target: str, report: pb.HostReport) -> int:
 FOLLOW_INTERVAL_SECONDS = 0.5  # server/follow.py
 
 
-def background(targets: list[str], template: pb.HostReport, streams: int, interval: float, stop: threading.Event,
-               counts: dict[str, int]) -> None:
-    """`streams` long-lived streams, each sending one report of its own host every `interval` seconds."""
+def background(targets: list[str], template_bytes: bytes, streams: int, interval: float, stop: Any, acked: Any) -> None:
+    """`streams` long-lived streams, each sending one report of its own host every `interval` seconds.
+    In a process of its own: grpc.aio wants one event loop per process."""
+    template = pb.HostReport.FromString(template_bytes)
     async def one(k: int) -> None:
         async with grpc.aio.insecure_channel(targets[k % len(targets)]) as ch:
             call = ingest_pb2_grpc.IngestStub(ch).Stream(timeout=3600)
@@ -79,7 +81,8 @@ def background(targets: list[str], template: pb.HostReport, streams: int, interv
                 r.sample_time.FromNanoseconds(time.time_ns())
                 await call.write(ingest_pb2.AgentMessage(reports=[r]))
                 await call.read()
-                counts["acked"] += 1
+                with acked.get_lock():
+                    acked.value += 1
                 await asyncio.sleep(interval)
             await call.done_writing()
 
@@ -115,16 +118,17 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(proc)
             wait_http_ready(f"http://127.0.0.1:{http}/readyz", proc, log, 30)
         (a_grpc, _), (b_grpc, b_http) = ports
-        stop, counts = threading.Event(), {"acked": 0}
+        ctx = mp.get_context("spawn")
+        stop, acked_bg = ctx.Event(), ctx.Value("q", 0)
         bg = None
         if args.background:
-            bg = threading.Thread(target=background, args=([f"127.0.0.1:{a_grpc}", f"127.0.0.1:{b_grpc}"], template, args.background,
-                                                           args.background_interval, stop, counts), daemon=True)
+            bg = ctx.Process(target=background, args=([f"127.0.0.1:{a_grpc}", f"127.0.0.1:{b_grpc}"], template.SerializeToString(),
+                                                      args.background, args.background_interval, stop, acked_bg), daemon=True)
             bg.start()
             time.sleep(2 * args.background_interval)
         lags: list[float] = []
         started = time.monotonic()
-        acked_before = counts["acked"]
+        acked_before = acked_bg.value
         for i in range(args.reports):
             time.sleep(random.uniform(0, FOLLOW_INTERVAL_SECONDS))
             r = pb.HostReport()
@@ -139,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"{r.host_id} not visible on replica B after 30 s")
                 time.sleep(args.poll)
             lags.append(time.monotonic() - acked)
-        bg_rate = (counts["acked"] - acked_before) / (time.monotonic() - started)
+        bg_rate = (acked_bg.value - acked_before) / (time.monotonic() - started)
         stop.set()
         if bg is not None:
             bg.join(30)
+            if bg.is_alive():
+                bg.kill()
         p50, p99, worst = pct(lags, 0.5), pct(lags, 0.99), max(lags)
         out = {"machine": {**machine(), "loadavg": open("/proc/loadavg").read().split()[:3]}, "reports": len(lags),
                "background_streams": args.background, "background_reports_per_s": round(bg_rate, 1), "lag_p50_s": p50, "lag_p99_s": p99, "lag_max_s": worst,
