@@ -66,6 +66,15 @@ BIN = Path(sys.executable).parent
 TARGET_SATURATED = 5000.0  # reports per aggregator core-second, hot streams
 TARGET_FLEET = 3000.0  # reports per aggregator core-second, paced fleet
 TARGET_BARE_RATIO = 0.6  # aggregator rate / bare server rate, per core-second
+SERVER_CPUS: set[int] | None = None  # --server-cpus
+POSTMASTER_PID: int | None = None  # --private-postgres
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # --- reports -----------------------------------------------------------------------------------
@@ -150,8 +159,11 @@ class Server:
 
     def _spawn(self, args: list[str], k: int = 0) -> subprocess.Popen[bytes]:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        cpus = SERVER_CPUS
         with open(self.workdir / f"{self.kind}-{k}.log", "ab") as log:
-            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            # Pinned before exec, so every thread the server starts is (--server-cpus).
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.procs.append(proc)
         return proc
 
@@ -231,6 +243,8 @@ class BareServer(Server):
 
 def client_main(spec: dict[str, Any], conn: Any) -> None:
     clear_proxy_env()
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, spec["cpus"])  # before gRPC starts its threads (--client-cpus)
     try:
         result = asyncio.run(_client(spec, conn))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -351,7 +365,8 @@ def run_phase(server: Server, phase: dict[str, Any], body: bytes, args: argparse
     for k in range(n_procs):
         parent, child = ctx.Pipe()
         spec = {"target": server.target, "body": body, "batch": phase["batch"], "window": args.window,
-                "interval": phase["interval"], "streams": streams[k::n_procs], "gzip": not args.no_gzip, "seed": k}
+                "interval": phase["interval"], "streams": streams[k::n_procs], "gzip": not args.no_gzip, "seed": k,
+                "cpus": args.client_cpus}
         procs.append(ctx.Process(target=client_main, args=(spec, child), daemon=True))
         pipes.append(parent)
     for p in procs:
@@ -371,10 +386,10 @@ def run_phase(server: Server, phase: dict[str, Any], body: bytes, args: argparse
         time.sleep(max(0.0, t_m0 - time.monotonic() - 0.25))
         before = server.counters()
         time.sleep(max(0.0, t_m0 - time.monotonic()))
-        cpu0, busy0, wall0 = server.cpu(), machine_busy(), time.monotonic()
+        cpu0, busy0, wall0, pg0 = server.cpu(), machine_busy(), time.monotonic(), postgres_cpu()
         ccpu0 = sum(cpu_seconds(p.pid) for p in procs if p.pid)
         time.sleep(max(0.0, t_m1 - time.monotonic()))
-        cpu1, busy1, wall1 = server.cpu(), machine_busy(), time.monotonic()
+        cpu1, busy1, wall1, pg1 = server.cpu(), machine_busy(), time.monotonic(), postgres_cpu()
         ccpu1 = sum(cpu_seconds(p.pid) for p in procs if p.pid)
         after = server.counters()
         results = []
@@ -408,6 +423,9 @@ def run_phase(server: Server, phase: dict[str, Any], body: bytes, args: argparse
         "reports_per_core_s": round(acked / cpu, 1) if cpu > 0 else None,
         "server_cpu_us_per_report": round(cpu / acked * 1e6, 1) if acked else None,
         "client_cpu_s": round(ccpu1 - ccpu0, 3),
+        # The shared PostgreSQL's CPU in the window (the aggregator's only; None for the bare server or
+        # without --private-postgres): where the rest of a core goes.
+        "postgres_cpu_s": round(pg1 - pg0, 3) if server.kind == "aggregator" and pg0 is not None and pg1 is not None else None,
         "machine_busy": round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 3),
         "latency_p50_ms": round(p50 * 1e3, 2) if p50 is not None else None,
         "latency_p99_ms": round(p99 * 1e3, 2) if p99 is not None else None,
@@ -415,6 +433,9 @@ def run_phase(server: Server, phase: dict[str, Any], body: bytes, args: argparse
         "acks_by_status": dict(status), "stream_errors": sum(r["n_errors"] for r in results),
         "error_samples": [e for r in results for e in r["errors"]][:3],
     }
+    if out["postgres_cpu_s"] is not None:
+        out["postgres_cores"] = round(out["postgres_cpu_s"] / wall, 3)
+        out["postgres_cpu_us_per_report"] = round(out["postgres_cpu_s"] / acked * 1e6, 1) if acked else None
     if phase["interval"]:
         # Paced: the load is the offered one only if the server (and the clients) kept up with it.
         out["kept_pace"] = out["reports_per_s"] >= 0.95 * out["offered_reports_per_s"]
@@ -442,15 +463,34 @@ def phases(args: argparse.Namespace) -> list[dict[str, Any]]:
     return out
 
 
+def postgres_cpu() -> float | None:
+    """CPU seconds of the private PostgreSQL: its postmaster and every process it forked (backends,
+    WAL writer, checkpointer). None without --private-postgres."""
+    if POSTMASTER_PID is None:
+        return None
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(d.name) == POSTMASTER_PID or int(fields[1]) == POSTMASTER_PID:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("phase", "server", "streams", "rep/msg", "reports/s", "srv CPU s", "srv cores", "rep/core-s", "us/rep",
-            "vs bare", "p50 ms", "p99 ms", "rep/commit")
+            "vs bare", "p50 ms", "p99 ms", "rep/commit", "pg cores", "pg us/rep")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         lines.append(" | ".join(str(x if x is not None else "-") for x in (
             r["phase"], r["server"], r["streams"], r["reports_per_message"], r["reports_per_s"], r["server_cpu_s"],
             r["server_cores"], r["reports_per_core_s"], r["server_cpu_us_per_report"], r.get("ratio_to_bare", "-"),
-            r["latency_p50_ms"], r["latency_p99_ms"], r.get("reports_per_commit", "-"))))
+            r["latency_p50_ms"], r["latency_p99_ms"], r.get("reports_per_commit", "-"), r.get("postgres_cores"),
+            r.get("postgres_cpu_us_per_report"))))
     return "\n".join("| " + ln + " |" for ln in lines)
 
 
@@ -491,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                    "one state directory per process)")
     p.add_argument("--private-postgres", action="store_true", help="start a private PostgreSQL (Debian's postgresql, as "
                    "tests/pg.py does) in a temporary directory and share it (implies --state)")
+    p.add_argument("--server-cpus", metavar="LIST", help="pin the servers (and the private PostgreSQL) to these CPUs, e.g. 0")
+    p.add_argument("--client-cpus", metavar="LIST", help="pin the load generators to these CPUs, e.g. 1")
     p.add_argument("--only", metavar="PHASES", help="run only these phases (comma-separated names, e.g. backlog-50)")
     p.add_argument("--no-gzip", action="store_true", help="send uncompressed (the agent compresses with gzip)")
     p.add_argument("--json", metavar="FILE", help="write all results as JSON")
@@ -506,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = min(args.duration, 3.0)
         args.warmup = min(args.warmup, 1.0)
     args.hot = [int(x) for x in str(args.hot).split(",") if x.strip()]
+    global SERVER_CPUS
+    SERVER_CPUS = {int(x) for x in args.server_cpus.split(",")} if args.server_cpus else None
+    args.client_cpus = sorted({int(x) for x in args.client_cpus.split(",")}) if args.client_cpus else None
     kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
 
     started = time.time()
@@ -514,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"machine": {**machine(), "loadavg_before": open("/proc/loadavg").read().split()[:3]},
             "report_bytes": size, "vms_per_report": args.vms, "gzip": not args.no_gzip,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
-            "sqlite_synchronous": "FULL"}
+            "sqlite_synchronous": "FULL", "server_cpus": args.server_cpus, "client_cpus": args.client_cpus}
     print(f"report: {args.vms} VMs, {size} bytes; machine: {info['machine']}", file=sys.stderr)
 
     work = Path(tempfile.mkdtemp(prefix="eptwatch-bench-", dir="/tmp"))
@@ -527,8 +572,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
             from tests.pg import _start as start_postgres
 
-            pg = start_postgres()
+            pg = start_postgres(fsync=True)  # commits flushed to disk, as in production (the tests' cluster runs without)
             state_url = pg.new_database()
+            global POSTMASTER_PID
+            POSTMASTER_PID = int((pg.data / "postmaster.pid").read_text().split()[0])
+            if SERVER_CPUS:  # its backends, forked later, inherit it
+                for pid in [POSTMASTER_PID, *(int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
+                                              and _ppid(int(d.name)) == POSTMASTER_PID)]:
+                    os.sched_setaffinity(pid, SERVER_CPUS)
         if state_url:
             info["store"] = "postgresql"
         if "aggregator" in kinds:

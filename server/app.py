@@ -33,7 +33,8 @@ from .store import DepartedLog, Store
 from .storebase import is_postgres_url, open_store
 
 if TYPE_CHECKING:
-    from .follow import Followable, NoDepartedLog, StoreFollower
+    from .follow import Followable, StoreFollower
+    from .store_pg import PgDepartedLog, PgStore
 
 log = logging.getLogger("eptwatch.server")
 
@@ -154,15 +155,16 @@ class Aggregator:
                                 commit_delay_seconds=cfg.store_commit_delay_seconds)
         self.follower: StoreFollower | None = None
         self._follow_task: asyncio.Task[None] | None = None
-        self.departed: DepartedLog | NoDepartedLog
+        self.departed: DepartedLog | PgDepartedLog
         self.fleet: FleetState
         if is_postgres_url(cfg.state_dir):
-            from .follow import NoDepartedLog, SharedFleetState, StoreFollower
+            from .follow import SharedFleetState, StoreFollower
+            from .store_pg import PgDepartedLog
 
-            # A shared store: this replica serves the whole fleet by following what every replica commits.
-            # A clean stream end is no departure there (the agent rotates to another replica).
-            self.departed = NoDepartedLog()
-            self.fleet = SharedFleetState(self.fleet_config())
+            # A shared store: this replica serves the whole fleet by following what every replica commits,
+            # departures included (they are kept in the store, where every replica sees them).
+            self.departed = PgDepartedLog(cast("PgStore", self.store))
+            self.fleet = SharedFleetState(self.fleet_config(), on_departed=self.departed.record)
             self.follower = StoreFollower(cast("Followable", self.store), self.fleet)
         else:
             # Departures are durable: a host whose agent stopped cleanly is still departed after a restart.

@@ -497,7 +497,9 @@ class FleetState:
         self._by_received = [(h.received, k) for k, h in self._hosts.items() if self._counted(k)]
         heapq.heapify(self._by_received)
 
-    def put(self, summary: HostSummary) -> None:
+    def put(self, summary: HostSummary, tell_return: bool = True) -> None:
+        """A host's newest report. It is back if it had departed; `tell_return=False` when that is known
+        to the store already (a change followed from a shared store)."""
         with self._lock:
             host_id = summary.host_id
             current = self._hosts.get(host_id)
@@ -506,7 +508,7 @@ class FleetState:
             # An invalid report never holds back a later valid one (its sample time may be the absurd part).
             if current is None or summary.sample_time >= current.sample_time or current.problem:
                 current = self._hosts[host_id] = summary
-            self._returned(host_id)
+            self._returned(host_id, tell_return)
             self._stale.discard(host_id)  # judged again at the next view, on the kept report's receive time
             if current.problem:
                 self._invalid.add(host_id)
@@ -515,11 +517,11 @@ class FleetState:
                 self._count(current)
             self._view = None
 
-    def _returned(self, host_id: str) -> None:
+    def _returned(self, host_id: str, tell: bool = True) -> None:
         """The host reports here again: no longer departed. Called with the lock held."""
         if host_id in self._departed:
             self._departed.discard(host_id)
-            if self._on_departed is not None:
+            if tell and self._on_departed is not None:
                 self._on_departed(host_id, None)
 
     def mark_departed(self, host_ids: Iterable[str]) -> None:

@@ -19,8 +19,8 @@ from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
-from .fleet import FleetState, summarise
-from .store_pg import FollowedHost
+from .fleet import FleetState, HostSummary, summarise
+from .store_pg import FollowedHost, PgReportReader, decode_summary
 
 log = logging.getLogger("eptwatch.server.follow")
 
@@ -41,32 +41,67 @@ class Followable(Protocol):
 
     def hold_lease(self, name: str, holder: str, ttl_seconds: float) -> bool: ...
 
+    def report_reader(self) -> PgReportReader: ...
+
 
 class SharedFleetState(FleetState):
-    """The fleet state of a replica on a shared store. A stream that ends cleanly (`departing`) on this
-    replica does not take its hosts out of the view: with a shared store an agent that rotates goes on
-    reporting through another replica, and this replica keeps following it. A host that stops for good
-    leaves by going stale, as everywhere."""
+    """The fleet state of a replica on a shared store, where departures are the store's (`PgDepartedLog`).
+    Every stream that starts carrying a host tells the store (`on_departed(host, None)`), and a stream
+    that ends cleanly asks it to depart the host (`on_departed(host, when)`), which it does only if no
+    stream elsewhere started carrying the host since: an agent that rotates to another replica is not
+    departed, one that stops is. What the store then says arrives through the follower
+    (`apply_followed`), here as on every other replica, within the staleness bound."""
+
+    def _returned(self, host_id: str, tell: bool = True) -> None:
+        super()._returned(host_id, False)  # the store hears of streams starting instead (stream_carries)
+
+    def stream_carries(self, host_id: str) -> None:
+        with self._lock:
+            n = self._streams.get(host_id, 0)
+            self._streams[host_id] = n + 1
+            if host_id in self._departed:
+                self._departed.discard(host_id)
+                h = self._hosts.get(host_id)
+                if h is not None and host_id not in self._invalid:
+                    self._count(h)
+                self._view = None
+            if n == 0 and self._on_departed is not None:
+                self._on_departed(host_id, None)
 
     def stream_ended(self, host_ids: Iterable[str], clean: bool) -> None:
-        super().stream_ended(host_ids, clean=False)
+        with self._lock:
+            for h in host_ids:
+                n = self._streams.get(h, 0) - 1
+                if n > 0:
+                    self._streams[h] = n
+                    continue
+                self._streams.pop(h, None)
+                if clean and h in self._hosts and self._on_departed is not None:
+                    self._on_departed(h, self._clock())
 
-
-class NoDepartedLog:
-    """On a shared store no departure is recorded: a clean stream end is an agent rotating to another
-    replica (SharedFleetState), and a host that stopped leaves by going stale."""
-
-    def load(self) -> dict[str, float]:
-        return {}
-
-    def start(self) -> None:
-        pass
-
-    def record(self, host_id: str, departed_at: float | None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    def apply_followed(self, summary: HostSummary | None, host_id: str, departed_at: float | None) -> None:
+        """A change of a host's row in the store: its latest report (None: the one held already) and
+        whether it is departed. Never told back to the store, except where this replica carries a
+        live stream of a host the store says departed: the agent rotated here, and the other replica's
+        departure landed after this one's return; writing the return again settles it."""
+        if summary is not None:
+            self.put(summary, tell_return=False)
+        with self._lock:
+            if departed_at is None:
+                if host_id in self._departed:
+                    self._departed.discard(host_id)
+                    h = self._hosts.get(host_id)
+                    if h is not None and host_id not in self._invalid:
+                        self._count(h)
+            elif host_id in self._streams:
+                if self._on_departed is not None:
+                    self._on_departed(host_id, None)
+            elif host_id in self._hosts and host_id not in self._departed:
+                if self._counted(host_id):
+                    self._rollups.add(self._hosts[host_id], -1)
+                self._stale.discard(host_id)
+                self._departed.add(host_id)
+            self._view = None
 
 
 class StoreFollower:
@@ -114,20 +149,31 @@ class StoreFollower:
 
     def _apply(self, h: FollowedHost) -> None:
         cur = self.fleet.get(h.host_id)
+        summary: HostSummary | None = None
         if cur is not None and (cur.agent_instance, cur.sequence, cur.sample_time) == (h.agent_instance, h.sequence, h.sample_time):
-            # This replica applied it itself: only the receive time is taken from the store, so that every
-            # replica judges staleness on the same instant (the committing transaction's).
+            # This replica applied it itself (or the change is a departure or return): only the receive
+            # time is taken from the store, so that every replica judges staleness on the same instant
+            # (the committing transaction's).
             if cur.received != h.received:
-                self.fleet.put(dataclasses.replace(cur, received=h.received))
-            return
-        try:
-            summary = summarise(h.report(), h.received, h.spool_dropped_total)
-        except (ValueError, DecodeError) as exc:
-            # One bad row costs only its host: the cursor moves on past it.
-            log.warning("followed report of host %r not loaded: %s", h.host_id[:80], exc)
-            return
-        self.fleet.put(summary)
-        self.hosts_followed_total += 1
+                summary = dataclasses.replace(cur, received=h.received)
+        else:
+            try:
+                # The committing replica's summary where it left one: no report to parse and walk here.
+                summary = decode_summary(h)
+                if summary is None:
+                    r = h.report() if h.report_bytes is not None else self.store.report_reader().latest(h.host_id)
+                    if r is None:
+                        return  # the row is gone (deleted by hand)
+                    summary = summarise(r, h.received, h.spool_dropped_total)
+            except (ValueError, DecodeError) as exc:
+                # One bad row costs only its host: the cursor moves on past it.
+                log.warning("followed report of host %r not loaded: %s", h.host_id[:80], exc)
+                return
+            self.hosts_followed_total += 1
+        if isinstance(self.fleet, SharedFleetState):
+            self.fleet.apply_followed(summary, h.host_id, h.departed_at)
+        elif summary is not None:
+            self.fleet.put(summary)
 
     async def run(self) -> None:
         while True:

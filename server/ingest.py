@@ -328,7 +328,7 @@ class IngestServicer:
         # stored latest. Holding every report's bytes of a 50-report backlog until the commit costs
         # more (memory churn) than the writer serialising the rare other one that wins.
         dropped = msg.spool_dropped_total
-        accepted = [(i, Incoming(r, got.report_bytes(i) if last[r.host_id] == i else None, dropped), checked)
+        accepted = [(i, Incoming(r, got.report_bytes(i) if last[r.host_id] == i else None, dropped, checked), checked)
                     for i, r, checked in checked_reports]
         future = self.store.submit([inc for _, inc, _ in accepted])
         future.add_done_callback(lambda f: self._applied(accepted, f))

@@ -87,6 +87,9 @@ class Incoming:
     # host's stored latest report (in a replayed backlog, most are superseded within the transaction).
     payload: bytes | None = None
     spool_dropped_total: int = 0
+    # The report's validate.ReportTotals from the ingest checks, if they ran: a store that keeps a summary
+    # beside the report (PostgreSQL, for other replicas to follow) makes it without walking the report again.
+    totals: Any = None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization failur
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -54,6 +55,8 @@ from .store import (
     _wake,
     sample_seconds,
 )
+from .fleet import HostSummary, summarise
+from .fleet import _shared as shared  # interned like the summaries ingest makes
 from .storebase import redact_dsn
 
 log = logging.getLogger("eptwatch.server.store_pg")
@@ -79,6 +82,15 @@ _SCHEMA = (
         report BYTEA NOT NULL,
         ingest_id BIGINT NOT NULL
     )""",
+    # When the host's agent closed its stream cleanly (it stopped), NULL while it reports; and a count of
+    # the streams that started carrying the host, on any replica. Written by PgDepartedLog (see there);
+    # a change of departed_at is stamped with an ingest id like a report, so followers see it. Added to
+    # version 1 in place (idempotent ALTERs, which CockroachDB and YugabyteDB accept as well).
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS departed_at DOUBLE PRECISION",
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS stream_epoch BIGINT NOT NULL DEFAULT 0",
+    # The host's summary as the committing replica made it (JSON, `encode_summary`): followers on other
+    # replicas take it instead of parsing and walking the report. NULL where the writer had none.
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS summary TEXT",
     "CREATE INDEX IF NOT EXISTS hosts_by_ingest_id ON hosts (ingest_id)",
     "CREATE TABLE IF NOT EXISTS ingest_clock (id INT PRIMARY KEY, last_id BIGINT NOT NULL)",
     "INSERT INTO ingest_clock (id, last_id) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
@@ -88,8 +100,23 @@ _SCHEMA = (
 # Transient conflicts between concurrent transactions: the whole transaction is run again.
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 RETRIES = 8
-# Keys per statement when locking marks (two parameters each; PostgreSQL allows 65535 per statement).
-_LOCK_CHUNK = 1000
+# The statements of a commit take their rows as arrays (unnest), so each is one fixed text: prepared once
+# per connection, whatever the batch; CockroachDB and YugabyteDB accept unnest of several arrays too.
+_LOCK_MARKS = ("SELECT host_id, agent_instance, last_sequence FROM agents WHERE (host_id, agent_instance) IN "
+               "(SELECT k.h, k.i FROM unnest(%b::text[], %b::text[]) AS k(h, i)) ORDER BY host_id, agent_instance FOR UPDATE")
+_READ_LATEST = "SELECT host_id, sample_time FROM hosts WHERE host_id = ANY(%b::text[])"
+_UPDATE_MARKS = ("UPDATE agents SET last_sequence = v.s, applied_total = agents.applied_total + v.n, "
+                 "spool_dropped_total = GREATEST(agents.spool_dropped_total, v.d), last_seen = %s "
+                 "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[]) AS v(h, i, s, n, d) "
+                 "WHERE agents.host_id = v.h AND agents.agent_instance = v.i")
+_UPSERT_HOSTS = (
+    "INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, ingest_id, report, summary) "
+    "SELECT v.h, v.i, v.s, v.st, %s, %s, v.r, v.j "
+    "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[], %b::bytea[], %b::text[]) AS v(h, i, s, st, r, j) "
+    "ON CONFLICT (host_id) DO UPDATE SET "
+    "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
+    "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id, summary = excluded.summary, "
+    "departed_at = NULL WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id")
 READER_POOL_SIZE = 4
 
 _Job = tuple[list[Incoming], asyncio.AbstractEventLoop, "asyncio.Future[list[ApplyResult]]"]
@@ -106,13 +133,70 @@ class FollowedHost:
     sequence: int
     sample_time: float
     received: float
-    report_bytes: bytes
+    report_bytes: bytes | None  # None when the row has a summary (read the report with `report_reader` if need be)
     spool_dropped_total: int  # of the agent instance that sent the report
+    departed_at: float | None = None  # when its agent closed its stream cleanly; None: it reports
+    summary: str | None = None  # encode_summary's JSON, as the committing replica made it
 
-    def report(self) -> report_pb2.HostReport:
+    def report(self) -> report_pb2.HostReport | None:
+        if self.report_bytes is None:
+            return None
         r = report_pb2.HostReport()
         r.ParseFromString(self.report_bytes)
         return r
+
+
+def encode_summary(h: HostSummary, row_sample_time: float) -> str:
+    """A host's summary for the `summary` column, without what the row holds anyway; `row_sample_time`
+    (the row's sample_time) ties it to its report: a summary that does not match its row is not used."""
+    return json.dumps([h.agent_instance, h.sequence, row_sample_time, h.sample_time, h.kernel_release, h.era, h.labels,
+                       h.agent_version, h.vms, h.capacity_2m, h.observed_2m, h.lost_2m, h.lost_explained_2m,
+                       h.lost_unexplained_2m, h.known_bug_vms, h.causes, h.problem, h.lost_by_cause], separators=(",", ":"))
+
+
+def _int(v: object) -> int:
+    if type(v) is not int:
+        raise ValueError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _str(v: object) -> str:
+    if type(v) is not str:
+        raise ValueError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _pairs(v: object, kind: type) -> tuple[tuple[Any, Any], ...]:
+    if type(v) is not list:
+        raise ValueError("expected a list")
+    out = []
+    for p in v:
+        if type(p) is not list or len(p) != 2 or type(p[0]) is not kind or type(p[1]) is not kind:
+            raise ValueError(f"expected pairs of {kind.__name__}")
+        out.append((p[0], p[1]))
+    return tuple(out)
+
+
+def decode_summary(f: FollowedHost) -> HostSummary | None:
+    """The summary of a followed row, or None where it has none, it does not match its row (the row
+    was written by hand, say) or it does not decode: then the report itself is summarised. Never raises."""
+    if f.summary is None:
+        return None
+    try:
+        d = json.loads(f.summary)
+        if type(d) is not list or len(d) != 18:
+            return None
+        inst, seq, row_st, st = d[0], d[1], d[2], d[3]
+        if (inst, seq, row_st) != (f.agent_instance, f.sequence, f.sample_time) or type(st) not in (int, float):
+            return None
+        return HostSummary(
+            host_id=f.host_id, agent_instance=f.agent_instance, sequence=f.sequence, sample_time=float(st), received=f.received,
+            kernel_release=shared(_str(d[4])), era=_int(d[5]), labels=shared(_pairs(d[6], str)), agent_version=shared(_str(d[7])),
+            vms=_int(d[8]), capacity_2m=_int(d[9]), observed_2m=_int(d[10]), lost_2m=_int(d[11]), lost_explained_2m=_int(d[12]),
+            lost_unexplained_2m=_int(d[13]), known_bug_vms=_int(d[14]), causes=shared(_pairs(d[15], int)),
+            spool_dropped_total=f.spool_dropped_total, problem=_str(d[16]), lost_by_cause=_pairs(d[17], int))
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 class PgStore:
@@ -201,13 +285,15 @@ class PgStore:
             where, args = "(h.ingest_id, h.host_id) > (%s, %s)", (after_ingest_id, after_host_id, limit)  # type: ignore[assignment]
         with self._pool.connection() as c:
             rows = c.execute(
-                "SELECT h.host_id, h.agent_instance, h.sequence, h.sample_time, h.received, h.report, h.ingest_id, "
-                "COALESCE(a.spool_dropped_total, 0) FROM hosts h LEFT JOIN agents a "
+                "SELECT h.host_id, h.agent_instance, h.sequence, h.sample_time, h.received, "
+                "CASE WHEN h.summary IS NULL THEN h.report END, h.ingest_id, "
+                "COALESCE(a.spool_dropped_total, 0), h.departed_at, h.summary FROM hosts h LEFT JOIN agents a "
                 "ON a.host_id = h.host_id AND a.agent_instance = h.agent_instance "
                 f"WHERE {where} ORDER BY h.ingest_id, h.host_id LIMIT %s", args,
             ).fetchall()
-        return [FollowedHost(int(iid), h, inst, int(seq), float(st), float(rcv), bytes(blob), int(dropped))
-                for h, inst, seq, st, rcv, blob, iid, dropped in rows]
+        return [FollowedHost(int(iid), h, inst, int(seq), float(st), float(rcv), None if blob is None else bytes(blob), int(dropped),
+                             None if gone is None else float(gone), summary)
+                for h, inst, seq, st, rcv, blob, iid, dropped, gone, summary in rows]
 
     def ingest_high_water(self) -> int:
         """The highest ingest id committed: every change up to it is visible now, so a follower that
@@ -360,12 +446,8 @@ class PgStore:
             self._insert_marks(missing, now)
             known_marks.update(self._lock_marks(missing))
         host_ids = sorted({k[0] for k in keys})
-        known_latest: dict[str, float] = {}
-        for start in range(0, len(host_ids), _LOCK_CHUNK * 2):
-            chunk_h = host_ids[start:start + _LOCK_CHUNK * 2]
-            for h, st in c.execute("SELECT host_id, sample_time FROM hosts WHERE host_id IN ("
-                                   + ", ".join(["%s"] * len(chunk_h)) + ")", chunk_h).fetchall():
-                known_latest[h] = float(st)
+        known_latest: dict[str, float] = {
+            h: float(st) for h, st in c.execute(_READ_LATEST, (host_ids,)).fetchall()}
 
         marks: dict[tuple[str, str], int] = {}
         latest: dict[str, float] = {}
@@ -414,39 +496,29 @@ class PgStore:
                     res.append(applied)
             results.append(res)
         if agents:
-            c.cursor().executemany(
-                "UPDATE agents SET last_sequence = %s, applied_total = applied_total + %s, "
-                "spool_dropped_total = GREATEST(spool_dropped_total, %s), last_seen = %s "
-                "WHERE host_id = %s AND agent_instance = %s",
-                [(seq, n, dropped, now, h, i) for (h, i), (seq, n, dropped) in agents.items()],
-            )
+            # One statement per transaction, whatever the number of agents (arrays, not a row per call):
+            # the statement is prepared once per connection, and no Python call is made per row.
+            rows = sorted(agents.items())
+            c.execute(_UPDATE_MARKS, (now, [h for (h, _), _ in rows], [i for (_, i), _ in rows], [v[0] for _, v in rows],
+                                      [v[1] for _, v in rows], [v[2] for _, v in rows]))
         if hosts:
             # Last, so that the clock row is held for as short a time as possible: taking it orders the
             # commits that stamp ingest ids (see the module doc).
             row = c.execute("UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id").fetchone()
             if row is None:
                 raise RuntimeError(f"PostgreSQL store {self.where}: the ingest_clock row is missing")
-            ingest_id = int(row[0])
-            host_rows = []
+            cols: tuple[list[str], list[str], list[int], list[float], list[bytes], list[str | None]] = ([], [], [], [], [], [])
             for host, (item, st) in sorted(hosts.items()):
                 r = item.report
-                payload = item.payload if item.payload is not None else r.SerializeToString()
-                host_rows.append((host, r.agent_instance, r.sequence, st, now, payload, ingest_id))
-            cur_h = c.cursor()
-            cur_h.executemany(
-                "INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, report, ingest_id) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (host_id) DO UPDATE SET "
-                "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
-                "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id "
-                "WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id",
-                host_rows, returning=True,
-            )
-            stored: set[str] = set()
-            while True:
-                for (h,) in cur_h.fetchall():
-                    stored.add(h)
-                if not cur_h.nextset():
-                    break
+                cols[0].append(host)
+                cols[1].append(r.agent_instance)
+                cols[2].append(r.sequence)
+                cols[3].append(st)
+                cols[4].append(item.payload if item.payload is not None else r.SerializeToString())
+                cols[5].append(None if item.totals is None else encode_summary(
+                    summarise(r, now, item.spool_dropped_total, item.totals), st))
+            # Binary: the reports go as they are, not escaped into text.
+            stored = {h for (h,) in c.execute(_UPSERT_HOSTS, (now, int(row[0]), *cols), binary=True).fetchall()}
             # Another replica committed a newer report of the host after we read its sample time: ours
             # is applied (its mark moved) but is not the host's latest state.
             for host, slots in latest_slots.items():
@@ -458,25 +530,151 @@ class PgStore:
     def _insert_marks(self, keys: list[tuple[str, str]], now: float) -> None:
         """A mark row to lock for agents never seen: concurrent first inserts of the same agent on two
         replicas meet here, and the second waits for the first to commit."""
-        self._conn.cursor().executemany(
+        self._conn.execute(
             "INSERT INTO agents (host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen) "
-            "VALUES (%s, %s, 0, 0, 0, %s) ON CONFLICT (host_id, agent_instance) DO NOTHING",
-            [(h, i, now) for h, i in keys],
+            "SELECT k.h, k.i, 0, 0, 0, %s FROM unnest(%s::text[], %s::text[]) AS k(h, i) ON CONFLICT (host_id, agent_instance) DO NOTHING",
+            (now, [h for h, _ in keys], [i for _, i in keys]),
         )
 
     def _lock_marks(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Lock the marks of `keys` (sorted: every transaction locks in the same order) and read them."""
-        marks: dict[tuple[str, str], int] = {}
-        for start in range(0, len(keys), _LOCK_CHUNK):
-            chunk = keys[start:start + _LOCK_CHUNK]
-            rows = self._conn.execute(
-                "SELECT host_id, agent_instance, last_sequence FROM agents WHERE (host_id, agent_instance) IN ("
-                + ", ".join(["(%s, %s)"] * len(chunk)) + ") ORDER BY host_id, agent_instance FOR UPDATE",
-                [v for k in chunk for v in k],
-            ).fetchall()
-            for h, i, last in rows:
-                marks[(h, i)] = int(last)
-        return marks
+        rows = self._conn.execute(_LOCK_MARKS, ([h for h, _ in keys], [i for _, i in keys])).fetchall()
+        return {(h, i): int(last) for h, i, last in rows}
+
+
+class _DepartedMeanwhile(Exception):
+    """A host whose stream starts here was departed by another replica in the middle of the write."""
+
+
+class PgDepartedLog:
+    """Which hosts departed (their agent closed its stream cleanly), in the shared store: the same role as
+    the SQLite store's DepartedLog (durable across restarts; `record` only queues, a small thread of its
+    own writes, never on the ingest path), and every replica sees it.
+
+    An agent that rotates closes its stream on one replica and opens one on another at once; only an agent
+    that stops should show as departed. So every stream that starts carrying a host says so (`record(host,
+    None)`: the host's `stream_epoch` goes up, and a departure is cleared), and a clean end departs the host
+    only if no stream started carrying it since this replica's own did (`stream_epoch` unchanged). Both
+    replicas' writes may land in either order and the result is the same. A departure or return is stamped
+    with an ingest id, as a report is, so followers on the other replicas pick it up within the staleness
+    bound. Where even that is undone (a host new to the store, whose row did not exist yet when its stream
+    started), the replica carrying the live stream settles it when it sees the departure
+    (`SharedFleetState.apply_followed`). A lost write (the process killed before it lands) costs only how
+    one host is shown until it reports."""
+
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+        self.path = store.where  # what logs may say
+        self._queue: queue.Queue[tuple[str, float | None] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        # host -> the stream_epoch this replica's stream of it set (0: the row did not exist yet).
+        # Only the writer thread touches it.
+        self._epochs: dict[str, int] = {}
+        self.writes_failed_total = 0
+
+    def load(self) -> dict[str, float]:
+        """host -> when it departed."""
+        with self._store._pool.connection() as c:
+            rows = c.execute("SELECT host_id, departed_at FROM hosts WHERE departed_at IS NOT NULL").fetchall()
+        return {h: float(at) for h, at in rows}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="eptwatch-pg-departed-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, host_id: str, departed_at: float | None) -> None:
+        """Queue a departure (`departed_at`) or a stream starting to carry the host (None); written in order."""
+        self._queue.put((host_id, departed_at))
+
+    def close(self) -> None:
+        """Writes what is queued, then stops."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            stop = False
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            self.write(items)
+            if stop:
+                return
+
+    def write(self, items: Sequence[tuple[str, float | None]]) -> None:
+        """Apply stream starts and departures in one transaction; a host's last word wins."""
+        carried = sorted({h for h, at in items if at is None})
+        departs = sorted((h, at) for h, at in dict(items).items() if at is not None)
+        try:
+            clock = False
+            for attempt in range(RETRIES):
+                try:
+                    epochs = self._write(carried, departs, clock)
+                    break
+                except _DepartedMeanwhile:
+                    clock = True  # again, taking the clock first (never after the rows: see _write)
+                except _RETRYABLE:
+                    if attempt == RETRIES - 1:
+                        raise
+                    time.sleep(0.01 * (attempt + 1))
+        except (psycopg.Error, RuntimeError) as exc:
+            self.writes_failed_total += 1
+            log.warning("PostgreSQL store %s: %d departure(s) and stream start(s) not recorded: %s", self.path, len(items),
+                        str(exc).strip())
+            return
+        self._epochs.update(epochs)
+        for h, _ in departs:
+            self._epochs.pop(h, None)
+
+    def _write(self, carried: list[str], departs: list[tuple[str, float]], clock: bool) -> dict[str, int]:
+        epochs: dict[str, int] = {}
+        with self._store._pool.connection() as c, c.transaction():
+            need_clock = clock or bool(departs) or (bool(carried) and c.execute(
+                "SELECT 1 FROM hosts WHERE host_id = ANY(%s) AND departed_at IS NOT NULL LIMIT 1", (carried,)).fetchone() is not None)
+            ingest_id = 0
+            if need_clock:
+                # The clock first, then the rows: the order the ingest writer takes them in.
+                row = c.execute("UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id").fetchone()
+                if row is None:
+                    raise RuntimeError("the ingest_clock row is missing")
+                ingest_id = int(row[0])
+            if carried:
+                if need_clock:  # some host returns: its row changes for followers
+                    rows = c.execute("UPDATE hosts SET stream_epoch = stream_epoch + 1, departed_at = NULL, ingest_id = "
+                                     "CASE WHEN departed_at IS NULL THEN ingest_id ELSE %s END WHERE host_id = ANY(%s) "
+                                     "RETURNING host_id, stream_epoch", (ingest_id, carried)).fetchall()
+                else:  # nothing a follower shows changes: no ingest id, no wait for the clock row
+                    rows = c.execute("UPDATE hosts SET stream_epoch = stream_epoch + 1 WHERE host_id = ANY(%s) AND departed_at IS NULL "
+                                     "RETURNING host_id, stream_epoch", (carried,)).fetchall()
+                    if len(rows) < len(carried):
+                        got = {r[0] for r in rows}
+                        if c.execute("SELECT 1 FROM hosts WHERE host_id = ANY(%s) LIMIT 1",
+                                     ([h for h in carried if h not in got],)).fetchone() is not None:
+                            # Another replica departed one of them since the check above: it returns now,
+                            # which followers must see (a new ingest id, so the clock row).
+                            raise _DepartedMeanwhile
+                epochs = {h: 0 for h in carried}  # no row yet: the report that makes it starts at 0
+                epochs.update((h, int(e)) for h, e in rows)
+            unknown = [(at, ingest_id, h) for h, at in departs if h not in epochs and h not in self._epochs]
+            known = [(at, ingest_id, h, epochs.get(h, self._epochs.get(h))) for h, at in departs if h in epochs or h in self._epochs]
+            if known:
+                # Only if no stream started carrying the host since ours did: a rotating agent is no departure.
+                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s WHERE host_id = %s AND stream_epoch = %s", known)
+            if unknown:
+                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s WHERE host_id = %s", unknown)
+        return epochs
 
 
 class PgReportReader:

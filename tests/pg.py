@@ -34,6 +34,7 @@ class PgServer:
     base: Path
     port: int
     run_as: str | None  # system user the cluster runs as (root cannot run PostgreSQL), None: this user
+    fsync: bool = False  # benchmarks flush commits to disk as a real deployment does (see start)
     _databases: itertools.count = itertools.count(1)  # type: ignore[type-arg]
 
     @property
@@ -49,7 +50,8 @@ class PgServer:
                                  "--encoding=UTF8", "--no-instructions"), check=True, capture_output=True)
         # fsync off: the tests kill aggregators, never this server or the machine, so what a committed
         # transaction promises (visible to every later transaction) holds without paying for disk flushes.
-        opts = f"-k {self.base} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        opts = (f"-k {self.base} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync={'on' if self.fsync else 'off'} "
+                "-c max_connections=200")
         subprocess.run(self._cmd(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "server.log"),
                                  "-o", opts, "-w", "start"), check=True, capture_output=True)
         return self
@@ -76,7 +78,7 @@ _server: PgServer | None = None
 _why_not: str | None = None
 
 
-def _start() -> PgServer:
+def _start(fsync: bool = False) -> PgServer:
     if not PG_BIN_DIRS:
         raise RuntimeError("PostgreSQL is not installed (Debian package postgresql; `make system-deps` installs it)")
     bin_dir = PG_BIN_DIRS[0]
@@ -91,7 +93,7 @@ def _start() -> PgServer:
             raise RuntimeError("running as root and runuser (util-linux) is missing")
         os.chown(base, pw.pw_uid, pw.pw_gid)
         run_as = "postgres"
-    server = PgServer(bin_dir, base, free_port(), run_as)
+    server = PgServer(bin_dir, base, free_port(), run_as, fsync=fsync)
     try:
         server.start()
     except subprocess.CalledProcessError as exc:

@@ -12,10 +12,11 @@ import json
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from eptwatch.v1 import ingest_pb2
+from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
 
 from .pg import pg_server
 from .procs import Aggregator, Proc, agent_args, http_get, spool_state
@@ -120,6 +121,38 @@ def test_each_replica_serves_the_whole_fleet_within_the_staleness_bound(replicas
     wait_for(lambda: _host_sequence(b, "hv-anon-thp-0") == 2, 5)
 
 
+async def _report_then_depart(target: str, r: object) -> None:
+    """An agent's last stream: a report, its ack, then `departing` and a clean close (as an agent that stops)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = ingest_pb2_grpc.IngestStub(channel).Stream(timeout=15)
+        await call.write(ingest_pb2.AgentMessage(reports=[r]))  # type: ignore[list-item]
+        await call.read()
+        await call.write(ingest_pb2.AgentMessage(departing=True))
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+
+def _departed_hosts(a: Aggregator) -> set[str]:
+    return {h["host_id"] for h in json.loads(http_get(a.http + "/api/v1/hosts?status=departed&limit=1000"))["hosts"]}
+
+
+def test_a_departure_on_one_replica_is_seen_by_the_other_and_survives_a_restart(replicas: list[Aggregator]) -> None:
+    a, b = replicas
+    asyncio.run(exchange(b.target, [ingest_pb2.AgentMessage(reports=[report(1, host="hv-stays", instance="s")])]))
+    asyncio.run(_report_then_depart(a.target, report(1, host="hv-gone", instance="g")))
+    for agg in replicas:
+        wait_for(lambda agg=agg: _departed_hosts(agg) == {"hv-gone"}, 5)  # the staleness bound is 2 s
+        assert int(_fleet(agg)["hosts_departed"]) == 1  # type: ignore[call-overload]
+    b.proc.kill9()  # type: ignore[union-attr]
+    b.start()
+    assert _departed_hosts(b) == {"hv-gone"} and "hv-gone" in http_get(b.http + "/")
+    # The host reports again (through the other replica): back on both.
+    asyncio.run(exchange(b.target, [ingest_pb2.AgentMessage(reports=[report(2, host="hv-gone", instance="g")])]))
+    for agg in replicas:
+        wait_for(lambda agg=agg: _departed_hosts(agg) == set() and _fresh_hosts(agg) == {"hv-stays", "hv-gone"}, 5)
+
+
 def _fresh_hosts(a: Aggregator) -> set[str]:
     return {h["host_id"] for h in json.loads(http_get(a.http + "/api/v1/hosts?limit=1000"))["hosts"]}
 
@@ -180,11 +213,12 @@ def test_three_replicas_with_agents_rotating_agree_on_the_fleet_and_apply_once(t
         for host, spool in spools.items():
             instance, created, depth = spool_state(spool)
             assert depth == 0 and applied[(host, instance)] == (created, created), (host, applied.get((host, instance)), created)
-        # Every replica took part, and each ends with the same view of the whole fleet (the agents that
-        # stopped said they were departing; on a shared store that does not take them out of any view).
+        # Every replica took part, and each ends with the same view of the whole fleet: the agents that
+        # stopped said they were departing, and every replica shows them departed (while their rotations
+        # before were not: a departure stands only if no stream started carrying the host since).
         for a in aggs:
             assert _metric(a, "eptwatch_server_reports_total") and sum(_metric(a, "eptwatch_server_reports_total")) > 0
-        wait_for(lambda: all(_fresh_hosts(a) == set(spools) for a in aggs), 5)
+        wait_for(lambda: all(_departed_hosts(a) == set(spools) for a in aggs), 5)
         wait_for(lambda: _fleet(aggs[0]) == _fleet(aggs[1]) == _fleet(aggs[2]), 5)
         kernels = [json.loads(http_get(a.http + "/api/v1/kernels")) for a in aggs]
         assert kernels[0] == kernels[1] == kernels[2] and kernels[0]

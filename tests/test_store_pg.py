@@ -275,3 +275,115 @@ def test_a_value_the_database_refuses_fails_only_its_own_report(pg_dsn: str) -> 
         assert st.commit_failures_total == {REPORT: 1}
     finally:
         st.close()
+
+
+def test_departures_are_kept_in_the_store_followed_by_other_replicas_and_cleared_by_a_report(pg_dsn: str) -> None:
+    """PgDepartedLog: a departure written by one replica is in the store (loaded at start-up), reaches
+    another replica's fleet view through its follower, and a later report of the host clears it."""
+    from eptwatch.server import follow
+    from eptwatch.server.fleet import FleetConfig
+    from eptwatch.server.store_pg import PgDepartedLog
+
+    writer, mine = PgStore(pg_dsn), PgStore(pg_dsn)
+    writer.start()
+    told: list[tuple[str, float | None]] = []
+    try:
+        now = 1_000_000.0
+        fleet = follow.SharedFleetState(FleetConfig(stale_after_seconds=1e12), on_departed=lambda h, at: told.append((h, at)))
+        f = follow.StoreFollower(mine, fleet)
+
+        async def first() -> None:
+            await writer.submit([_incoming("h1", "i", 1, now), _incoming("h2", "i", 1, now)])
+
+        asyncio.run(first())
+        assert f.poll_once() == 2
+        departures = PgDepartedLog(writer)
+        departures.write([("h1", 123.5)])
+        assert departures.load() == {"h1": 123.5}  # durable: what a restarting replica marks departed
+        assert f.poll_once() == 1
+        view = fleet.view()
+        assert set(view.departed) == {"h1"} and set(view.fresh) == {"h2"} and view.total.hosts == 1
+
+        async def back() -> None:
+            await writer.submit([_incoming("h1", "i", 2, now + 1)])
+
+        asyncio.run(back())
+        assert departures.load() == {}  # the host's next latest report clears its departure
+        assert f.poll_once() == 1
+        assert set(fleet.view().fresh) == {"h1", "h2"}
+
+        # An agent rotating from replica A to B: A's departure, landing before or after B's stream start,
+        # leaves the host reporting; the departure of the last stream's replica stands.
+        on_a, on_b = departures, PgDepartedLog(mine)
+        on_a.write([("h2", None)])
+        on_b.write([("h2", None)])
+        on_a.write([("h2", 10.0)])
+        assert departures.load() == {}
+        on_b.write([("h2", 20.0)])
+        assert departures.load() == {"h2": 20.0}
+        on_a.write([("h2", None)])  # the agent starts again, on A
+        on_a.write([("h2", 30.0)])
+        assert departures.load() == {"h2": 30.0}
+        on_b.write([("h2", None)])  # rotated to B: A's departure landed first, B's stream start clears it
+        assert departures.load() == {}
+        # In one batch a host's last word wins.
+        on_a.write([("h1", None), ("h1", 40.0)])
+        assert departures.load() == {"h1": 40.0}
+        on_a.write([("h1", 50.0), ("h1", None)])
+        assert departures.load() == {} and on_a.writes_failed_total == on_b.writes_failed_total == 0
+        assert f.poll_once() == 2 and not fleet.view().departed
+        assert told == []  # nothing followed is told back to the store
+
+        # Where the store says departed while a stream here carries the host, this replica says it carries it.
+        fleet.stream_carries("h2")
+        assert told == [("h2", None)]  # a stream starting is told to the store
+        on_b.write([("h2", 60.0)])  # B departs it: this replica's stream start has not landed (it only told `told`)
+        assert f.poll_once() == 1
+        assert "h2" not in fleet.view().departed and told == [("h2", None), ("h2", None)]
+    finally:
+        writer.close()
+        mine.close()
+
+
+def test_followers_take_the_committing_replicas_summary_and_fall_back_to_the_report(pg_dsn: str) -> None:
+    """A replica stores each host's summary beside its report; another replica's follower takes it as
+    the summary it would have made itself, and summarises the report where the summary is missing,
+    broken, or belongs to another report than the row's."""
+    import dataclasses
+
+    from eptwatch.server import follow
+    from eptwatch.server.fleet import FleetState, summarise
+    from eptwatch.server.store_pg import decode_summary
+    from eptwatch.server.validate import report_totals
+
+    from .test_streaming import report
+
+    writer, mine = PgStore(pg_dsn), PgStore(pg_dsn)
+    writer.start()
+    try:
+        r = report(3, host="hv-sum", instance="s", fixture="anon-thp")
+        r.labels["rack"] = "r1"
+
+        async def put() -> None:
+            await writer.submit([Incoming(r, r.SerializeToString(), 7, report_totals(r))])
+
+        asyncio.run(put())
+        (row,) = mine.reports_since(0)
+        assert row.summary is not None and row.report_bytes is None  # the report itself is not sent
+        expected = dataclasses.replace(summarise(r, row.received, 7), spool_dropped_total=row.spool_dropped_total)
+        assert decode_summary(row) == expected and expected.vms > 0 and expected.labels == (("rack", "r1"),)
+        fleet = FleetState()
+        assert follow.StoreFollower(mine, fleet).poll_once() == 1
+        assert fleet.get("hv-sum") == expected
+        # A summary that is not its row's, or does not decode: the row's report is summarised instead.
+        assert decode_summary(dataclasses.replace(row, sequence=4)) is None
+        assert decode_summary(dataclasses.replace(row, summary='["s", 3')) is None
+        assert decode_summary(dataclasses.replace(row, summary=row.summary.replace('"s",3', '"s",true'))) is None
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute("UPDATE hosts SET summary = '[1]', ingest_id = 1000")
+        other = FleetState()
+        assert follow.StoreFollower(mine, other).poll_once() == 1
+        assert other.get("hv-sum") == expected
+    finally:
+        writer.close()
+        mine.close()
