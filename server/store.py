@@ -407,28 +407,19 @@ _departed_log = logging.getLogger("eptwatch.server.store")
 _DEPARTED_SCHEMA = "CREATE TABLE IF NOT EXISTS departed (host_id TEXT PRIMARY KEY, departed_at REAL NOT NULL)"
 
 
-class DepartedLog:
-    """Which hosts departed (their agent closed its stream cleanly), durable across restarts, so that such a
-    host comes back departed rather than fresh. Departures and returns are rare (agents stopping or
-    rotating), so they are written by their own small thread on their own connection, never on the
-    ingest path: `record` only queues. WAL lets this writer and the report writer take turns.
-    A lost write (the process killed before it lands) costs only how one host is shown until it reports."""
+class QueuedWrites:
+    """A small writer thread fed by a queue: `record` only queues, the thread writes what has gathered
+    in one batch (in order) through `_write_batch`, and `close` writes what is queued, then stops. Both stores'
+    departed logs use it, so that a departure never waits on the ingest path."""
 
-    def __init__(self, db_path: Path, synchronous: str = "NORMAL") -> None:
-        self.path = db_path
+    _thread_name = "eptwatch-queued-writer"
+
+    def __init__(self) -> None:
         self._queue: queue.Queue[tuple[str, float | None] | None] = queue.Queue()
-        self._conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._conn.execute(f"PRAGMA synchronous={synchronous if synchronous in ('FULL', 'NORMAL', 'EXTRA') else 'NORMAL'}")
-        self._conn.execute(_DEPARTED_SCHEMA)
         self._thread: threading.Thread | None = None
-        self.writes_failed_total = 0
-
-    def load(self) -> dict[str, float]:
-        """host -> when it departed."""
-        return dict(self._conn.execute("SELECT host_id, departed_at FROM departed").fetchall())
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="eptwatch-departed-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
         self._thread.start()
 
     def record(self, host_id: str, departed_at: float | None) -> None:
@@ -441,7 +432,6 @@ class DepartedLog:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        self._conn.close()
 
     def _run(self) -> None:
         while True:
@@ -459,11 +449,41 @@ class DepartedLog:
                     stop = True
                     break
                 items.append(nxt)
-            self._write(items)
+            self._write_batch(items)
             if stop:
                 return
 
-    def _write(self, items: list[tuple[str, float | None]]) -> None:
+    def _write_batch(self, items: list[tuple[str, float | None]]) -> None:
+        raise NotImplementedError
+
+
+class DepartedLog(QueuedWrites):
+    """Which hosts departed (their agent closed its stream cleanly), durable across restarts, so that such a
+    host comes back departed rather than fresh. Departures and returns are rare (agents stopping or
+    rotating), so they are written by their own small thread on their own connection, never on the
+    ingest path: `record` only queues. WAL lets this writer and the report writer take turns.
+    A lost write (the process killed before it lands) costs only how one host is shown until it reports."""
+
+    def __init__(self, db_path: Path, synchronous: str = "NORMAL") -> None:
+        super().__init__()
+        self.path = db_path
+        self._conn = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._conn.execute(f"PRAGMA synchronous={synchronous if synchronous in ('FULL', 'NORMAL', 'EXTRA') else 'NORMAL'}")
+        self._conn.execute(_DEPARTED_SCHEMA)
+        self.writes_failed_total = 0
+
+    def load(self) -> dict[str, float]:
+        """host -> when it departed."""
+        return dict(self._conn.execute("SELECT host_id, departed_at FROM departed").fetchall())
+
+    _thread_name = "eptwatch-departed-writer"
+
+    def close(self) -> None:
+        """Writes what is queued, then stops."""
+        super().close()
+        self._conn.close()
+
+    def _write_batch(self, items: list[tuple[str, float | None]]) -> None:
         c = self._conn
         try:
             c.execute("BEGIN IMMEDIATE")

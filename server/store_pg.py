@@ -48,6 +48,7 @@ from .store import (
     AgentRecord,
     ApplyResult,
     Incoming,
+    QueuedWrites,
     StoredHost,
     StoreError,
     _set_exception,
@@ -546,7 +547,7 @@ class _DepartedMeanwhile(Exception):
     """A host whose stream starts here was departed by another replica in the middle of the write."""
 
 
-class PgDepartedLog:
+class PgDepartedLog(QueuedWrites):
     """Which hosts departed (their agent closed its stream cleanly), in the shared store: the same role as
     the SQLite store's DepartedLog (durable across restarts; `record` only queues, a small thread of its
     own writes, never on the ingest path), and every replica sees it.
@@ -563,10 +564,9 @@ class PgDepartedLog:
     one host is shown until it reports."""
 
     def __init__(self, store: PgStore) -> None:
+        super().__init__()
         self._store = store
         self.path = store.where  # what logs may say
-        self._queue: queue.Queue[tuple[str, float | None] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
         # host -> the stream_epoch this replica's stream of it set (0: the row did not exist yet).
         # Only the writer thread touches it.
         self._epochs: dict[str, int] = {}
@@ -578,40 +578,10 @@ class PgDepartedLog:
             rows = c.execute("SELECT host_id, departed_at FROM hosts WHERE departed_at IS NOT NULL").fetchall()
         return {h: float(at) for h, at in rows}
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="eptwatch-pg-departed-writer", daemon=True)
-        self._thread.start()
+    _thread_name = "eptwatch-pg-departed-writer"
 
-    def record(self, host_id: str, departed_at: float | None) -> None:
-        """Queue a departure (`departed_at`) or a stream starting to carry the host (None); written in order."""
-        self._queue.put((host_id, departed_at))
-
-    def close(self) -> None:
-        """Writes what is queued, then stops."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            items = [first]
-            stop = False
-            while True:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                items.append(nxt)
-            self.write(items)
-            if stop:
-                return
+    def _write_batch(self, items: list[tuple[str, float | None]]) -> None:
+        self.write(items)
 
     def write(self, items: Sequence[tuple[str, float | None]]) -> None:
         """Apply stream starts and departures in one transaction; a host's last word wins."""
