@@ -27,7 +27,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,72 @@ class ApplyResult:
 
 def sample_seconds(report: report_pb2.HostReport) -> float:
     return report.sample_time.seconds + report.sample_time.nanos / 1e9
+
+
+@dataclass
+class CommitPlan:
+    """What one transaction will write and answer, decided before it writes (see plan_commit)."""
+
+    results: list[list[ApplyResult]]  # per message, per report
+    marks: dict[tuple[str, str], int]  # (host, instance) -> new high-water mark, kept only if it commits
+    latest: dict[str, float]  # host -> sample time of the report its row will hold
+    agents: dict[tuple[str, str], list[int]]  # key -> [last_sequence, applied, spool_dropped_total]
+    hosts: dict[str, tuple[Incoming, float]]  # host -> the report to store and its sample time
+    latest_slots: dict[str, list[tuple[int, int]]]  # host -> (message, index) of results said latest
+
+
+def plan_commit(batches: Sequence[Sequence[Incoming]], known_marks: Mapping[tuple[str, str], int],
+                known_latest: Mapping[str, float]) -> CommitPlan:
+    """Exactly-once, decided the same way by both stores: per (host, instance) a report at or below the
+    high-water mark is DUPLICATE (its ack carries the mark, so an agent can tell its spool was
+    rewound); one above it is APPLIED, and the hosts row keeps the report with the newest sample time
+    (ties: the later one). The results equal applying the reports one by one in order."""
+    marks: dict[tuple[str, str], int] = {}
+    latest: dict[str, float] = {}
+    agents: dict[tuple[str, str], list[int]] = {}
+    hosts: dict[str, tuple[Incoming, float]] = {}
+    latest_slots: dict[str, list[tuple[int, int]]] = {}
+    applied = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
+    applied_latest = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)
+    duplicates: dict[int, ApplyResult] = {}  # by high-water mark: one object per mark, not per report
+    results: list[list[ApplyResult]] = []
+    for b, batch in enumerate(batches):
+        res: list[ApplyResult] = []
+        for item in batch:
+            r = item.report
+            host, seq = r.host_id, r.sequence
+            key = (host, r.agent_instance)
+            last = marks.get(key)
+            if last is None:
+                last = known_marks.get(key, 0)
+            if seq <= last:
+                dup = duplicates.get(last)
+                if dup is None:
+                    dup = duplicates[last] = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False, last)
+                res.append(dup)
+                continue
+            marks[key] = seq
+            a = agents.get(key)
+            if a is None:
+                agents[key] = [seq, 1, item.spool_dropped_total]
+            else:
+                a[0] = seq
+                a[1] += 1
+                if item.spool_dropped_total > a[2]:
+                    a[2] = item.spool_dropped_total
+            st = sample_seconds(r)
+            cur = latest.get(host)
+            if cur is None:
+                cur = known_latest.get(host)
+            if cur is None or st >= cur:
+                latest[host] = st
+                hosts[host] = (item, st)
+                latest_slots.setdefault(host, []).append((b, len(res)))
+                res.append(applied_latest)
+            else:
+                res.append(applied)
+        results.append(res)
+    return CommitPlan(results, marks, latest, agents, hosts, latest_slots)
 
 
 class Store:
@@ -307,51 +373,9 @@ class Store:
         hosts row are written, however many of its reports the transaction holds; the results are the
         same as applying the reports one by one in order."""
         now = time.time()
-        marks: dict[tuple[str, str], int] = {}  # changes to self._marks, kept only if the transaction commits
-        latest: dict[str, float] = {}  # likewise for self._latest
-        agents: dict[tuple[str, str], list[int]] = {}  # key -> [last_sequence, applied, spool_dropped_total]
-        hosts: dict[str, tuple[Incoming, float]] = {}  # host -> the report to store and its sample time
         known_marks, known_latest = self._marks, self._latest
-        applied = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
-        applied_latest = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)
-        duplicates: dict[int, ApplyResult] = {}  # by high-water mark: one object per mark, not per report
-        results: list[list[ApplyResult]] = []
-        for batch in batches:
-            res: list[ApplyResult] = []
-            for item in batch:
-                r = item.report
-                host, seq = r.host_id, r.sequence
-                key = (host, r.agent_instance)
-                last = marks.get(key)
-                if last is None:
-                    last = known_marks.get(key, 0)
-                if seq <= last:
-                    dup = duplicates.get(last)
-                    if dup is None:
-                        dup = duplicates[last] = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False, last)
-                    res.append(dup)
-                    continue
-                marks[key] = seq
-                a = agents.get(key)
-                if a is None:
-                    agents[key] = [seq, 1, item.spool_dropped_total]
-                else:
-                    a[0] = seq
-                    a[1] += 1
-                    if item.spool_dropped_total > a[2]:
-                        a[2] = item.spool_dropped_total
-                st = sample_seconds(r)
-                cur = latest.get(host)
-                if cur is None:
-                    cur = known_latest.get(host)
-                # The hosts row keeps the report with the newest sample time (ties: the later one).
-                if cur is None or st >= cur:
-                    latest[host] = st
-                    hosts[host] = (item, st)
-                    res.append(applied_latest)
-                else:
-                    res.append(applied)
-            results.append(res)
+        plan = plan_commit(batches, self._marks, self._latest)
+        results, marks, latest, agents, hosts = plan.results, plan.marks, plan.latest, plan.agents, plan.hosts
         if not agents:
             return results  # duplicates only: nothing to write
         host_rows = []

@@ -54,6 +54,7 @@ from .store import (
     _set_exception,
     _set_result,
     _wake,
+    plan_commit,
     sample_seconds,
 )
 from .fleet import HostSummary, summarise
@@ -450,52 +451,8 @@ class PgStore:
         known_latest: dict[str, float] = {
             h: float(st) for h, st in c.execute(_READ_LATEST, (host_ids,)).fetchall()}
 
-        marks: dict[tuple[str, str], int] = {}
-        latest: dict[str, float] = {}
-        agents: dict[tuple[str, str], list[int]] = {}  # key -> [last_sequence, applied, spool_dropped_total]
-        hosts: dict[str, tuple[Incoming, float]] = {}
-        latest_slots: dict[str, list[tuple[int, int]]] = {}  # host -> (batch, index) of results said latest
-        applied = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
-        applied_latest = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)
-        duplicates: dict[int, ApplyResult] = {}  # by high-water mark: one object per mark, not per report
-        results: list[list[ApplyResult]] = []
-        for b, batch in enumerate(batches):
-            res: list[ApplyResult] = []
-            for item in batch:
-                r = item.report
-                host, seq = r.host_id, r.sequence
-                key = (host, r.agent_instance)
-                last = marks.get(key)
-                if last is None:
-                    last = known_marks.get(key, 0)
-                if seq <= last:
-                    # The mark goes with the ack, so that an agent can tell its spool was rewound.
-                    dup = duplicates.get(last)
-                    if dup is None:
-                        dup = duplicates[last] = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False, last)
-                    res.append(dup)
-                    continue
-                marks[key] = seq
-                a = agents.get(key)
-                if a is None:
-                    agents[key] = [seq, 1, item.spool_dropped_total]
-                else:
-                    a[0] = seq
-                    a[1] += 1
-                    if item.spool_dropped_total > a[2]:
-                        a[2] = item.spool_dropped_total
-                st = sample_seconds(r)
-                cur = latest.get(host)
-                if cur is None:
-                    cur = known_latest.get(host)
-                if cur is None or st >= cur:  # the newest sample time wins (ties: the later report)
-                    latest[host] = st
-                    hosts[host] = (item, st)
-                    latest_slots.setdefault(host, []).append((b, len(res)))
-                    res.append(applied_latest)
-                else:
-                    res.append(applied)
-            results.append(res)
+        plan = plan_commit(batches, known_marks, known_latest)
+        results, agents, hosts, latest_slots = plan.results, plan.agents, plan.hosts, plan.latest_slots
         if agents:
             # One statement per transaction, whatever the number of agents (arrays, not a row per call):
             # the statement is prepared once per connection, and no Python call is made per row.
@@ -525,7 +482,7 @@ class PgStore:
             for host, slots in latest_slots.items():
                 if host not in stored:
                     for b, i in slots:
-                        results[b][i] = applied
+                        results[b][i] = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
         return results, sum(len(b) for b in batches), keys
 
     def _insert_marks(self, keys: list[tuple[str, str]], now: float) -> None:
