@@ -125,6 +125,30 @@ def sample_seconds(report: report_pb2.HostReport) -> float:
     return report.sample_time.seconds + report.sample_time.nanos / 1e9
 
 
+Job = tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]]
+
+
+def next_group(jobs_queue: queue.Queue[Job | None], first: Job, max_batch: int, commit_delay: float) -> tuple[list[Job], int, bool]:
+    """The messages one transaction commits: `first` and what else is queued, up to `max_batch` reports;
+    (jobs, reports, whether the stop marker was met). Group commit (like PostgreSQL's commit_delay):
+    under a light load each commit would hold a report or two, so waiting `commit_delay` lets one fsync
+    and one wake-up serve more of them (under a heavy load the wait costs latency only)."""
+    jobs = [first]
+    count = len(first[0])
+    if commit_delay:
+        time.sleep(commit_delay)
+    while count < max_batch:
+        try:
+            nxt = jobs_queue.get_nowait()
+        except queue.Empty:
+            break
+        if nxt is None:
+            return jobs, count, True
+        jobs.append(nxt)
+        count += len(nxt[0])
+    return jobs, count, False
+
+
 @dataclass
 class CommitPlan:
     """What one transaction will write and answer, decided before it writes (see plan_commit)."""
@@ -285,24 +309,7 @@ class Store:
             first = self._queue.get()
             if first is None:
                 return
-            jobs = [first]
-            count = len(first[0])
-            stop = False
-            if self._commit_delay:
-                # Group commit (like PostgreSQL's commit_delay): under a light load each commit would hold
-                # a report or two; waiting a little lets one fsync and one wake-up serve more of them.
-                # (Under a heavy load the wait costs latency only: the batch is capped at _max_batch.)
-                time.sleep(self._commit_delay)
-            while count < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-                count += len(nxt[0])
+            jobs, count, stop = next_group(self._queue, first, self._max_batch, self._commit_delay)
             values: list[list[ApplyResult] | BaseException]
             try:
                 values = list(self._commit_isolated([j[0] for j in jobs]))

@@ -54,6 +54,7 @@ from .store import (
     _set_exception,
     _set_result,
     _wake,
+    next_group,
     plan_commit,
     sample_seconds,
 )
@@ -346,21 +347,7 @@ class PgStore:
             first = self._queue.get()
             if first is None:
                 return
-            jobs = [first]
-            count = len(first[0])
-            stop = False
-            if self._commit_delay:
-                time.sleep(self._commit_delay)  # group commit: let more batches join this transaction
-            while count < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
-                count += len(nxt[0])
+            jobs, count, stop = next_group(self._queue, first, self._max_batch, self._commit_delay)
             try:
                 results = self._commit([j[0] for j in jobs])
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
