@@ -113,27 +113,36 @@ def server_duplicates(agg: Aggregator) -> float:
     return 0.0
 
 
-async def deliver_until(d: Delivery, cond, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    """Run delivery until `cond()` holds (the timeout only guards against a hang)."""
+# A delivery whose counters (sent, acked, reconnects, ...) change in none of this many polls is stuck,
+# however loaded the machine: the guard asserts progress, not speed.
+STALL_POLLS = 1200
+
+
+async def _poll(cond, d: Delivery, task: asyncio.Task[None]) -> None:  # type: ignore[no-untyped-def]
+    """Poll `cond()` while `d` runs as `task`; fail if the task ends or the delivery stops progressing."""
+    last, still = repr(d.counters), 0
+    while not await asyncio.to_thread(cond):
+        assert not task.done(), task
+        now = repr(d.counters)
+        still = still + 1 if now == last else 0
+        last = now
+        assert still < STALL_POLLS, f"condition not met and the delivery made no progress: {d.counters}"
+        await asyncio.sleep(0.05)
+
+
+async def deliver_until(d: Delivery, cond) -> None:  # type: ignore[no-untyped-def]
+    """Run delivery until `cond()` holds."""
     stopping = asyncio.Event()
     task = asyncio.create_task(d.run(stopping))
-    deadline = time.monotonic() + timeout
     try:
-        while not await asyncio.to_thread(cond):
-            assert time.monotonic() < deadline, f"condition not met; delivery: {d.counters}"
-            assert not task.done(), task
-            await asyncio.sleep(0.05)
+        await _poll(cond, d, task)
     finally:
         stopping.set()
         await asyncio.wait_for(task, 30)
 
 
-async def wait_async(cond, task: asyncio.Task[None], timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout  # a hang guard only
-    while not await asyncio.to_thread(cond):
-        assert time.monotonic() < deadline, "condition not met"
-        assert not task.done(), task
-        await asyncio.sleep(0.05)
+async def wait_async(cond, d: Delivery, task: asyncio.Task[None]) -> None:  # type: ignore[no-untyped-def]
+    await _poll(cond, d, task)
 
 
 def fast(target: str) -> DeliveryConfig:
@@ -182,7 +191,7 @@ def test_full_disk_drops_oldest_counted_once_then_acks_apply_and_nothing_is_rese
                 stopping = asyncio.Event()
                 task = asyncio.create_task(d.run(stopping))
                 try:
-                    await wait_async(lambda: spool.stats().depth == 0, task)
+                    await wait_async(lambda: spool.stats().depth == 0, d, task)
                     # Acks were applied on the full disk: every held report left the spool, sent once each.
                     assert on_disk(path)[0] == []
                     assert d.counters.reports_sent_total == len(seqs) == d.counters.reports_acked_total
@@ -192,7 +201,7 @@ def test_full_disk_drops_oldest_counted_once_then_acks_apply_and_nothing_is_rese
                     for _ in range(5):
                         await asyncio.to_thread(spool.append, lambda n: report_bytes(n, spool.agent_instance))
                         d.notify()
-                    await wait_async(lambda: agg.applied()[(HOST, spool.agent_instance)][1] == len(seqs) + 5, task)
+                    await wait_async(lambda: agg.applied()[(HOST, spool.agent_instance)][1] == len(seqs) + 5, d, task)
                 finally:
                     stopping.set()
                     await asyncio.wait_for(task, 30)
