@@ -6,7 +6,7 @@
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# A C compiler for the optional extensions (agent/_smapscan.c, server/_reportscan.c); the final stage needs none.
+# A C compiler for the optional extensions (agent/sources/_smapscan.c, server/ingest/_reportscan.c); the final stage needs none.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 
 .PHONY: run sample test fuzz venv system-deps helm proto bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py agent/_smapscan.c server/_reportscan.c
+$(VENV)/.installed: pyproject.toml setup.py agent/sources/_smapscan.c server/ingest/_reportscan.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from eptwatch.agent.delivery import varint  # the agent's own framing helper
+from eptwatch.agent.uplink.delivery import varint  # the agent's own framing helper
 from eptwatch.v1 import report_pb2 as pb
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -87,7 +87,7 @@ def frame(prefix: bytes, body: bytes, sequence: int, t: float) -> bytes:
 def check_body(body: bytes, labels: Sequence[tuple[str, str]] = (), what: str = "report") -> int:
     """The body, framed as a host's report, parses back and passes the aggregator's validation;
     returns the framed size. Exits with the reason otherwise."""
-    from eptwatch.server.validate import validate_report
+    from eptwatch.server.ingest.validate import validate_report
 
     raw = frame(host_prefix("hv-check-1", "inst-check", labels), body, 7, time.time())
     r = pb.HostReport.FromString(raw)

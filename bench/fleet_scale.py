@@ -55,8 +55,20 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from _common import (body_of, check_body, clear_proxy_env, cpu_seconds, free_port, frame, host_prefix, machine, pct,
-                     stop_processes, wait_http_ready, widen)
+from _common import (
+    body_of,
+    check_body,
+    clear_proxy_env,
+    cpu_seconds,
+    frame,
+    free_port,
+    host_prefix,
+    machine,
+    pct,
+    stop_processes,
+    wait_http_ready,
+    widen,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -90,7 +102,12 @@ def feeder_main(args: argparse.Namespace) -> int:
     """Sends one report for each of --hosts simulated hosts to --target; prints a JSON summary."""
     import grpc
 
-    from eptwatch.agent.delivery import STREAM_METHOD, DeliveryConfig, channel_options, encode_agent_message
+    from eptwatch.agent.uplink.delivery import (
+        STREAM_METHOD,
+        DeliveryConfig,
+        channel_options,
+        encode_agent_message,
+    )
     from eptwatch.server.simulate import SimulatedFleet
     from eptwatch.v1 import ingest_pb2
 

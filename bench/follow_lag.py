@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import random
 import shutil
 import subprocess
 import sys
 import tempfile
-import multiprocessing as mp
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from _common import clear_proxy_env, free_port, machine, pct, stop_processes, wait_http_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +59,7 @@ async def send(target: str, report: pb.HostReport) -> int:
         return int(reply.acks[0].status)
 
 
-FOLLOW_INTERVAL_SECONDS = 0.5  # server/follow.py
+FOLLOW_INTERVAL_SECONDS = 0.5  # server/fleet/follow.py
 
 
 def background(targets: list[str], template_bytes: bytes, streams: int, interval: float, stop: Any, acked: Any) -> None:

@@ -51,10 +51,28 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from _common import (
+    body_of,
+    check_body,
+    clear_proxy_env,
+    cpu_seconds,
+    cpu_times,
+    frame,
+    free_port,
+    host_prefix,
+    machine,
+    pct,
+    stop_processes,
+    wait_http_ready,
+    widen,
+)
 
-from _common import (body_of, check_body, clear_proxy_env, cpu_seconds, cpu_times, free_port, frame, host_prefix, machine,
-                     pct, stop_processes, wait_http_ready, widen)
-from eptwatch.agent.delivery import STREAM_METHOD, DeliveryConfig, channel_options, encode_agent_message
+from eptwatch.agent.uplink.delivery import (
+    STREAM_METHOD,
+    DeliveryConfig,
+    channel_options,
+    encode_agent_message,
+)
 from eptwatch.v1 import ingest_pb2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +111,7 @@ def report_body(n_vms: int) -> bytes:
 def serve_bare(listen: str) -> None:
     """Ingest.Stream that parses each AgentMessage and acks every report APPLIED at once."""
     from eptwatch.server.app import ServerConfig, grpc_server_options
-    from eptwatch.server.ingest import ACK_COMPRESSION, INGEST_SERVICE
+    from eptwatch.server.ingest.servicer import ACK_COMPRESSION, INGEST_SERVICE
 
     cfg = ServerConfig(listen=listen, insecure_plaintext=True, insecure_no_auth=True)
 

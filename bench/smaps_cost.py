@@ -14,7 +14,7 @@ the per-round ratios, figures medians over rounds:
   agent_smaps      Sampler._scan_smaps (smaps streamed through the scanner's small buffer, each chunk
                    scanned while in cache) + guest_ram.attribute_guest_ram. Target: <= 1.10 x cat_smaps
   agent_smaps_regex  the same with the regex search and Python line count (hosts without the
-                   compiled agent/_smapscan.c), in the same rounds
+                   compiled agent/sources/_smapscan.c), in the same rounds
   cat_widened / agent_widened  the same scan over a fixture's smaps widened to N VMAs, in a tmpfs
                    file (`cat` of a page-cache file is a copy, far cheaper than the kernel making smaps)
   discovery        list_vm_dirs + discover_vms on the live host. Target: <= 0.3 x agent_smaps
@@ -42,16 +42,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from eptwatch.agent import hostroot
-from eptwatch.agent import smaps as smaps_module
-from eptwatch.agent.discovery import discover_vms
-from eptwatch.agent.guest_ram import attribute_guest_ram
-from eptwatch.agent.hostroot import HostRoot, read_file
-from eptwatch.agent.kvm_debugfs import list_vm_dirs
-from eptwatch.agent.model import Era, VmInputs, estimate_vm
-from eptwatch.agent.sampler import Sampler, SamplerConfig
-from eptwatch.agent.smaps import parse_smaps, scan_large_vmas
-from eptwatch.agent.thp import read_thp_settings
+from eptwatch.agent.model.predicate import Era, VmInputs, estimate_vm
+from eptwatch.agent.model.sampler import Sampler, SamplerConfig
+from eptwatch.agent.sources import hostroot
+from eptwatch.agent.sources import smaps as smaps_module
+from eptwatch.agent.sources.discovery import discover_vms
+from eptwatch.agent.sources.guest_ram import attribute_guest_ram
+from eptwatch.agent.sources.hostroot import HostRoot, read_file
+from eptwatch.agent.sources.kvm_debugfs import list_vm_dirs
+from eptwatch.agent.sources.smaps import parse_smaps, scan_large_vmas
+from eptwatch.agent.sources.thp import read_thp_settings
 
 CHILD = r"""
 import ctypes, mmap, os, sys, fcntl

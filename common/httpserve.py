@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .config import ConfigError, parse_hostport
+from eptwatch.common.config import ConfigError, parse_hostport
 
 log = logging.getLogger("eptwatch.http")
 

@@ -17,24 +17,38 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from eptwatch.common.config import MAX_SECONDS, ConfigError, check_port_free, is_loopback_host, parse_hostport
+from eptwatch.common.config import (
+    MAX_SECONDS,
+    ConfigError,
+    check_port_free,
+    is_loopback_host,
+    parse_hostport,
+)
 from eptwatch.common.wire import message_to_dict
+from eptwatch.server.faces.hostpage import host_page_response
+from eptwatch.server.faces.http import HttpServer, json_bytes
+from eptwatch.server.faces.metrics import AggregatorCollector
+from eptwatch.server.faces.page import render_fleet_page
+from eptwatch.server.faces.query import (
+    MAX_LIMIT,
+    MAX_OFFSET,
+    QueryError,
+    QueryServicer,
+    fleet_pb,
+    host_detail,
+    list_hosts,
+    list_kernels,
+)
+from eptwatch.server.fleet.state import FleetConfig, FleetState, summarise
+from eptwatch.server.ingest.auth import TlsFiles, TokenTable
+from eptwatch.server.ingest.servicer import INGEST_SERVICE, IngestServicer
+from eptwatch.server.store.base import is_postgres_url, open_store
+from eptwatch.server.store.sqlite import DepartedLog, Store
 from eptwatch.v1 import query_pb2, query_pb2_grpc
 
-from .auth import TlsFiles, TokenTable
-from .fleet import FleetConfig, FleetState, summarise
-from .hostpage import host_page_response
-from .http import HttpServer, json_bytes
-from .ingest import INGEST_SERVICE, IngestServicer
-from .metrics import AggregatorCollector
-from .page import render_fleet_page
-from .query import MAX_LIMIT, MAX_OFFSET, QueryError, QueryServicer, fleet_pb, host_detail, list_hosts, list_kernels
-from .store import DepartedLog, Store
-from .storebase import is_postgres_url, open_store
-
 if TYPE_CHECKING:
-    from .follow import Followable, StoreFollower
-    from .store_pg import PgDepartedLog, PgStore
+    from eptwatch.server.fleet.follow import Followable, StoreFollower
+    from eptwatch.server.store.postgres import PgDepartedLog, PgStore
 
 log = logging.getLogger("eptwatch.server")
 
@@ -158,8 +172,8 @@ class Aggregator:
         self.departed: DepartedLog | PgDepartedLog
         self.fleet: FleetState
         if is_postgres_url(cfg.state_dir):
-            from .follow import SharedFleetState, StoreFollower
-            from .store_pg import PgDepartedLog
+            from eptwatch.server.fleet.follow import SharedFleetState, StoreFollower
+            from eptwatch.server.store.postgres import PgDepartedLog
 
             # A shared store: this replica serves the whole fleet by following what every replica commits,
             # departures included (they are kept in the store, where every replica sees them).

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from eptwatch.server import __version__
 
 if TYPE_CHECKING:
-    from .app import ServerConfig
+    from eptwatch.server.app import ServerConfig
 
 # The rest is imported in main(), after the arguments are parsed: `--help`, `--version` and
 # `hash-token` need neither gRPC nor the store (issue 12: start-up imports only what it uses).
@@ -52,8 +52,7 @@ FLAG_KEYS = ("listen", "http", "state_dir", "tokens_file", "tls_cert", "tls_key"
 def preflight(cfg: ServerConfig) -> None:
     """What can be checked before anything binds or opens: each failure is a ConfigError naming its file."""
     from eptwatch.common.config import check_state_dir, check_tls_files
-
-    from .storebase import is_postgres_url
+    from eptwatch.server.store.base import is_postgres_url
 
     if not is_postgres_url(cfg.state_dir):  # a shared store is checked by connecting to it (Aggregator)
         check_state_dir(cfg.state_dir, "state_dir")
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from eptwatch.common.config import error_line
 
     if args.command == "hash-token":
-        from .auth import hash_token
+        from eptwatch.server.ingest.auth import hash_token
 
         token = sys.stdin.readline().strip()
         if not token:
@@ -79,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     import sqlite3
 
     from eptwatch.common.config import ConfigError, environ, load_config
-
-    from .app import Aggregator, ServerConfig
+    from eptwatch.server.app import Aggregator, ServerConfig
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -28,10 +28,9 @@ from pathlib import Path
 import grpc
 
 from eptwatch.common.config import MAX_SECONDS, ConfigError, check_state_dir, error_line
+from eptwatch.server import __version__
+from eptwatch.server.simulate import SimHost, SimulatedFleet, load_templates
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
-
-from . import __version__
-from .simulate import SimHost, SimulatedFleet, load_templates
 
 BIN = Path(sys.executable).parent
 

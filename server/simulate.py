@@ -12,9 +12,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from eptwatch.agent.hostroot import HostRoot
-from eptwatch.agent.report import host_report
-from eptwatch.agent.sampler import Sampler, SamplerConfig
+from eptwatch.agent.model.sampler import Sampler, SamplerConfig
+from eptwatch.agent.report.host_report import host_report
+from eptwatch.agent.sources.hostroot import HostRoot
 from eptwatch.v1 import report_pb2 as pb
 
 # Fleet mix for the demo: mostly healthy modern kernels, the seed's unfixed and fixed kernels, and

@@ -19,8 +19,8 @@ def fixtures_dir() -> Path:
 
 
 def have_compiler() -> bool:
-    """True where setuptools can build the optional C extensions (agent/_smapscan.c,
-    server/_reportscan.c): the compiler Python was built with, and Python.h. There the extensions
+    """True where setuptools can build the optional C extensions (agent/sources/_smapscan.c,
+    server/ingest/_reportscan.c): the compiler Python was built with, and Python.h. There the extensions
     must have been built; a silent fallback would be a packaging bug."""
     import shlex
     import shutil
@@ -34,8 +34,8 @@ def have_compiler() -> bool:
 def sampled_report_bytes(fixture: str) -> bytes:
     """One real sample of a fixture host as HostReport bytes (sampled once per test session);
     callers parse their own copy: `pb.HostReport.FromString(sampled_report_bytes(...))`."""
-    from eptwatch.agent.hostroot import HostRoot
-    from eptwatch.agent.report import host_report
-    from eptwatch.agent.sampler import Sampler
+    from eptwatch.agent.model.sampler import Sampler
+    from eptwatch.agent.report.host_report import host_report
+    from eptwatch.agent.sources.hostroot import HostRoot
 
     return host_report(Sampler(HostRoot.from_root(FIXTURES / fixture)).sample()).SerializeToString()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from eptwatch.agent.config import ConfigError, check_grpc_target, load_config, parse_hostport
-from eptwatch.agent.daemon import AgentConfig
+from eptwatch.agent.faces.config import ConfigError, check_grpc_target, load_config, parse_hostport
+from eptwatch.agent.faces.daemon import AgentConfig
 from eptwatch.server.app import ServerConfig
 
 BIN = Path(sys.executable).parent
@@ -368,7 +368,7 @@ def test_server_ipv6_http_listen_serves(tmp_path: Path) -> None:
             s.bind(("::1", 0))
     except OSError as exc:
         pytest.skip(f"cannot bind [::1]: {exc}")
-    from eptwatch.agent.httpserve import HttpServer
+    from eptwatch.common.httpserve import HttpServer
 
     srv = HttpServer("[::1]:0", lambda path, query: (200, "text/plain", b"ok\n"))
     try:

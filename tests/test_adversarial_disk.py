@@ -25,10 +25,10 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from eptwatch.agent.daemon import AgentConfig, AgentDaemon
-from eptwatch.agent.delivery import Delivery, DeliveryConfig
-from eptwatch.agent.metrics import AgentCollector, AgentState
-from eptwatch.agent.spool import Spool
+from eptwatch.agent.faces.daemon import AgentConfig, AgentDaemon
+from eptwatch.agent.faces.metrics import AgentCollector, AgentState
+from eptwatch.agent.uplink.delivery import Delivery, DeliveryConfig
+from eptwatch.agent.uplink.spool import Spool
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
 
@@ -246,7 +246,7 @@ def test_acked_reports_are_never_handed_out_again_while_the_disk_refuses_their_d
 
 
 def test_a_report_that_fits_nowhere_is_counted_and_raises_no_sqlite_error(tmp_path: Path) -> None:
-    from eptwatch.agent.spool import SpoolFull
+    from eptwatch.agent.uplink.spool import SpoolFull
 
     with small_tmpfs("2m") as mnt:
         spool = Spool(mnt / "spool.sqlite3", max_bytes=10**9, max_age_seconds=3600)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from eptwatch.agent import hostroot, smaps
-from eptwatch.agent.cli import main
-from eptwatch.agent.hostroot import HostReadError, HostRoot, ReadBuffer, read_file
-from eptwatch.agent.model import Cause
-from eptwatch.agent.report import host_report, report_to_json
-from eptwatch.agent.sampler import HostSample, Sampler, SamplerConfig
-from eptwatch.agent.status import SourceState
+from eptwatch.agent.faces.cli import main
+from eptwatch.agent.model.predicate import Cause
+from eptwatch.agent.model.sampler import HostSample, Sampler, SamplerConfig
+from eptwatch.agent.report.host_report import host_report, report_to_json
+from eptwatch.agent.sources import hostroot, smaps
+from eptwatch.agent.sources.hostroot import HostReadError, HostRoot, ReadBuffer, read_file
+from eptwatch.agent.sources.status import SourceState
 
 from .conftest import FIXTURES
 
@@ -193,7 +193,7 @@ def test_a_starttime_beyond_2_to_the_64_drops_the_process(host: Path, capsys: py
 def test_size_lots_kb_on_guest_ram_is_an_error_in_both_scanners(host: Path, search: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if search == "c":
         if smaps._big_size_lines_c is None:
-            pytest.skip("the compiled scanner eptwatch.agent._smapscan is not built here")
+            pytest.skip("the compiled scanner eptwatch.agent.sources._smapscan is not built here")
         monkeypatch.setattr(smaps, "_big_size_lines", smaps._big_size_lines_c)
     else:
         monkeypatch.setattr(smaps, "_big_size_lines", smaps._big_size_lines_regex)

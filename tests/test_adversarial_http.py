@@ -20,12 +20,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from eptwatch.agent.httpserve import HttpServer
-from eptwatch.agent.report import message_to_dict
-from eptwatch.server.fleet import MAX_HOST_HUGE_2M, FleetConfig, FleetState, Rollup, build_view, summarise
-from eptwatch.server.page import render_fleet_page
-from eptwatch.server.query import MAX_LIMIT, QueryError, fleet_pb, list_hosts, rollup_pb
-from eptwatch.server.store import DepartedLog, Store
+from eptwatch.agent.report.host_report import message_to_dict
+from eptwatch.common.httpserve import HttpServer
+from eptwatch.server.faces.page import render_fleet_page
+from eptwatch.server.faces.query import MAX_LIMIT, QueryError, fleet_pb, list_hosts, rollup_pb
+from eptwatch.server.fleet.state import (
+    MAX_HOST_HUGE_2M,
+    FleetConfig,
+    FleetState,
+    Rollup,
+    build_view,
+    summarise,
+)
+from eptwatch.server.store.sqlite import DepartedLog, Store
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc, query_pb2, query_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
 

@@ -25,12 +25,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eptwatch.server import validate
-from eptwatch.server.auth import TokenTable, hash_token
-from eptwatch.server.fleet import FleetState
-from eptwatch.server.ingest import IngestServicer, Received, Undecodable, decode_agent_message
-from eptwatch.server.store import Store, StoreError
-from eptwatch.server.validate import MAX_GUEST_RAM_BYTES, MAX_HUGE_2M, MAX_STORED_INTEGER, ReportTotals, check_report
+from eptwatch.server.fleet.state import FleetState
+from eptwatch.server.ingest import validate
+from eptwatch.server.ingest.auth import TokenTable, hash_token
+from eptwatch.server.ingest.servicer import IngestServicer, Received, Undecodable, decode_agent_message
+from eptwatch.server.ingest.validate import (
+    MAX_GUEST_RAM_BYTES,
+    MAX_HUGE_2M,
+    MAX_STORED_INTEGER,
+    ReportTotals,
+    check_report,
+)
+from eptwatch.server.store.sqlite import Store, StoreError
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
 
@@ -448,7 +454,7 @@ def test_one_tenants_unstorable_report_costs_only_its_own_ack(tmp_path: Path) ->
 def test_a_value_sqlite_cannot_hold_fails_only_its_own_report(tmp_path: Path) -> None:
     """Defence in depth below the checks: a sequence of 2^63 handed to the store directly (the checks
     refuse it first on the wire) fails only its own report; the group's other messages and reports land."""
-    from eptwatch.server.store import Incoming
+    from eptwatch.server.store.sqlite import Incoming
 
     store = Store(tmp_path / "state")
 
@@ -469,7 +475,7 @@ def test_a_value_sqlite_cannot_hold_fails_only_its_own_report(tmp_path: Path) ->
 
 
 def test_store_error_names_a_full_disk() -> None:
-    from eptwatch.server.store import _store_error
+    from eptwatch.server.store.sqlite import _store_error
 
     assert _store_error(sqlite3.OperationalError("database or disk is full")).reason == "disk_full"
     err = _store_error(sqlite3.OperationalError("disk I/O error"))

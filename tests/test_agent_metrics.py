@@ -7,10 +7,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from eptwatch.agent.hostroot import HostRoot
-from eptwatch.agent.metrics import METRICS, AgentCollector, AgentState
-from eptwatch.agent.sampler import Sampler
-from eptwatch.agent.spool import Spool
+from eptwatch.agent.faces.metrics import METRICS, AgentCollector, AgentState
+from eptwatch.agent.model.sampler import Sampler
+from eptwatch.agent.sources.hostroot import HostRoot
+from eptwatch.agent.uplink.spool import Spool
 
 from .conftest import FIXTURES
 
@@ -88,7 +88,8 @@ def test_a_per_vm_counter_error_is_not_blamed_on_the_global_debugfs_collector(tm
 
 
 def test_build_info_names_the_smaps_scanner(tmp_path: Path) -> None:
-    from eptwatch.agent import __version__, smaps
+    from eptwatch.agent import __version__
+    from eptwatch.agent.sources import smaps
 
     assert smaps.SCANNER in {"c", "regex"}
     reg, _ = registry_for("linux-6.6-pages2m", tmp_path)

@@ -1,6 +1,6 @@
 """Property fuzz of every agent parser of host input (issue 11): unbounded integers and byte
 mutations of real fixture files. Whatever comes in, a parser returns a value within the bounds of
-agent/bounds.py or raises ParseError, the project's own error; nothing else. The compiled smaps
+agent/sources/bounds.py or raises ParseError, the project's own error; nothing else. The compiled smaps
 scanner and the regex fallback find the same lines, and scan_large_vmas returns the same with either.
 
 `make fuzz` runs these with EPTWATCH_FUZZ_EXAMPLES inputs each (tests/fuzzing.py); the ordinary
@@ -18,19 +18,25 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eptwatch.agent import smaps as smaps_module
-from eptwatch.agent.bounds import MAX_BYTES, MAX_FD, MAX_PID, MAX_U64, parse_bounded, small_decimal
-from eptwatch.agent.discovery import parse_cmdline, parse_qemu_identity, parse_stat, parse_status_thp_enabled, split_qemu_opts
-from eptwatch.agent.guest_ram import attribute_guest_ram
-from eptwatch.agent.hostroot import HostRoot
-from eptwatch.agent.kernel import parse_release
-from eptwatch.agent.kvm_debugfs import parse_counter, parse_vm_dir_name
-from eptwatch.agent.model import era_for, load_era_overrides
-from eptwatch.agent.report import host_report
-from eptwatch.agent.sampler import Sampler, SamplerConfig
-from eptwatch.agent.smaps import parse_smaps, parse_smaps_rollup, scan_large_vmas
-from eptwatch.agent.status import ParseError
-from eptwatch.agent.thp import mount_for_path, parse_bracketed, parse_mountinfo
+from eptwatch.agent.model.predicate import era_for, load_era_overrides
+from eptwatch.agent.model.sampler import Sampler, SamplerConfig
+from eptwatch.agent.report.host_report import host_report
+from eptwatch.agent.sources import smaps as smaps_module
+from eptwatch.agent.sources.bounds import MAX_BYTES, MAX_FD, MAX_PID, MAX_U64, parse_bounded, small_decimal
+from eptwatch.agent.sources.discovery import (
+    parse_cmdline,
+    parse_qemu_identity,
+    parse_stat,
+    parse_status_thp_enabled,
+    split_qemu_opts,
+)
+from eptwatch.agent.sources.guest_ram import attribute_guest_ram
+from eptwatch.agent.sources.hostroot import HostRoot
+from eptwatch.agent.sources.kernel import parse_release
+from eptwatch.agent.sources.kvm_debugfs import parse_counter, parse_vm_dir_name
+from eptwatch.agent.sources.smaps import parse_smaps, parse_smaps_rollup, scan_large_vmas
+from eptwatch.agent.sources.status import ParseError
+from eptwatch.agent.sources.thp import mount_for_path, parse_bracketed, parse_mountinfo
 
 from .conftest import FIXTURES
 from .fuzzing import fuzz_settings

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eptwatch.agent.cli import main
+from eptwatch.agent.faces.cli import main
 
 
 def test_live_host_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,7 +59,7 @@ def test_console_script_installed() -> None:
 
 
 def test_no_qmp_flag_reaches_the_sampler(monkeypatch: pytest.MonkeyPatch, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from eptwatch.agent import sampler  # cli imports it when `sample` runs
+    from eptwatch.agent.model import sampler  # cli imports it when `sample` runs
 
     seen = []
     real = sampler.Sampler
@@ -80,8 +80,8 @@ def test_no_qmp_flag_reaches_the_sampler(monkeypatch: pytest.MonkeyPatch, fixtur
 
 
 def test_run_no_qmp_flag_and_config_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from eptwatch.agent import daemon
-    from eptwatch.agent.cli import build_parser
+    from eptwatch.agent.faces import daemon
+    from eptwatch.agent.faces.cli import build_parser
 
     assert build_parser().parse_args(["run", "--no-qmp"]).use_qmp is False
     assert build_parser().parse_args(["run"]).use_qmp is None  # not given: the config file decides

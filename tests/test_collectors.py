@@ -13,14 +13,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eptwatch.agent.discovery import parse_cmdline, parse_qemu_identity, parse_stat, parse_status_thp_enabled, split_qemu_opts
-from eptwatch.agent.hostroot import HostReadError, HostRoot, read_file
-from eptwatch.agent.kernel import parse_release, read_kernel_identity
-from eptwatch.agent.kvm_debugfs import CounterScope, parse_counter, read_counters
-from eptwatch.agent.model import Cause
-from eptwatch.agent.sampler import Sampler, SamplerConfig
-from eptwatch.agent.status import ParseError, SourceState
-from eptwatch.agent.thp import mount_for_path, parse_bracketed, parse_mountinfo, read_thp_settings
+from eptwatch.agent.model.predicate import Cause
+from eptwatch.agent.model.sampler import Sampler, SamplerConfig
+from eptwatch.agent.sources.discovery import (
+    parse_cmdline,
+    parse_qemu_identity,
+    parse_stat,
+    parse_status_thp_enabled,
+    split_qemu_opts,
+)
+from eptwatch.agent.sources.hostroot import HostReadError, HostRoot, read_file
+from eptwatch.agent.sources.kernel import parse_release, read_kernel_identity
+from eptwatch.agent.sources.kvm_debugfs import CounterScope, parse_counter, read_counters
+from eptwatch.agent.sources.status import ParseError, SourceState
+from eptwatch.agent.sources.thp import mount_for_path, parse_bracketed, parse_mountinfo, read_thp_settings
 
 from .conftest import FIXTURES
 
@@ -196,8 +202,8 @@ def test_permission_denied_is_a_status_not_a_crash(seed_copy: Path) -> None:
     os.chmod(seed_copy / "proc/4242/smaps", 0)
     code = textwrap.dedent(f"""
         import json
-        from eptwatch.agent.hostroot import HostRoot
-        from eptwatch.agent.sampler import Sampler, SamplerConfig
+        from eptwatch.agent.sources.hostroot import HostRoot
+        from eptwatch.agent.model.sampler import Sampler, SamplerConfig
         s = Sampler(HostRoot.from_root({str(seed_copy)!r}), SamplerConfig(smaps_mode="full")).sample()
         print(json.dumps([[x.source, x.state.value, x.reason] for x in s.vms[0].statuses]))
         print(s.estimates[0].cause.value)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from eptwatch.agent.config import load_config
-from eptwatch.agent.daemon import AgentConfig
-from eptwatch.agent.model import Era, era_for, load_era_overrides
+from eptwatch.agent.faces.config import load_config
+from eptwatch.agent.faces.daemon import AgentConfig
+from eptwatch.agent.model.predicate import Era, era_for, load_era_overrides
 from eptwatch.server.app import ServerConfig
-from eptwatch.server.auth import TokenTable
+from eptwatch.server.ingest.auth import TokenTable
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "deploy" / "examples"

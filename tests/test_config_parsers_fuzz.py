@@ -21,15 +21,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eptwatch.agent.config import ConfigError, check_grpc_target, load_config, parse_hostport
-from eptwatch.agent.daemon import AgentConfig
-from eptwatch.agent.kvm_qmp import STAT_NAMES, QmpUnavailable, _Conn, parse_query_stats
-from eptwatch.agent.labels import parse_labels_file
-from eptwatch.agent.model import era_for, load_era_overrides
-from eptwatch.agent.status import ParseError
+from eptwatch.agent.faces.config import ConfigError, check_grpc_target, load_config, parse_hostport
+from eptwatch.agent.faces.daemon import AgentConfig
+from eptwatch.agent.model.predicate import era_for, load_era_overrides
+from eptwatch.agent.sources.kvm_qmp import STAT_NAMES, QmpUnavailable, _Conn, parse_query_stats
+from eptwatch.agent.sources.labels import parse_labels_file
+from eptwatch.agent.sources.status import ParseError
 from eptwatch.server.app import Aggregator, ServerConfig
-from eptwatch.server.auth import TokenTable, hash_token
-from eptwatch.server.fleet import summarise
+from eptwatch.server.fleet.state import summarise
+from eptwatch.server.ingest.auth import TokenTable, hash_token
 from eptwatch.v1 import report_pb2 as pb
 
 from .fuzzing import fuzz_settings

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from eptwatch.agent.discovery import discover_vms, vm_fds_of
-from eptwatch.agent.hostroot import HostRoot
+from eptwatch.agent.sources.discovery import discover_vms, vm_fds_of
+from eptwatch.agent.sources.hostroot import HostRoot
 
 FIXTURE = Path(__file__).parent / "fixtures" / "linux-6.6-pages2m"
 STAT = "{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 424242 1000 100 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n"

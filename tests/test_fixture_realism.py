@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eptwatch.agent.guest_ram import unreal_mapping_name
+from eptwatch.agent.sources.guest_ram import unreal_mapping_name
 
 from .conftest import FIXTURES, fixture_roots
 
@@ -74,8 +74,8 @@ def test_captured_cases_are_complete(meta: Path) -> None:
 def test_fixture_from_captures_gives_what_the_real_vms_gave() -> None:
     """linux-6.18-backends is the captured real text: the agent must conclude on it what it concluded on
     the real VMs (the e2e test compared that with the kernel's own numbers)."""
-    from eptwatch.agent.hostroot import HostRoot
-    from eptwatch.agent.sampler import Sampler
+    from eptwatch.agent.model.sampler import Sampler
+    from eptwatch.agent.sources.hostroot import HostRoot
 
     root = FIXTURES / "linux-6.18-backends"
     sample = Sampler(HostRoot.from_root(root)).sample()

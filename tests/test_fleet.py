@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from eptwatch.server.fleet import (VERDICT_INSUFFICIENT, VERDICT_KNOWN_BAD, VERDICT_OK, VERDICT_REGRESSED, FleetConfig,
-                                   FleetState, build_view, summarise)
+from eptwatch.server.fleet.state import (
+    VERDICT_INSUFFICIENT,
+    VERDICT_KNOWN_BAD,
+    VERDICT_OK,
+    VERDICT_REGRESSED,
+    FleetConfig,
+    FleetState,
+    build_view,
+    summarise,
+)
 from eptwatch.server.simulate import SimHost, SimulatedFleet, load_templates
 from eptwatch.v1 import report_pb2 as pb
 
@@ -66,13 +74,13 @@ def test_rollups_and_verdicts(templates: dict[str, pb.HostReport]) -> None:
     ["5.15.0-9-generic", "5.15.0-91-generic", "5.15.0-100-generic"],
 ])
 def test_kernel_version_key_orders_numbers_as_numbers(releases: list[str]) -> None:
-    from eptwatch.server.fleet import kernel_version_key
+    from eptwatch.server.fleet.state import kernel_version_key
     for shuffled in (releases[::-1], releases[1:] + releases[:1]):
         assert sorted(shuffled, key=kernel_version_key) == releases
 
 
 def test_kernel_version_key_never_raises_on_odd_releases() -> None:
-    from eptwatch.server.fleet import kernel_version_key
+    from eptwatch.server.fleet.state import kernel_version_key
     odd = ["", "unknown", "9" * 5000, "5.\u00b2.1", "\x00", "5..3", "-", "6.6.15" + "a" * 300]
     assert len(sorted(odd, key=kernel_version_key)) == len(odd)
     assert sorted(["5.10", "5.3", "5.9"], key=kernel_version_key) == ["5.3", "5.9", "5.10"]
@@ -130,7 +138,7 @@ def test_explained_loss_never_makes_a_kernel_regressed(templates: dict[str, pb.H
 
 
 def test_small_unexplained_loss_is_flagged_against_its_peers() -> None:
-    from eptwatch.server.fleet import KernelRollup, judge_kernels
+    from eptwatch.server.fleet.state import KernelRollup, judge_kernels
 
     a = KernelRollup(kernel_release="a", era=pb.PREDICATE_ERA_HOST_PAGE_WALK, hosts=5, capacity_2m=10000, lost_2m=300, lost_unexplained_2m=300)
     b = KernelRollup(kernel_release="b", era=pb.PREDICATE_ERA_HOST_PAGE_WALK, hosts=5, capacity_2m=10000, lost_2m=10, lost_unexplained_2m=10)
@@ -139,7 +147,7 @@ def test_small_unexplained_loss_is_flagged_against_its_peers() -> None:
 
 
 def test_loss_by_cause_reaches_the_api_and_sums_to_the_loss(templates: dict[str, pb.HostReport]) -> None:
-    from eptwatch.server.query import fleet_pb, host_pb
+    from eptwatch.server.faces.query import fleet_pb, host_pb
 
     hosts = summaries(templates, {"linux-5.3-unfixed": 4, "linux-5.4-fixed": 4, "linux-6.6-pages2m": 4, "linux-5.10-hostwalk": 5})
     v = build_view(hosts, set(), 1000.0, FleetConfig())

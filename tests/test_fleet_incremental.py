@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from eptwatch.server.fleet import FleetConfig, FleetState, FleetView, build_view, summarise
+from eptwatch.server.fleet.state import FleetConfig, FleetState, FleetView, build_view, summarise
 from eptwatch.server.simulate import SimHost, SimulatedFleet, load_templates
 from eptwatch.v1 import report_pb2 as pb
 

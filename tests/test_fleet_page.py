@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from eptwatch.server.fleet import FleetConfig, HostSummary, Rollup, build_view, summarise
-from eptwatch.server.page import render_fleet_page
+from eptwatch.server.faces.page import render_fleet_page
+from eptwatch.server.fleet.state import FleetConfig, HostSummary, Rollup, build_view, summarise
 from eptwatch.server.simulate import SimHost, SimulatedFleet, load_templates
 from eptwatch.v1 import report_pb2 as pb
 
@@ -308,7 +308,7 @@ def test_no_table_overflows_at_1400_and_800_px(agg: Aggregator, templates: dict[
 
 
 def test_host_page_without_stored_report_or_summary_says_so() -> None:
-    from eptwatch.server.hostpage import render_host_page
+    from eptwatch.server.faces.hostpage import render_host_page
     from eptwatch.v1 import query_pb2 as q
 
     detail = q.HostDetail(summary=q.HostSummary(host_id="h1", kernel_release="6.6.15", vms=2, host_huge_capacity_2m=10,
@@ -320,8 +320,8 @@ def test_host_page_without_stored_report_or_summary_says_so() -> None:
 
 
 def test_invalid_hosts_listed_with_their_problem_and_host_page_names_it(templates: dict[str, pb.HostReport]) -> None:
-    from eptwatch.server.hostpage import render_host_page
-    from eptwatch.server.query import host_pb
+    from eptwatch.server.faces.hostpage import render_host_page
+    from eptwatch.server.faces.query import host_pb
     from eptwatch.v1 import query_pb2 as q
 
     v = _fleet_view(templates)

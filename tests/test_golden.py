@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from eptwatch.agent.cli import main
+from eptwatch.agent.faces.cli import main
 
 from .conftest import GOLDEN, fixture_roots
 

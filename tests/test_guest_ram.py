@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from eptwatch.agent.guest_ram import (
+from eptwatch.agent.model.predicate import Cause, Era, _host_side_reason
+from eptwatch.agent.sources.guest_ram import (
     Backing,
     attribute_guest_ram,
     classify_backing,
     on_internal_shm_mount,
     unreal_mapping_name,
 )
-from eptwatch.agent.model import Cause, Era, _host_side_reason
-from eptwatch.agent.smaps import parse_smaps
-from eptwatch.agent.thp import ThpSettings
+from eptwatch.agent.sources.smaps import parse_smaps
+from eptwatch.agent.sources.thp import ThpSettings
 
 from .conftest import FIXTURES
 
@@ -151,8 +151,8 @@ def test_aligned_regular_file_is_not_said_to_be_beyond_thp() -> None:
 
 
 def test_sampler_takes_no_tmpfs_huge_for_shared_anonymous_memory_when_dev_is_a_tmpfs() -> None:
-    from eptwatch.agent.sampler import Sampler
-    from eptwatch.agent.thp import Mount
+    from eptwatch.agent.model.sampler import Sampler
+    from eptwatch.agent.sources.thp import Mount
 
     dev_tmpfs = [Mount("/", "ext4", ("rw",), "/dev/vda1"), Mount("/dev", "tmpfs", ("rw", "huge=always"), "tmpfs")]
     (shared,) = attribute_guest_ram(parse_smaps(_captured("ram-shared")), lambda _p: "tmpfs")

@@ -252,7 +252,7 @@ def _schema_config_keys(component: str) -> set[str]:
 
 
 def test_agent_config_schema_matches_agentconfig() -> None:
-    from eptwatch.agent.daemon import AgentConfig
+    from eptwatch.agent.faces.daemon import AgentConfig
 
     fields = {f.name for f in dataclasses.fields(AgentConfig)}
     keys = _schema_config_keys("agent")
@@ -502,9 +502,9 @@ def _k8s_expand(arg: str, env: dict[str, str]) -> str:
 @pytest.mark.parametrize("case", CASES)
 def test_agent_command_line_and_config_load(rendered: dict[str, Rendered], case: str, tmp_path: Path) -> None:
     """The rendered args parse with the agent's own parser and, with the rendered agent.yaml, build AgentConfig."""
-    from eptwatch.agent.cli import AGENT_SECRET_PATHS, RUN_FLAGS, build_parser
-    from eptwatch.agent.config import load_config
-    from eptwatch.agent.daemon import AgentConfig
+    from eptwatch.agent.faces.cli import AGENT_SECRET_PATHS, RUN_FLAGS, build_parser
+    from eptwatch.agent.faces.config import load_config
+    from eptwatch.agent.faces.daemon import AgentConfig
 
     r = rendered[case]
     pod = r.one("DaemonSet")["spec"]["template"]["spec"]
@@ -533,7 +533,7 @@ def test_agent_command_line_and_config_load(rendered: dict[str, Rendered], case:
         assert cfg.insecure_plaintext
     assert bool(cfg.token_file) == vals["auth"]["enabled"]
     if vals["agent"]["eraOverrides"]:
-        from eptwatch.agent.model import load_era_overrides
+        from eptwatch.agent.model.predicate import load_era_overrides
 
         assert Path(cfg.era_overrides_file).parent == Path(mount["mountPath"])
         text = config_map["data"][Path(cfg.era_overrides_file).name]
@@ -609,10 +609,10 @@ def test_scale_out_case(rendered: dict[str, Rendered]) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_aggregator_command_line_and_config_load(rendered: dict[str, Rendered], case: str, tmp_path: Path) -> None:
     """The rendered args parse with the server's parser; server.yaml and the tokens file load for real."""
-    from eptwatch.agent.config import load_config
+    from eptwatch.agent.faces.config import load_config
     from eptwatch.server.app import ServerConfig
-    from eptwatch.server.auth import TokenTable
     from eptwatch.server.cli import FLAG_KEYS, SECRET_PATHS, build_parser
+    from eptwatch.server.ingest.auth import TokenTable
 
     r = rendered[case]
     c = _container(r.one("StatefulSet")["spec"]["template"]["spec"], "aggregator")
@@ -731,7 +731,7 @@ def _secret_values(secret: dict[str, Any]) -> list[str]:
 
 
 def test_generated_token_and_its_digest_agree(rendered: dict[str, Rendered]) -> None:
-    from eptwatch.server.auth import TokenTable
+    from eptwatch.server.ingest.auth import TokenTable
 
     r = rendered["defaults"]
     token = base64.b64decode(r.one("Secret", "-agent-token")["data"]["token"]).decode()
@@ -843,13 +843,13 @@ def _recorded() -> set[str]:
 
 
 def _server_metrics() -> set[str]:
-    from eptwatch.server.metrics import METRICS
+    from eptwatch.server.faces.metrics import METRICS
 
     return set(METRICS)
 
 
 def _agent_metrics() -> set[str]:
-    from eptwatch.agent.metrics import METRICS
+    from eptwatch.agent.faces.metrics import METRICS
 
     return set(METRICS)
 
@@ -966,7 +966,7 @@ def _run_node_labels(tmp_path: Path, api: str, node: str, **extra: str) -> subpr
 
 
 def test_node_labels_script(tmp_path: Path) -> None:
-    from eptwatch.agent.labels import parse_labels_file
+    from eptwatch.agent.sources.labels import parse_labels_file
 
     _FakeAPI.node = {"metadata": {"name": "hv-a-01", "labels": {
         "topology.kubernetes.io/zone": "eu-1a", "kubernetes.io/hostname": "hv-a-01", "secret.example/owner": "x",

@@ -58,7 +58,10 @@ def test_a_started_aggregator_has_loaded_nothing_of_the_agent(tmp_path: Path) ->
     # and every other server module the aggregator has.
     code = (
         "import asyncio, sys, eptwatch.server.cli\n"
-        "from eptwatch.server import auth, fleet, http, ingest, metrics, page, query, store, validate\n"
+        "from eptwatch.server.ingest import auth, servicer, validate\n"
+        "from eptwatch.server.store import base, sqlite\n"
+        "from eptwatch.server.fleet import state, follow\n"
+        "from eptwatch.server.faces import hostpage, http, metrics, page, query\n"
         "from eptwatch.server.app import Aggregator, ServerConfig\n"
         "from eptwatch.common.config import load_config\n"
         "cfg = load_config(ServerConfig, None, flags=dict(state_dir=sys.argv[1], listen='127.0.0.1:0', http='127.0.0.1:0',\n"
@@ -79,23 +82,23 @@ def test_server_help_loads_neither_the_agent_nor_grpc() -> None:
     names = _imported_by_console_script("eptwatch-server", "--help")
     assert "eptwatch.server.cli" in names
     assert _agent_modules(names) == []
-    assert not {"grpc", "eptwatch.server.app", "eptwatch.server.store", "sqlite3"} & set(names)
+    assert not {"grpc", "eptwatch.server.app", "eptwatch.server.store.sqlite", "sqlite3"} & set(names)
 
 
 def test_agent_sample_help_loads_no_sampler_collectors_or_grpc() -> None:
     names = _imported_by_console_script("eptwatch-agent", "sample", "--help")
-    assert "eptwatch.agent.cli" in names
+    assert "eptwatch.agent.faces.cli" in names
     # Only the CLI and its package: no sampler, collector, model, report or wire code.
-    assert sorted(n for n in names if n.startswith("eptwatch")) == ["eptwatch", "eptwatch.agent", "eptwatch.agent.cli", "eptwatch.common"]
+    assert sorted(n for n in names if n.startswith("eptwatch")) == ["eptwatch", "eptwatch.agent", "eptwatch.agent.faces", "eptwatch.agent.faces.cli", "eptwatch.common"]
     assert not {n for n in names if n.split(".")[0] in ("grpc", "google", "yaml", "importlib_metadata")} | \
         ({"importlib.metadata"} & set(names))
 
 
 def test_agent_sample_still_runs_what_help_leaves_out(fixtures_dir: Path) -> None:
     # The lazy imports are real imports: the command that needs them finds them.
-    names = _modules_after("import sys\nfrom eptwatch.agent.cli import main\nmain(['sample', '--root', sys.argv[1], '--format', 'json'])",
+    names = _modules_after("import sys\nfrom eptwatch.agent.faces.cli import main\nmain(['sample', '--root', sys.argv[1], '--format', 'json'])",
                            str(fixtures_dir / "linux-6.6-pages2m"))
-    assert {"eptwatch.agent.sampler", "eptwatch.agent.report", "eptwatch.common.wire"} <= set(names)
+    assert {"eptwatch.agent.model.sampler", "eptwatch.agent.report.host_report", "eptwatch.common.wire"} <= set(names)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,8 +111,9 @@ def _module_files() -> dict[str, Path]:
     for package, directory in PACKAGE_DIRS.items():
         if package == "eptwatch.v1":
             continue
-        for f in sorted((REPO / directory).glob("*.py")):
-            found[package if f.stem == "__init__" else f"{package}.{f.stem}"] = f
+        for f in sorted((REPO / directory).rglob("*.py")):
+            dotted = ".".join((package, *f.relative_to(REPO / directory).with_suffix("").parts))
+            found[dotted.removesuffix(".__init__")] = f
     return found
 
 
@@ -194,9 +198,9 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_static_import_graph_sees_the_app_imports() -> None:
     # The checks below are only as good as the graph: it must see relative, TYPE_CHECKING and lazy imports.
-    assert {"eptwatch.server.http", "eptwatch.server.metrics", "eptwatch.common.config"} <= _imports("eptwatch.server.app", load_time_only=True)
-    assert "eptwatch.agent.sampler" not in _imports("eptwatch.agent.cli", load_time_only=True)
-    assert "eptwatch.agent.sampler" in _imports("eptwatch.agent.cli", load_time_only=False)
+    assert {"eptwatch.server.faces.http", "eptwatch.server.faces.metrics", "eptwatch.common.config"} <= _imports("eptwatch.server.app", load_time_only=True)
+    assert "eptwatch.agent.model.sampler" not in _imports("eptwatch.agent.faces.cli", load_time_only=True)
+    assert "eptwatch.agent.model.sampler" in _imports("eptwatch.agent.faces.cli", load_time_only=False)
 
 
 @pytest.mark.parametrize("package", ["eptwatch.server", "eptwatch.common", "eptwatch.agent"])
@@ -206,9 +210,9 @@ def test_no_import_cycle_at_load_time(package: str) -> None:
 
 
 def test_app_http_and_metrics_do_not_import_each_other_back() -> None:
-    for module in ("eptwatch.server.http", "eptwatch.server.metrics"):
+    for module in ("eptwatch.server.faces.http", "eptwatch.server.faces.metrics"):
         assert "eptwatch.server.app" not in _imports(module, load_time_only=False)
-    assert "eptwatch.server.metrics" not in _imports("eptwatch.server.http", load_time_only=False)
+    assert "eptwatch.server.faces.metrics" not in _imports("eptwatch.server.faces.http", load_time_only=False)
 
 
 def test_aggregator_source_imports_nothing_from_the_agent() -> None:
@@ -224,18 +228,50 @@ def test_shared_package_imports_neither_program() -> None:
             assert not {d for d in _imports(m, load_time_only=False) if d.startswith(("eptwatch.agent", "eptwatch.server"))}, m
 
 
-def test_old_import_paths_still_give_the_moved_objects() -> None:
-    # Users' code (and plugins) may import these from the agent: the moved objects are re-exported, not copied.
-    import eptwatch.agent.config
-    import eptwatch.agent.httpserve
-    import eptwatch.agent.report
-    import eptwatch.common.config
-    import eptwatch.common.httpserve
-    import eptwatch.common.wire
-    import eptwatch.server.auth
+# The folders show the flow: a module may use its own layer and the layers before it, never a later one
+# (the agent's sources know nothing of the model, the model nothing of the wire, and so on).
+AGENT_LAYERS = ("sources", "model", "report", "uplink", "faces")
+# The server's flow is ingest -> store -> fleet -> faces, but its layers lean on each other's data types
+# (the store keeps the fleet's summaries, the fleet view judges reports with ingest's checks), so the rule
+# is what must never happen: the durable state and the fleet view depend on the gRPC front door or on
+# the read side, or a layer below the faces reaches into them.
+SERVER_FORBIDDEN = {
+    "store": ("eptwatch.server.ingest.servicer", "eptwatch.server.ingest.auth", "eptwatch.server.faces"),
+    "fleet": ("eptwatch.server.ingest.servicer", "eptwatch.server.ingest.auth", "eptwatch.server.faces"),
+    "ingest": ("eptwatch.server.faces",),
+}
 
-    assert eptwatch.agent.httpserve.HttpServer is eptwatch.common.httpserve.HttpServer
-    assert eptwatch.agent.report.message_to_dict is eptwatch.common.wire.message_to_dict
-    for name in ("ConfigError", "load_config", "parse_hostport", "check_tls_files", "error_line", "MAX_SECONDS"):
-        assert getattr(eptwatch.agent.config, name) is getattr(eptwatch.common.config, name), name
-    assert eptwatch.server.auth.ConfigError is eptwatch.common.config.ConfigError
+
+def _layer(module: str, program: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[1] == program else None
+
+
+def test_agent_layers_import_only_earlier_layers() -> None:
+    assert {_layer(m, "agent") for m in MODULES if m.startswith("eptwatch.agent.")} - {None} == set(AGENT_LAYERS)
+    offenders = []
+    for m in MODULES:
+        layer = _layer(m, "agent")
+        if layer is None:
+            continue
+        for d in _imports(m, load_time_only=False):
+            other = _layer(d, "agent")
+            if other is not None and AGENT_LAYERS.index(other) > AGENT_LAYERS.index(layer):
+                offenders.append(f"{m} -> {d}")
+    assert offenders == []
+
+
+def test_server_layers_keep_to_their_side() -> None:
+    assert {_layer(m, "server") for m in MODULES if m.startswith("eptwatch.server.")} - {None} == {"ingest", "store", "fleet", "faces"}
+    offenders = []
+    for m in MODULES:
+        forbidden = SERVER_FORBIDDEN.get(_layer(m, "server") or "", ())
+        offenders += [f"{m} -> {d}" for d in _imports(m, load_time_only=False) if d.startswith(forbidden)]
+    assert offenders == []
+
+
+def test_layer_rule_sees_a_violation() -> None:
+    # The rules above are only as good as _layer and the graph: a known edge must be classified.
+    assert _layer("eptwatch.agent.sources.collectors.smaps", "agent") == "sources"
+    assert _layer("eptwatch.agent.faces", "agent") is None
+    assert "eptwatch.agent.sources.smaps" in _imports("eptwatch.agent.sources.collectors.smaps", load_time_only=False)

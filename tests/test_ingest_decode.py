@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eptwatch.agent.delivery import encode_agent_message, varint
-from eptwatch.server.ingest import decode_agent_message, report_spans
-from eptwatch.server.store import Incoming, Store
+from eptwatch.agent.uplink.delivery import encode_agent_message, varint
+from eptwatch.server.ingest.servicer import decode_agent_message, report_spans
+from eptwatch.server.store.sqlite import Incoming, Store
 from eptwatch.v1 import ingest_pb2
 from eptwatch.v1 import report_pb2 as pb
 
@@ -106,8 +106,8 @@ def test_commit_delay_is_bounded(tmp_path: Path) -> None:
 def test_a_commit_is_applied_even_if_its_stream_is_cancelled_while_waiting(tmp_path: Path) -> None:
     """The agent goes away while its report commits: the report is durable (a resend is a DUPLICATE),
     so the fleet state and counters must still take it, although no ack can be sent."""
-    from eptwatch.server.fleet import FleetConfig, FleetState
-    from eptwatch.server.ingest import IngestServicer
+    from eptwatch.server.fleet.state import FleetConfig, FleetState
+    from eptwatch.server.ingest.servicer import IngestServicer
 
     context = _Context()
 

@@ -1,4 +1,4 @@
-"""eptwatch.agent.kvm_qmp: the query-stats parser, the QMP socket finder, the client, and the sampler's
+"""eptwatch.agent.sources.kvm_qmp: the query-stats parser, the QMP socket finder, the client, and the sampler's
 per-VM backoff.
 
 The client runs against a small in-process QMP server (a thread on a unix socket) that replays what
@@ -22,10 +22,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eptwatch.agent import kvm_qmp
-from eptwatch.agent.hostroot import HostRoot
-from eptwatch.agent.kvm_debugfs import CounterScope, KvmCounterValues
-from eptwatch.agent.kvm_qmp import (
+from eptwatch.agent.model.sampler import Sampler, SamplerConfig
+from eptwatch.agent.report.host_report import counters_to_pb
+from eptwatch.agent.sources import kvm_qmp
+from eptwatch.agent.sources.hostroot import HostRoot
+from eptwatch.agent.sources.kvm_debugfs import CounterScope, KvmCounterValues
+from eptwatch.agent.sources.kvm_qmp import (
     STAT_NAMES,
     QmpUnavailable,
     find_qmp_sockets,
@@ -33,9 +35,7 @@ from eptwatch.agent.kvm_qmp import (
     query_vm_stats,
     read_qmp_counters,
 )
-from eptwatch.agent.report import counters_to_pb
-from eptwatch.agent.sampler import Sampler, SamplerConfig
-from eptwatch.agent.status import ParseError, SourceState
+from eptwatch.agent.sources.status import ParseError, SourceState
 from eptwatch.v1 import report_pb2 as pb
 
 from .conftest import FIXTURES

@@ -4,11 +4,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eptwatch.agent.guest_ram import Backing, GuestRamMapping
-from eptwatch.agent.kvm_debugfs import CounterScope, KvmCounterValues
-from eptwatch.agent.model import Cause, Era, HostHuge, ModelConfig, VmInputs, era_for, estimate_vm, load_era_overrides
-from eptwatch.agent.status import ParseError
-from eptwatch.agent.thp import ThpSettings
+from eptwatch.agent.model.predicate import (
+    Cause,
+    Era,
+    HostHuge,
+    ModelConfig,
+    VmInputs,
+    era_for,
+    estimate_vm,
+    load_era_overrides,
+)
+from eptwatch.agent.sources.guest_ram import Backing, GuestRamMapping
+from eptwatch.agent.sources.kvm_debugfs import CounterScope, KvmCounterValues
+from eptwatch.agent.sources.status import ParseError
+from eptwatch.agent.sources.thp import ThpSettings
 
 KIB = 1024
 MIB = 1024 * KIB

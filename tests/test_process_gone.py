@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from eptwatch.agent.collectors.base import HostFacts
-from eptwatch.agent.collectors.kvm_counters import CounterReading, KvmCountersCollector
-from eptwatch.agent.discovery import DiscoveredVm
-from eptwatch.agent.hostroot import MAX_READ_BYTES, HostReadError, HostRoot, ReadBuffer
-from eptwatch.agent.kvm_debugfs import CounterScope, KvmCounterValues
-from eptwatch.agent.model import Cause
-from eptwatch.agent.sampler import HostSample, Sampler, SamplerConfig
-from eptwatch.agent.status import SourceState, SourceStatus
-from eptwatch.agent.table import render_table
+from eptwatch.agent.faces.table import render_table
+from eptwatch.agent.model.predicate import Cause, Era
+from eptwatch.agent.model.sampler import HostSample, Sampler, SamplerConfig
+from eptwatch.agent.sources.collectors.base import HostFacts
+from eptwatch.agent.sources.collectors.kvm_counters import CounterReading, KvmCountersCollector
+from eptwatch.agent.sources.discovery import DiscoveredVm
+from eptwatch.agent.sources.hostroot import MAX_READ_BYTES, HostReadError, HostRoot, ReadBuffer
+from eptwatch.agent.sources.kvm_debugfs import CounterScope, KvmCounterValues
+from eptwatch.agent.sources.status import SourceState, SourceStatus
 
 from .conftest import FIXTURES
 
@@ -177,7 +177,7 @@ class FakeSource:
 
 def test_counter_chain_first_success_wins_and_none_applying_is_named(host: Path) -> None:
     s = Sampler(HostRoot.from_root(host)).sample()
-    vm, facts = s.vms[0].vm, HostFacts(None, s.era.era)
+    vm, facts = s.vms[0].vm, HostFacts(None, other_mappers_matter=s.era.era is Era.COMPOUND_MAP_FIXED)
     found = KvmCountersCollector([]).collect(vm, facts)
     assert found.counters is None and [(x.source, x.state) for x in found.statuses] == [("kvm_counters.vm", SourceState.UNAVAILABLE)]
     values = KvmCounterValues(naming="pages_Nx", scope=CounterScope.QMP_QUERY_STATS, pages_2m=7)

@@ -39,7 +39,7 @@ def test_promtool_unit_tests() -> None:
 
 
 def test_rules_reference_only_exported_metrics() -> None:
-    from eptwatch.server.metrics import METRICS
+    from eptwatch.server.faces.metrics import METRICS
 
     text = RULES.read_text()
     used = set(re.findall(r"\beptwatch_[a-z0-9_]+", text))

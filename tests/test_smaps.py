@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eptwatch.agent.smaps import parse_smaps, parse_smaps_rollup, rollup_from_vmas
-from eptwatch.agent.status import ParseError
+from eptwatch.agent.sources.smaps import parse_smaps, parse_smaps_rollup, rollup_from_vmas
+from eptwatch.agent.sources.status import ParseError
 
 from .conftest import fixture_roots
 
@@ -160,13 +160,13 @@ def test_mutated_smaps_parses_or_raises_parse_error(data: st.DataObject) -> None
 
 # --- the sampler's fast path agrees with the strict parser ---
 
-from unittest import mock  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from unittest import mock  # noqa: E402
 
-from eptwatch.agent import smaps as smaps_module  # noqa: E402
-from eptwatch.agent.smaps import Vma, scan_large_vmas  # noqa: E402
+from eptwatch.agent.sources import smaps as smaps_module  # noqa: E402
+from eptwatch.agent.sources.smaps import Vma, scan_large_vmas  # noqa: E402
 
-# Every scan test runs with each candidate search this build has: the compiled one (agent/_smapscan.c)
+# Every scan test runs with each candidate search this build has: the compiled one (agent/sources/_smapscan.c)
 # and the regex fallback that hosts without it run.
 SEARCHES: dict[str, Callable[..., list[tuple[int, int, int]]]] = {"regex": smaps_module._big_size_lines_regex}
 if smaps_module._big_size_lines_c is not None:
@@ -257,9 +257,9 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from eptwatch.agent.hostroot import MAX_READ_BYTES, HostReadError, HostRoot, ReadBuffer, read_file  # noqa: E402
-from eptwatch.agent.sampler import Sampler, SamplerConfig  # noqa: E402
-from eptwatch.agent.smaps import _big_size_pattern  # noqa: E402
+from eptwatch.agent.model.sampler import Sampler, SamplerConfig  # noqa: E402
+from eptwatch.agent.sources.hostroot import MAX_READ_BYTES, HostReadError, HostRoot, ReadBuffer, read_file  # noqa: E402
+from eptwatch.agent.sources.smaps import _big_size_pattern  # noqa: E402
 
 # The pattern scan_large_vmas used before (commit 15edf7a): the new one must find the same Size lines.
 _OLD_BIG_SIZE = rb"\nSize:[ \t]*(\d{%d,}) kB\n"
@@ -327,7 +327,7 @@ def test_size_pattern_finds_the_lines_the_old_one_found(noise: str) -> None:
         assert set(_size_lines_old(data, digits)) <= set(new)
 
 
-_needs_c = pytest.mark.skipif("c" not in SEARCHES, reason="the compiled scanner eptwatch.agent._smapscan is not built here")
+_needs_c = pytest.mark.skipif("c" not in SEARCHES, reason="the compiled scanner eptwatch.agent.sources._smapscan is not built here")
 
 
 @_needs_c
@@ -392,7 +392,7 @@ def test_read_buffer_returns_the_file_and_reuses_itself(tmp_path: Path) -> None:
 
 
 def test_read_buffer_gives_back_a_very_big_allocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from eptwatch.agent import hostroot
+    from eptwatch.agent.sources import hostroot
 
     monkeypatch.setattr(hostroot, "_KEEP_BYTES", 1 << 20)
     big, small = tmp_path / "big", tmp_path / "small"
@@ -535,7 +535,7 @@ def test_fast_scan_rejects_a_block_with_two_size_lines() -> None:
 
 # --- the streaming scan: chunk boundaries change nothing (LargeVmaScanner) ---
 
-from eptwatch.agent.smaps import LargeVmaScanner  # noqa: E402
+from eptwatch.agent.sources.smaps import LargeVmaScanner  # noqa: E402
 
 
 def _scan_chunked(data: bytes, name: str, min_bytes: int, chunk_bytes: int) -> list[Vma] | str:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from eptwatch.agent.config import ConfigError, load_config
-from eptwatch.agent.daemon import AgentConfig
-from eptwatch.agent.delivery import encode_agent_message
-from eptwatch.agent.labels import parse_labels_file
-from eptwatch.agent.spool import Spool
-from eptwatch.agent.status import ParseError
+from eptwatch.agent.faces.config import ConfigError, load_config
+from eptwatch.agent.faces.daemon import AgentConfig
+from eptwatch.agent.sources.labels import parse_labels_file
+from eptwatch.agent.sources.status import ParseError
+from eptwatch.agent.uplink.delivery import encode_agent_message
+from eptwatch.agent.uplink.spool import Spool
 from eptwatch.server.app import ServerConfig
-from eptwatch.server.store import Incoming, Store
+from eptwatch.server.store.sqlite import Incoming, Store
 from eptwatch.v1 import ingest_pb2, report_pb2
 
 
@@ -176,7 +176,7 @@ def test_spool_drop_count_is_durable_and_read_without_the_database(tmp_path: Pat
 def test_delivery_survives_an_unexpected_error_and_says_so(tmp_path: Path) -> None:
     """A failure outside gRPC (here: building the channel; in life e.g. sqlite3.Error from the spool)
     must not end delivery quietly while the agent keeps sampling: it is logged and retried."""
-    from eptwatch.agent.delivery import Delivery, DeliveryConfig
+    from eptwatch.agent.uplink.delivery import Delivery, DeliveryConfig
 
     spool = Spool(tmp_path / "s.db", 10**6, 3600)
     attempts = 0

@@ -11,9 +11,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from eptwatch.server.store import DATABASE, REPORT, Incoming, StoreError
-from eptwatch.server.store_pg import PgStore
-from eptwatch.server.storebase import StoreBase, is_postgres_url, open_store, redact_dsn
+from eptwatch.server.store.base import StoreBase, is_postgres_url, open_store, redact_dsn
+from eptwatch.server.store.postgres import PgStore
+from eptwatch.server.store.sqlite import DATABASE, REPORT, Incoming, StoreError
 from eptwatch.v1 import ingest_pb2, report_pb2
 
 from .pg import pg_server
@@ -213,8 +213,8 @@ def test_server_with_an_unreachable_database_exits_2_without_showing_the_passwor
 
 
 def test_follower_takes_every_change_into_the_fleet_view_across_pages(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from eptwatch.server import follow
-    from eptwatch.server.fleet import FleetState
+    from eptwatch.server.fleet import follow
+    from eptwatch.server.fleet.state import FleetState
 
     writer, mine = PgStore(pg_dsn), PgStore(pg_dsn)
     writer.start()
@@ -280,9 +280,9 @@ def test_a_value_the_database_refuses_fails_only_its_own_report(pg_dsn: str) -> 
 def test_departures_are_kept_in_the_store_followed_by_other_replicas_and_cleared_by_a_report(pg_dsn: str) -> None:
     """PgDepartedLog: a departure written by one replica is in the store (loaded at start-up), reaches
     another replica's fleet view through its follower, and a later report of the host clears it."""
-    from eptwatch.server import follow
-    from eptwatch.server.fleet import FleetConfig
-    from eptwatch.server.store_pg import PgDepartedLog
+    from eptwatch.server.fleet import follow
+    from eptwatch.server.fleet.state import FleetConfig
+    from eptwatch.server.store.postgres import PgDepartedLog
 
     writer, mine = PgStore(pg_dsn), PgStore(pg_dsn)
     writer.start()
@@ -351,10 +351,10 @@ def test_followers_take_the_committing_replicas_summary_and_fall_back_to_the_rep
     broken, or belongs to another report than the row's."""
     import dataclasses
 
-    from eptwatch.server import follow
-    from eptwatch.server.fleet import FleetState, summarise
-    from eptwatch.server.store_pg import decode_summary
-    from eptwatch.server.validate import report_totals
+    from eptwatch.server.fleet import follow
+    from eptwatch.server.fleet.state import FleetState, summarise
+    from eptwatch.server.ingest.validate import report_totals
+    from eptwatch.server.store.postgres import decode_summary
 
     from .test_streaming import report
 

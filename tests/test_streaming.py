@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from eptwatch.server.auth import hash_token
+from eptwatch.server.ingest.auth import hash_token
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
 
@@ -191,7 +191,7 @@ def test_unauthenticated_and_wrong_scope_are_refused(authed: Aggregator) -> None
     metrics = http_get(authed.http + "/metrics")
     assert 'eptwatch_server_streams_refused_total{code="UNAUTHENTICATED"} 2.0' in metrics
     assert 'eptwatch_server_streams_refused_total{code="PERMISSION_DENIED"} 1.0' in metrics
-    from eptwatch.server.validate import WALKER
+    from eptwatch.server.ingest.validate import WALKER
 
     (info,) = [m for m in text_string_to_metric_families(metrics) if m.name == "eptwatch_server_build_info"]
     (sample,) = info.samples

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eptwatch.server.validate import validate_report
+from eptwatch.server.ingest.validate import validate_report
 from eptwatch.v1 import report_pb2 as pb
 
 from .conftest import have_compiler, sampled_report_bytes
@@ -53,7 +53,7 @@ def test_impossible_values_are_named(report: pb.HostReport, mutate, needle: str)
     mutate(report)
     reason = validate_report(report, NOW)
     assert reason is not None and needle in reason
-    from eptwatch.server.validate import check_report
+    from eptwatch.server.ingest.validate import check_report
 
     if validate._walk_wire is not None:  # the compiled walk leaves every refusal to Python
         wire = report.SerializeToString()
@@ -73,7 +73,7 @@ def test_unknown_informational_enums_follow_the_contract(report: pb.HostReport) 
 
 def _reference(e: pb.VmEstimate) -> str | None:
     """The estimate rules written the obvious way (every presence asked of protobuf): the oracle the
-    optimised single pass in server/validate.py must agree with."""
+    optimised single pass in server/ingest/validate.py must agree with."""
     causes = set(pb.Cause.values())
     if e.cause not in causes:
         return "cause"
@@ -102,7 +102,7 @@ _OPTIONAL = ("host_huge_capacity_2m", "observed_huge_2m", "allowed_huge_2m", "lo
 @pytest.mark.fuzz
 @fuzz_settings(400)
 def test_single_pass_agrees_with_the_reference(report: pb.HostReport, data: st.DataObject) -> None:
-    from eptwatch.server.validate import EXPLAINED_CAUSES, check_report
+    from eptwatch.server.ingest.validate import EXPLAINED_CAUSES, check_report
 
     r = pb.HostReport()
     r.CopyFrom(report)
@@ -146,14 +146,14 @@ def test_single_pass_agrees_with_the_reference(report: pb.HostReport, data: st.D
     assert dict(got.causes) == dict(Counter(int(e.cause) for e in r.estimates))
 
 
-# --- the compiled walk (server/_reportscan.c) against the Python one ------------------------------
+# --- the compiled walk (server/ingest/_reportscan.c) against the Python one ------------------------------
 
 from unittest import mock  # noqa: E402
 
-from eptwatch.agent.delivery import varint as _varint  # noqa: E402
-from eptwatch.server import validate  # noqa: E402
+from eptwatch.agent.uplink.delivery import varint as _varint  # noqa: E402
+from eptwatch.server.ingest import validate  # noqa: E402
 
-needs_walker = pytest.mark.skipif(validate._walk_wire is None, reason="eptwatch.server._reportscan is not built here")
+needs_walker = pytest.mark.skipif(validate._walk_wire is None, reason="eptwatch.server.ingest._reportscan is not built here")
 
 
 def _python_walk(r: pb.HostReport) -> object:
@@ -249,8 +249,8 @@ def test_compiled_walk_survives_mutated_bytes(report: pb.HostReport, data: st.Da
 def test_compiled_extensions_are_built_where_a_compiler_is() -> None:
     """Both C extensions are optional so that a build without a compiler still works; where one is
     (this test machine, the Docker build stage) a silent fallback would be a packaging bug."""
-    from eptwatch.agent import smaps
+    from eptwatch.agent.sources import smaps
 
     if not have_compiler():
         pytest.skip("no C compiler or no Python.h: the regex scanner and the Python walk are expected here")
-    assert (smaps.SCANNER, validate.WALKER) == ("c", "c"), "agent/_smapscan.c or server/_reportscan.c was not built"
+    assert (smaps.SCANNER, validate.WALKER) == ("c", "c"), "agent/sources/_smapscan.c or server/ingest/_reportscan.c was not built"

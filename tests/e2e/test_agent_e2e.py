@@ -1,7 +1,7 @@
 """The agent against real QEMU/KVM VMs (issue 6, cases 1-5).
 
 Each class boots one VM (class scope, so it is gone before the next one boots: a second VM, even
-idle, doubles boot times here) and checks what ``eptwatch.agent.sampler.Sampler`` on the live host
+idle, doubles boot times here) and checks what ``eptwatch.agent.model.sampler.Sampler`` on the live host
 (``HostRoot()``: /proc, /sys, /sys/kernel/debug) and the CLI report against what the kernel itself
 says: the guest-RAM VMA's smaps (read here independently, with qemu_vm.read_smaps) and the VM's own
 debugfs ``kvm/<pid>-<fd>/pages_2m``.
@@ -37,6 +37,15 @@ from typing import Any
 
 import pytest
 
+from eptwatch.agent.model.predicate import Cause, Estimate
+from eptwatch.agent.model.sampler import HostSample, Sampler, SamplerConfig, VmSample
+from eptwatch.agent.report.host_report import host_report, message_to_dict
+from eptwatch.agent.sources import kvm_qmp
+from eptwatch.agent.sources.guest_ram import Backing, GuestRamMapping
+from eptwatch.agent.sources.hostroot import HostRoot
+from eptwatch.agent.sources.kvm_debugfs import CounterScope
+from eptwatch.agent.sources.status import SourceState, SourceStatus
+
 from .qemu_vm import (
     Backend,
     QemuVm,
@@ -47,15 +56,6 @@ from .qemu_vm import (
     read_kvm_page_counts,
     real_vm_skip_reason,
 )
-
-from eptwatch.agent import kvm_qmp
-from eptwatch.agent.guest_ram import Backing, GuestRamMapping
-from eptwatch.agent.hostroot import HostRoot
-from eptwatch.agent.kvm_debugfs import CounterScope
-from eptwatch.agent.model import Cause, Estimate
-from eptwatch.agent.report import host_report, message_to_dict
-from eptwatch.agent.sampler import HostSample, Sampler, SamplerConfig, VmSample
-from eptwatch.agent.status import SourceState, SourceStatus
 
 # 512 MiB keeps every case meaningful (~250 huge pages) while halving the touch time of 1 GiB.
 MEM_MIB = 512
@@ -431,7 +431,7 @@ def _host_sample(root: HostRoot, config: SamplerConfig) -> HostSample:
 
 def _cli_json(*args: str) -> dict[str, Any]:
     exe = Path(sys.executable).with_name("eptwatch-agent")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "eptwatch.agent.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "eptwatch.agent.faces.cli"]
     r = subprocess.run([*cmd, "sample", "--format", "json", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out: dict[str, Any] = json.loads(r.stdout)

@@ -32,6 +32,11 @@ from pathlib import Path
 
 import pytest
 
+from eptwatch.agent.model.predicate import Cause, Estimate
+from eptwatch.agent.model.sampler import Sampler, SamplerConfig, VmSample
+from eptwatch.agent.sources.guest_ram import Backing, GuestRamMapping, unreal_mapping_name
+from eptwatch.agent.sources.hostroot import HostRoot
+
 from .qemu_vm import (
     QemuVm,
     SmapsVma,
@@ -40,11 +45,6 @@ from .qemu_vm import (
     read_kvm_page_counts,
     real_vm_skip_reason,
 )
-
-from eptwatch.agent.guest_ram import Backing, GuestRamMapping, unreal_mapping_name
-from eptwatch.agent.hostroot import HostRoot
-from eptwatch.agent.model import Cause, Estimate
-from eptwatch.agent.sampler import Sampler, SamplerConfig, VmSample
 
 MEM_MIB = 256  # ~124 huge pages touched: enough to tell huge from small, quick to touch
 TOUCH_TIMEOUT = 90.0

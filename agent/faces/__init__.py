@@ -1,0 +1,2 @@
+"""What operators touch: the CLI, the `run` loop, the local /metrics endpoint, the table, config checks.
+"""

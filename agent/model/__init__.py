@@ -1,0 +1,2 @@
+"""The predicate model (`predicate`) and the sampler that runs the collectors in order and then the model.
+"""

@@ -1,0 +1,2 @@
+"""A host sample -> the wire contract (eptwatch.v1.HostReport).
+"""

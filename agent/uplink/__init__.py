@@ -1,0 +1,2 @@
+"""Getting reports to the aggregator: the durable spool and the gRPC delivery stream.
+"""

@@ -1,0 +1,189 @@
+"""Keeping a replica's fleet view current from a shared store (PostgreSQL).
+
+With a shared store every replica answers for the whole fleet, not just for the hosts whose streams it
+carries: a follower task asks the store for the hosts whose latest report changed since the last ingest
+id it saw (`PgStore.reports_since`) every FOLLOW_INTERVAL_SECONDS and puts them into the fleet state.
+Staleness bound: a report committed by any replica is in every replica's fleet view at most
+FOLLOW_INTERVAL_SECONDS plus one poll's duration after its commit (documented as 2 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Protocol
+
+from google.protobuf.message import DecodeError
+
+from eptwatch.server.fleet.state import FleetState, HostSummary, summarise
+from eptwatch.server.store.postgres import FollowedHost, PgReportReader, decode_summary
+
+log = logging.getLogger("eptwatch.server.fleet.follow")
+
+FOLLOW_INTERVAL_SECONDS = 0.5
+STALENESS_BOUND_SECONDS = 2.0  # what the docs promise: FOLLOW_INTERVAL_SECONDS plus a poll, with room
+FOLLOW_BATCH = 10_000  # rows per query; a longer list of changes is read in several queries at once
+_ERROR_LOG_EVERY_SECONDS = 30.0
+# The fleet rollups go to Prometheus from one replica only (the others would double every sum): the one
+# holding this lease, renewed at every poll. After a holder dies another takes over within the TTL.
+FLEET_EXPORT_LEASE = "fleet-metrics-exporter"
+FLEET_EXPORT_LEASE_TTL_SECONDS = 5.0
+
+
+class Followable(Protocol):
+    def reports_since(self, after_ingest_id: int, limit: int = ..., after_host_id: str | None = ...) -> list[FollowedHost]: ...
+
+    def ingest_high_water(self) -> int: ...
+
+    def hold_lease(self, name: str, holder: str, ttl_seconds: float) -> bool: ...
+
+    def report_reader(self) -> PgReportReader: ...
+
+
+class SharedFleetState(FleetState):
+    """The fleet state of a replica on a shared store, where departures are the store's (`PgDepartedLog`).
+    Every stream that starts carrying a host tells the store (`on_departed(host, None)`), and a stream
+    that ends cleanly asks it to depart the host (`on_departed(host, when)`), which it does only if no
+    stream elsewhere started carrying the host since: an agent that rotates to another replica is not
+    departed, one that stops is. What the store then says arrives through the follower
+    (`apply_followed`), here as on every other replica, within the staleness bound."""
+
+    def _returned(self, host_id: str, tell: bool = True) -> None:
+        super()._returned(host_id, False)  # the store hears of streams starting instead (stream_carries)
+
+    def stream_carries(self, host_id: str) -> None:
+        with self._lock:
+            n = self._streams.get(host_id, 0)
+            self._streams[host_id] = n + 1
+            if host_id in self._departed:
+                self._departed.discard(host_id)
+                h = self._hosts.get(host_id)
+                if h is not None and host_id not in self._invalid:
+                    self._count(h)
+                self._view = None
+            if n == 0 and self._on_departed is not None:
+                self._on_departed(host_id, None)
+
+    def stream_ended(self, host_ids: Iterable[str], clean: bool) -> None:
+        with self._lock:
+            for h in host_ids:
+                n = self._streams.get(h, 0) - 1
+                if n > 0:
+                    self._streams[h] = n
+                    continue
+                self._streams.pop(h, None)
+                if clean and h in self._hosts and self._on_departed is not None:
+                    self._on_departed(h, self._clock())
+
+    def apply_followed(self, summary: HostSummary | None, host_id: str, departed_at: float | None) -> None:
+        """A change of a host's row in the store: its latest report (None: the one held already) and
+        whether it is departed. Never told back to the store, except where this replica carries a
+        live stream of a host the store says departed: the agent rotated here, and the other replica's
+        departure landed after this one's return; writing the return again settles it."""
+        if summary is not None:
+            self.put(summary, tell_return=False)
+        with self._lock:
+            if departed_at is None:
+                if host_id in self._departed:
+                    self._departed.discard(host_id)
+                    h = self._hosts.get(host_id)
+                    if h is not None and host_id not in self._invalid:
+                        self._count(h)
+            elif host_id in self._streams:
+                if self._on_departed is not None:
+                    self._on_departed(host_id, None)
+            elif host_id in self._hosts and host_id not in self._departed:
+                if self._counted(host_id):
+                    self._rollups.add(self._hosts[host_id], -1)
+                self._stale.discard(host_id)
+                self._departed.add(host_id)
+            self._view = None
+
+
+class StoreFollower:
+    def __init__(self, store: Followable, fleet: FleetState, interval_seconds: float = FOLLOW_INTERVAL_SECONDS) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.interval_seconds = interval_seconds
+        self.cursor = 0  # the last change applied to the fleet view: (ingest id, host id)
+        self.cursor_host: str | None = None  # None: every change with ingest id `cursor` is applied
+        self.hosts_followed_total = 0  # changes put into the fleet view (others' commits, mostly)
+        self.polls_failed_total = 0
+        self._last_error_log = 0.0
+        self.holder_id = uuid.uuid4().hex  # this process, as a lease holder
+        self._lease_until = 0.0  # monotonic time until which this process holds the export lease
+
+    def exports_fleet(self) -> bool:
+        """Whether this replica exports the fleet rollups to Prometheus now. The local expiry is half the
+        TTL, so a holder gives up before another can take over: two exporters overlap, at worst, by
+        nothing but a renewal in flight."""
+        return time.monotonic() < self._lease_until
+
+    def renew_lease(self) -> None:
+        started = time.monotonic()
+        if self.store.hold_lease(FLEET_EXPORT_LEASE, self.holder_id, FLEET_EXPORT_LEASE_TTL_SECONDS):
+            self._lease_until = started + FLEET_EXPORT_LEASE_TTL_SECONDS / 2
+        else:
+            self._lease_until = 0.0
+
+    def start_at_high_water(self) -> None:
+        """Call before loading the hosts: changes committed after this are followed, none missed."""
+        self.cursor = self.store.ingest_high_water()
+
+    def poll_once(self) -> int:
+        """Apply every change since the cursor (blocking: run it in a thread); how many hosts changed."""
+        n = 0
+        while True:
+            changes = self.store.reports_since(self.cursor, FOLLOW_BATCH, self.cursor_host)
+            for ch in changes:
+                self._apply(ch)
+            n += len(changes)
+            if changes:
+                self.cursor, self.cursor_host = changes[-1].ingest_id, changes[-1].host_id
+            if len(changes) < FOLLOW_BATCH:
+                return n
+
+    def _apply(self, h: FollowedHost) -> None:
+        cur = self.fleet.get(h.host_id)
+        summary: HostSummary | None = None
+        if cur is not None and (cur.agent_instance, cur.sequence, cur.sample_time) == (h.agent_instance, h.sequence, h.sample_time):
+            # This replica applied it itself (or the change is a departure or return): only the receive
+            # time is taken from the store, so that every replica judges staleness on the same instant
+            # (the committing transaction's).
+            if cur.received != h.received:
+                summary = dataclasses.replace(cur, received=h.received)
+        else:
+            try:
+                # The committing replica's summary where it left one: no report to parse and walk here.
+                summary = decode_summary(h)
+                if summary is None:
+                    r = h.report() if h.report_bytes is not None else self.store.report_reader().latest(h.host_id)
+                    if r is None:
+                        return  # the row is gone (deleted by hand)
+                    summary = summarise(r, h.received, h.spool_dropped_total)
+            except (ValueError, DecodeError) as exc:
+                # One bad row costs only its host: the cursor moves on past it.
+                log.warning("followed report of host %r not loaded: %s", h.host_id[:80], exc)
+                return
+            self.hosts_followed_total += 1
+        if isinstance(self.fleet, SharedFleetState):
+            self.fleet.apply_followed(summary, h.host_id, h.departed_at)
+        elif summary is not None:
+            self.fleet.put(summary)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.poll_once)
+                await asyncio.to_thread(self.renew_lease)
+            except Exception as exc:  # noqa: BLE001 - the store may be away for a while; keep following
+                self.polls_failed_total += 1
+                now = time.monotonic()
+                if now - self._last_error_log >= _ERROR_LOG_EVERY_SECONDS:
+                    self._last_error_log = now
+                    log.warning("following the shared store failed (the fleet view may fall behind): %s", str(exc).strip())
+            await asyncio.sleep(self.interval_seconds)

@@ -1,0 +1,2 @@
+"""Reports in: agent authentication, the Ingest servicer and the checks a report must pass.
+"""

@@ -1,0 +1,2 @@
+"""Durable state: the store interface (`base`), SQLite (`sqlite`) and PostgreSQL (`postgres`).
+"""

@@ -1,0 +1,613 @@
+"""Durable aggregator state in PostgreSQL, shared by several aggregator processes or replicas.
+
+Same contract as the SQLite store (`storebase.StoreBase`): stream handlers submit batches, one writer
+thread per process applies everything queued in one transaction (group commit), and a report is
+acknowledged only after that transaction has committed.
+
+Exactly-once across processes is the database's job, not memory's: each transaction first locks the
+`agents` rows (the per-(host, agent instance) high-water marks) of every agent it carries, in key order,
+with SELECT ... FOR UPDATE, decides APPLIED/DUPLICATE against the marks it read under that lock, and
+writes the new marks in the same transaction. An agent whose stream moves to another replica in the
+middle of a backlog is resent from its oldest unacknowledged report; the other replica's transaction
+waits for the lock, reads the mark the first one committed, and answers DUPLICATE for what was already
+applied. Nothing is cached between transactions but which agents rows exist.
+
+Following the store: every transaction that stores a host's latest report stamps its `hosts` rows with
+an ingest id from the one-row `ingest_clock` table, incremented in the same transaction just before the
+commit. The row lock orders those transactions, so ids become visible in increasing order: a reader
+that has seen id N will never later find a new row with an id <= N (`reports_since`). The price is that
+the final step of every commit (a few row writes and the commit itself) is serialised across replicas.
+
+SQL stays within what PostgreSQL-compatible distributed databases (CockroachDB, YugabyteDB) also accept:
+plain tables, INSERT ... ON CONFLICT, SELECT ... FOR UPDATE, UPDATE ... RETURNING, GREATEST; no
+advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization failures and deadlocks
+(which those databases, and PostgreSQL at first contact of two agents, may report) are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
+
+from eptwatch.server.fleet.state import HostSummary, summarise
+from eptwatch.server.fleet.state import _shared as shared  # interned like the summaries ingest makes
+from eptwatch.server.store.base import redact_dsn
+from eptwatch.server.store.sqlite import (
+    DATABASE,
+    REPORT,
+    AgentRecord,
+    ApplyResult,
+    Incoming,
+    QueuedWrites,
+    StoredHost,
+    StoreError,
+    _set_exception,
+    _set_result,
+    _wake,
+    next_group,
+    plan_commit,
+    sample_seconds,
+)
+from eptwatch.v1 import ingest_pb2, report_pb2
+
+log = logging.getLogger("eptwatch.server.store.postgres")
+
+SCHEMA_VERSION = 1
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS agents (
+        host_id TEXT NOT NULL,
+        agent_instance TEXT NOT NULL,
+        last_sequence BIGINT NOT NULL,
+        applied_total BIGINT NOT NULL,
+        spool_dropped_total BIGINT NOT NULL DEFAULT 0,
+        last_seen DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (host_id, agent_instance)
+    )""",
+    """CREATE TABLE IF NOT EXISTS hosts (
+        host_id TEXT PRIMARY KEY,
+        agent_instance TEXT NOT NULL,
+        sequence BIGINT NOT NULL,
+        sample_time DOUBLE PRECISION NOT NULL,
+        received DOUBLE PRECISION NOT NULL,
+        report BYTEA NOT NULL,
+        ingest_id BIGINT NOT NULL
+    )""",
+    # When the host's agent closed its stream cleanly (it stopped), NULL while it reports; and a count of
+    # the streams that started carrying the host, on any replica. Written by PgDepartedLog (see there);
+    # a change of departed_at is stamped with an ingest id like a report, so followers see it. Added to
+    # version 1 in place (idempotent ALTERs, which CockroachDB and YugabyteDB accept as well).
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS departed_at DOUBLE PRECISION",
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS stream_epoch BIGINT NOT NULL DEFAULT 0",
+    # The host's summary as the committing replica made it (JSON, `encode_summary`): followers on other
+    # replicas take it instead of parsing and walking the report. NULL where the writer had none.
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS summary TEXT",
+    "CREATE INDEX IF NOT EXISTS hosts_by_ingest_id ON hosts (ingest_id)",
+    "CREATE TABLE IF NOT EXISTS ingest_clock (id INT PRIMARY KEY, last_id BIGINT NOT NULL)",
+    "INSERT INTO ingest_clock (id, last_id) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    # Leases: one replica does what must be done once (export the fleet rollups to Prometheus).
+    "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)",
+)
+# Transient conflicts between concurrent transactions: the whole transaction is run again.
+_RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+RETRIES = 8
+# The statements of a commit take their rows as arrays (unnest), so each is one fixed text: prepared once
+# per connection, whatever the batch; CockroachDB and YugabyteDB accept unnest of several arrays too.
+_LOCK_MARKS = ("SELECT host_id, agent_instance, last_sequence FROM agents WHERE (host_id, agent_instance) IN "
+               "(SELECT k.h, k.i FROM unnest(%b::text[], %b::text[]) AS k(h, i)) ORDER BY host_id, agent_instance FOR UPDATE")
+_READ_LATEST = "SELECT host_id, sample_time FROM hosts WHERE host_id = ANY(%b::text[])"
+_UPDATE_MARKS = ("UPDATE agents SET last_sequence = v.s, applied_total = agents.applied_total + v.n, "
+                 "spool_dropped_total = GREATEST(agents.spool_dropped_total, v.d), last_seen = %s "
+                 "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[]) AS v(h, i, s, n, d) "
+                 "WHERE agents.host_id = v.h AND agents.agent_instance = v.i")
+_UPSERT_HOSTS = (
+    "INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, ingest_id, report, summary) "
+    "SELECT v.h, v.i, v.s, v.st, %s, %s, v.r, v.j "
+    "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[], %b::bytea[], %b::text[]) AS v(h, i, s, st, r, j) "
+    "ON CONFLICT (host_id) DO UPDATE SET "
+    "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
+    "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id, summary = excluded.summary, "
+    "departed_at = NULL WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id")
+READER_POOL_SIZE = 4
+
+_Job = tuple[list[Incoming], asyncio.AbstractEventLoop, "asyncio.Future[list[ApplyResult]]"]
+
+
+@dataclass(frozen=True)
+class FollowedHost:
+    """A host's stored latest report as a follower sees it: `ingest_id` orders the changes. The report
+    is parsed only if asked for: a replica already holds the reports it committed itself."""
+
+    ingest_id: int
+    host_id: str
+    agent_instance: str
+    sequence: int
+    sample_time: float
+    received: float
+    report_bytes: bytes | None  # None when the row has a summary (read the report with `report_reader` if need be)
+    spool_dropped_total: int  # of the agent instance that sent the report
+    departed_at: float | None = None  # when its agent closed its stream cleanly; None: it reports
+    summary: str | None = None  # encode_summary's JSON, as the committing replica made it
+
+    def report(self) -> report_pb2.HostReport | None:
+        if self.report_bytes is None:
+            return None
+        r = report_pb2.HostReport()
+        r.ParseFromString(self.report_bytes)
+        return r
+
+
+def encode_summary(h: HostSummary, row_sample_time: float) -> str:
+    """A host's summary for the `summary` column, without what the row holds anyway; `row_sample_time`
+    (the row's sample_time) ties it to its report: a summary that does not match its row is not used."""
+    return json.dumps([h.agent_instance, h.sequence, row_sample_time, h.sample_time, h.kernel_release, h.era, h.labels,
+                       h.agent_version, h.vms, h.capacity_2m, h.observed_2m, h.lost_2m, h.lost_explained_2m,
+                       h.lost_unexplained_2m, h.known_bug_vms, h.causes, h.problem, h.lost_by_cause], separators=(",", ":"))
+
+
+def _int(v: object) -> int:
+    if type(v) is not int:
+        raise ValueError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _str(v: object) -> str:
+    if type(v) is not str:
+        raise ValueError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _pairs(v: object, kind: type) -> tuple[tuple[Any, Any], ...]:
+    if type(v) is not list:
+        raise ValueError("expected a list")
+    out = []
+    for p in v:
+        if type(p) is not list or len(p) != 2 or type(p[0]) is not kind or type(p[1]) is not kind:
+            raise ValueError(f"expected pairs of {kind.__name__}")
+        out.append((p[0], p[1]))
+    return tuple(out)
+
+
+def decode_summary(f: FollowedHost) -> HostSummary | None:
+    """The summary of a followed row, or None where it has none, it does not match its row (the row
+    was written by hand, say) or it does not decode: then the report itself is summarised. Never raises."""
+    if f.summary is None:
+        return None
+    try:
+        d = json.loads(f.summary)
+        if type(d) is not list or len(d) != 18:
+            return None
+        inst, seq, row_st, st = d[0], d[1], d[2], d[3]
+        if (inst, seq, row_st) != (f.agent_instance, f.sequence, f.sample_time) or type(st) not in (int, float):
+            return None
+        return HostSummary(
+            host_id=f.host_id, agent_instance=f.agent_instance, sequence=f.sequence, sample_time=float(st), received=f.received,
+            kernel_release=shared(_str(d[4])), era=_int(d[5]), labels=shared(_pairs(d[6], str)), agent_version=shared(_str(d[7])),
+            vms=_int(d[8]), capacity_2m=_int(d[9]), observed_2m=_int(d[10]), lost_2m=_int(d[11]), lost_explained_2m=_int(d[12]),
+            lost_unexplained_2m=_int(d[13]), known_bug_vms=_int(d[14]), causes=shared(_pairs(d[15], int)),
+            spool_dropped_total=f.spool_dropped_total, problem=_str(d[16]), lost_by_cause=_pairs(d[17], int))
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+class PgStore:
+    """Owns a writer connection and a small pool for reads. `submit` from the event loop; SQL runs on
+    the writer thread (writes) or the caller's thread (reads, through the pool)."""
+
+    def __init__(self, dsn: str, max_batch: int = 2000, commit_delay_seconds: float = 0.0) -> None:
+        if not 0.0 <= commit_delay_seconds <= 1.0:
+            raise ValueError(f"commit delay: expected 0 to 1 s, got {commit_delay_seconds!r}")
+        self._dsn = dsn
+        self.where = redact_dsn(dsn)  # what logs and errors may say
+        self._max_batch = max_batch
+        self._commit_delay = commit_delay_seconds
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._known_agents: set[tuple[str, str]] = set()  # agents rows known to exist (rows are never deleted)
+        self._thread: threading.Thread | None = None
+        self.commits_total = 0
+        self.reports_committed_total = 0
+        self.retries_total = 0
+        self.commit_failures_total: dict[str, int] = {}  # by reason: DATABASE, REPORT (as the SQLite store)
+        self._conn = self._connect()
+        self._create_schema()
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=READER_POOL_SIZE, kwargs={"autocommit": True},
+                                    name="eptwatch-readers", open=False)
+        self._pool.open()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10, application_name="eptwatch-server")
+        except psycopg.Error as exc:
+            # libpq's messages name host and port, never the password; the DSN is shown redacted.
+            raise RuntimeError(f"PostgreSQL store {self.where}: cannot connect: {str(exc).strip()}") from None
+        try:
+            # An ack promises a durable commit, whatever the server's or role's default says.
+            conn.execute("SET synchronous_commit = on")
+        except psycopg.Error:
+            pass  # a compatible database without the setting commits durably anyway (CockroachDB, YugabyteDB)
+        return conn
+
+    def _create_schema(self) -> None:
+        # Replicas starting together race on CREATE ... IF NOT EXISTS (PostgreSQL may then report a unique
+        # violation in its catalogue): the loser tries again and finds the tables.
+        for attempt in range(5):
+            try:
+                with self._conn.transaction():
+                    for stmt in _SCHEMA:
+                        self._conn.execute(stmt)
+                    row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                    if row is None:
+                        self._conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) ON CONFLICT (key) DO NOTHING",
+                                           (str(SCHEMA_VERSION),))
+                    elif int(row[0]) != SCHEMA_VERSION:
+                        raise RuntimeError(f"PostgreSQL store {self.where}: schema version {row[0]}, "
+                                           f"this aggregator understands {SCHEMA_VERSION}")
+                return
+            except (pg_errors.UniqueViolation, pg_errors.DuplicateTable, pg_errors.DuplicateObject, *_RETRYABLE):
+                if attempt == 4:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+            except psycopg.Error as exc:
+                raise RuntimeError(f"PostgreSQL store {self.where}: cannot create the schema: {str(exc).strip()}") from None
+
+    # --- reads (any thread) ---
+
+    def load_hosts(self) -> list[StoredHost]:
+        with self._pool.connection() as c:
+            rows = c.execute("SELECT host_id, agent_instance, sequence, sample_time, received, report FROM hosts").fetchall()
+        return [_stored_host(row) for row in rows]
+
+    def load_agents(self) -> list[AgentRecord]:
+        with self._pool.connection() as c:
+            rows = c.execute("SELECT host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen "
+                             "FROM agents").fetchall()
+        return [AgentRecord(*r) for r in rows]
+
+    def reports_since(self, after_ingest_id: int, limit: int = 10_000, after_host_id: str | None = None) -> list[FollowedHost]:
+        """Hosts whose stored latest report changed after `after_ingest_id` (after the change of host
+        `after_host_id` within that ingest id, if given), in
+        (ingest id, host id) order, at most `limit`: ask again from the last one's (ingest_id, host_id)
+        for more (one transaction stamps all its hosts with one id, so a page may end inside it). A host
+        changed several times shows only its current row. See the module doc for why a follower that
+        asks from the last change it has seen misses nothing."""
+        if after_host_id is None:
+            where, args = "h.ingest_id > %s", (after_ingest_id, limit)
+        else:
+            where, args = "(h.ingest_id, h.host_id) > (%s, %s)", (after_ingest_id, after_host_id, limit)  # type: ignore[assignment]
+        with self._pool.connection() as c:
+            rows = c.execute(
+                "SELECT h.host_id, h.agent_instance, h.sequence, h.sample_time, h.received, "
+                "CASE WHEN h.summary IS NULL THEN h.report END, h.ingest_id, "
+                "COALESCE(a.spool_dropped_total, 0), h.departed_at, h.summary FROM hosts h LEFT JOIN agents a "
+                "ON a.host_id = h.host_id AND a.agent_instance = h.agent_instance "
+                f"WHERE {where} ORDER BY h.ingest_id, h.host_id LIMIT %s", args,
+            ).fetchall()
+        return [FollowedHost(int(iid), h, inst, int(seq), float(st), float(rcv), None if blob is None else bytes(blob), int(dropped),
+                             None if gone is None else float(gone), summary)
+                for h, inst, seq, st, rcv, blob, iid, dropped, gone, summary in rows]
+
+    def ingest_high_water(self) -> int:
+        """The highest ingest id committed: every change up to it is visible now, so a follower that
+        loads the hosts after reading this and then follows from it misses nothing."""
+        with self._pool.connection() as c:
+            row = c.execute("SELECT last_id FROM ingest_clock WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+
+    def hold_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        """Take or renew the lease `name` for `holder` for `ttl_seconds`; whether `holder` holds it now.
+        A plain conditional upsert judged on the database's clock (replicas' clocks may differ); a
+        holder that stops renewing loses the lease `ttl_seconds` after its last renewal."""
+        with self._pool.connection() as c:
+            row = c.execute(
+                "INSERT INTO leases (name, holder, expires) VALUES (%s, %s, EXTRACT(EPOCH FROM now()) + %s) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires "
+                "WHERE leases.holder = excluded.holder OR leases.expires < EXTRACT(EPOCH FROM now()) RETURNING holder",
+                (name, holder, ttl_seconds),
+            ).fetchone()
+        return row is not None and row[0] == holder
+
+    def report_reader(self) -> PgReportReader:
+        return PgReportReader(self._pool)
+
+    # --- the writer thread ---
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="eptwatch-pgstore-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._pool.close()
+        self._conn.close()
+
+    def submit(self, items: Sequence[Incoming]) -> asyncio.Future[list[ApplyResult]]:
+        """Queue `items` for the next transaction; the future resolves once it has committed."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[ApplyResult]] = loop.create_future()
+        self._queue.put((list(items), loop, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs, count, stop = next_group(self._queue, first, self._max_batch, self._commit_delay)
+            try:
+                results = self._commit([j[0] for j in jobs])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                # A value the database refuses (an integer beyond BIGINT, say) fails the whole group:
+                # commit each message alone, and a failing message's reports one by one, so that the bad
+                # report alone is REJECTED (as the SQLite store does).
+                log.warning("PostgreSQL store %s: a group commit of %d message(s) failed (%s): retrying one at a time",
+                            self.where, len(jobs), str(exc).strip())
+                for job in jobs:
+                    self._commit_alone(job)
+            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
+                self._fail(jobs, exc, count)
+            else:
+                _wake(jobs, results, _set_result)
+            if stop:
+                return
+
+    def _commit_alone(self, job: _Job) -> None:
+        try:
+            try:
+                results = self._commit([job[0]]) if len(job[0]) > 1 else None
+            except (psycopg.DataError, psycopg.IntegrityError):
+                results = None
+            if results is None:
+                results = [self._per_report(job[0])]
+        except BaseException as exc:  # noqa: BLE001 - its waiter must hear of the failure
+            self._fail([job], exc, len(job[0]))
+        else:
+            _wake([job], results, _set_result)
+
+    def _per_report(self, batch: list[Incoming]) -> list[ApplyResult]:
+        """A message's reports in a transaction each; one the database refuses is REJECTED."""
+        res: list[ApplyResult] = []
+        for item in batch:
+            try:
+                res.extend(self._commit([[item]])[0])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                self.commit_failures_total[REPORT] = self.commit_failures_total.get(REPORT, 0) + 1
+                r = item.report
+                reason = f"could not be stored: {type(exc).__name__}: {str(exc).strip()}"[:500]
+                log.warning("report %s/%s/%d %s", r.host_id[:80], r.agent_instance[:64], r.sequence, reason)
+                res.append(ApplyResult(ingest_pb2.ACK_STATUS_REJECTED, False, reason=reason))
+        return res
+
+    def _fail(self, jobs: list[_Job], exc: BaseException, count: int) -> None:
+        """The database, not a report, is at fault: nothing acknowledged, every waiter told why."""
+        self.commit_failures_total[DATABASE] = self.commit_failures_total.get(DATABASE, 0) + 1
+        log.warning("PostgreSQL store %s: commit of %d reports failed: %s", self.where, count, str(exc).strip())
+        if isinstance(exc, psycopg.Error):
+            exc = StoreError(DATABASE, f"PostgreSQL {self.where}: {type(exc).__name__}: {str(exc).strip()}")
+        _wake(jobs, [exc] * len(jobs), _set_exception)
+
+    def _commit(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
+        if self._conn.closed or self._conn.broken:
+            self._conn = self._connect()  # the server restarted or the connection dropped: a new session
+        for attempt in range(RETRIES):
+            try:
+                with self._conn.transaction():
+                    results, reports, keys = self._apply(batches)
+            except _RETRYABLE:
+                self.retries_total += 1
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+                continue
+            self._known_agents.update(keys)  # only rows a committed transaction made are known to exist
+            self.commits_total += 1
+            self.reports_committed_total += reports
+            return results
+        raise AssertionError("unreachable")
+
+    def _apply(self, batches: list[list[Incoming]]) -> tuple[list[list[ApplyResult]], int, list[tuple[str, str]]]:
+        """Inside one transaction: lock the marks, decide, write. The results are the same as applying the
+        reports one by one in order against the marks and latest reports committed before."""
+        c = self._conn
+        now = time.time()
+        keys = sorted({(i.report.host_id, i.report.agent_instance) for b in batches for i in b})
+        new_keys = [k for k in keys if k not in self._known_agents]
+        if new_keys:
+            self._insert_marks(new_keys, now)
+        known_marks = self._lock_marks(keys)
+        missing = [k for k in keys if k not in known_marks]
+        if missing:
+            # Only if a row this process thought existed is gone (deleted by hand): make and lock it now.
+            self._insert_marks(missing, now)
+            known_marks.update(self._lock_marks(missing))
+        host_ids = sorted({k[0] for k in keys})
+        known_latest: dict[str, float] = {
+            h: float(st) for h, st in c.execute(_READ_LATEST, (host_ids,)).fetchall()}
+
+        plan = plan_commit(batches, known_marks, known_latest)
+        results, agents, hosts, latest_slots = plan.results, plan.agents, plan.hosts, plan.latest_slots
+        if agents:
+            # One statement per transaction, whatever the number of agents (arrays, not a row per call):
+            # the statement is prepared once per connection, and no Python call is made per row.
+            rows = sorted(agents.items())
+            c.execute(_UPDATE_MARKS, (now, [h for (h, _), _ in rows], [i for (_, i), _ in rows], [v[0] for _, v in rows],
+                                      [v[1] for _, v in rows], [v[2] for _, v in rows]))
+        if hosts:
+            # Last, so that the clock row is held for as short a time as possible: taking it orders the
+            # commits that stamp ingest ids (see the module doc).
+            row = c.execute("UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id").fetchone()
+            if row is None:
+                raise RuntimeError(f"PostgreSQL store {self.where}: the ingest_clock row is missing")
+            cols: tuple[list[str], list[str], list[int], list[float], list[bytes], list[str | None]] = ([], [], [], [], [], [])
+            for host, (item, st) in sorted(hosts.items()):
+                r = item.report
+                cols[0].append(host)
+                cols[1].append(r.agent_instance)
+                cols[2].append(r.sequence)
+                cols[3].append(st)
+                cols[4].append(item.payload if item.payload is not None else r.SerializeToString())
+                cols[5].append(None if item.totals is None else encode_summary(
+                    summarise(r, now, item.spool_dropped_total, item.totals), st))
+            # Binary: the reports go as they are, not escaped into text.
+            stored = {h for (h,) in c.execute(_UPSERT_HOSTS, (now, int(row[0]), *cols), binary=True).fetchall()}
+            # Another replica committed a newer report of the host after we read its sample time: ours
+            # is applied (its mark moved) but is not the host's latest state.
+            for host, slots in latest_slots.items():
+                if host not in stored:
+                    for b, i in slots:
+                        results[b][i] = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
+        return results, sum(len(b) for b in batches), keys
+
+    def _insert_marks(self, keys: list[tuple[str, str]], now: float) -> None:
+        """A mark row to lock for agents never seen: concurrent first inserts of the same agent on two
+        replicas meet here, and the second waits for the first to commit."""
+        self._conn.execute(
+            "INSERT INTO agents (host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen) "
+            "SELECT k.h, k.i, 0, 0, 0, %s FROM unnest(%s::text[], %s::text[]) AS k(h, i) ON CONFLICT (host_id, agent_instance) DO NOTHING",
+            (now, [h for h, _ in keys], [i for _, i in keys]),
+        )
+
+    def _lock_marks(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Lock the marks of `keys` (sorted: every transaction locks in the same order) and read them."""
+        rows = self._conn.execute(_LOCK_MARKS, ([h for h, _ in keys], [i for _, i in keys])).fetchall()
+        return {(h, i): int(last) for h, i, last in rows}
+
+
+class _DepartedMeanwhile(Exception):
+    """A host whose stream starts here was departed by another replica in the middle of the write."""
+
+
+class PgDepartedLog(QueuedWrites):
+    """Which hosts departed (their agent closed its stream cleanly), in the shared store: the same role as
+    the SQLite store's DepartedLog (durable across restarts; `record` only queues, a small thread of its
+    own writes, never on the ingest path), and every replica sees it.
+
+    An agent that rotates closes its stream on one replica and opens one on another at once; only an agent
+    that stops should show as departed. So every stream that starts carrying a host says so (`record(host,
+    None)`: the host's `stream_epoch` goes up, and a departure is cleared), and a clean end departs the host
+    only if no stream started carrying it since this replica's own did (`stream_epoch` unchanged). Both
+    replicas' writes may land in either order and the result is the same. A departure or return is stamped
+    with an ingest id, as a report is, so followers on the other replicas pick it up within the staleness
+    bound. Where even that is undone (a host new to the store, whose row did not exist yet when its stream
+    started), the replica carrying the live stream settles it when it sees the departure
+    (`SharedFleetState.apply_followed`). A lost write (the process killed before it lands) costs only how
+    one host is shown until it reports."""
+
+    def __init__(self, store: PgStore) -> None:
+        super().__init__()
+        self._store = store
+        self.path = store.where  # what logs may say
+        # host -> the stream_epoch this replica's stream of it set (0: the row did not exist yet).
+        # Only the writer thread touches it.
+        self._epochs: dict[str, int] = {}
+        self.writes_failed_total = 0
+
+    def load(self) -> dict[str, float]:
+        """host -> when it departed."""
+        with self._store._pool.connection() as c:
+            rows = c.execute("SELECT host_id, departed_at FROM hosts WHERE departed_at IS NOT NULL").fetchall()
+        return {h: float(at) for h, at in rows}
+
+    _thread_name = "eptwatch-pg-departed-writer"
+
+    def _write_batch(self, items: list[tuple[str, float | None]]) -> None:
+        self.write(items)
+
+    def write(self, items: Sequence[tuple[str, float | None]]) -> None:
+        """Apply stream starts and departures in one transaction; a host's last word wins."""
+        carried = sorted({h for h, at in items if at is None})
+        departs = sorted((h, at) for h, at in dict(items).items() if at is not None)
+        try:
+            clock = False
+            for attempt in range(RETRIES):
+                try:
+                    epochs = self._write(carried, departs, clock)
+                    break
+                except _DepartedMeanwhile:
+                    clock = True  # again, taking the clock first (never after the rows: see _write)
+                except _RETRYABLE:
+                    if attempt == RETRIES - 1:
+                        raise
+                    time.sleep(0.01 * (attempt + 1))
+        except (psycopg.Error, RuntimeError) as exc:
+            self.writes_failed_total += 1
+            log.warning("PostgreSQL store %s: %d departure(s) and stream start(s) not recorded: %s", self.path, len(items),
+                        str(exc).strip())
+            return
+        self._epochs.update(epochs)
+        for h, _ in departs:
+            self._epochs.pop(h, None)
+
+    def _write(self, carried: list[str], departs: list[tuple[str, float]], clock: bool) -> dict[str, int]:
+        epochs: dict[str, int] = {}
+        with self._store._pool.connection() as c, c.transaction():
+            need_clock = clock or bool(departs) or (bool(carried) and c.execute(
+                "SELECT 1 FROM hosts WHERE host_id = ANY(%s) AND departed_at IS NOT NULL LIMIT 1", (carried,)).fetchone() is not None)
+            ingest_id = 0
+            if need_clock:
+                # The clock first, then the rows: the order the ingest writer takes them in.
+                row = c.execute("UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id").fetchone()
+                if row is None:
+                    raise RuntimeError("the ingest_clock row is missing")
+                ingest_id = int(row[0])
+            if carried:
+                if need_clock:  # some host returns: its row changes for followers
+                    rows = c.execute("UPDATE hosts SET stream_epoch = stream_epoch + 1, departed_at = NULL, ingest_id = "
+                                     "CASE WHEN departed_at IS NULL THEN ingest_id ELSE %s END WHERE host_id = ANY(%s) "
+                                     "RETURNING host_id, stream_epoch", (ingest_id, carried)).fetchall()
+                else:  # nothing a follower shows changes: no ingest id, no wait for the clock row
+                    rows = c.execute("UPDATE hosts SET stream_epoch = stream_epoch + 1 WHERE host_id = ANY(%s) AND departed_at IS NULL "
+                                     "RETURNING host_id, stream_epoch", (carried,)).fetchall()
+                    if len(rows) < len(carried):
+                        got = {r[0] for r in rows}
+                        if c.execute("SELECT 1 FROM hosts WHERE host_id = ANY(%s) LIMIT 1",
+                                     ([h for h in carried if h not in got],)).fetchone() is not None:
+                            # Another replica departed one of them since the check above: it returns now,
+                            # which followers must see (a new ingest id, so the clock row).
+                            raise _DepartedMeanwhile
+                epochs = {h: 0 for h in carried}  # no row yet: the report that makes it starts at 0
+                epochs.update((h, int(e)) for h, e in rows)
+            unknown = [(at, ingest_id, h) for h, at in departs if h not in epochs and h not in self._epochs]
+            known = [(at, ingest_id, h, epochs.get(h, self._epochs.get(h))) for h, at in departs if h in epochs or h in self._epochs]
+            if known:
+                # Only if no stream started carrying the host since ours did: a rotating agent is no departure.
+                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s WHERE host_id = %s AND stream_epoch = %s", known)
+            if unknown:
+                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s WHERE host_id = %s", unknown)
+        return epochs
+
+
+class PgReportReader:
+    """A host's latest full report, read through the store's reader pool."""
+
+    def __init__(self, pool: ConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    def latest(self, host_id: str) -> report_pb2.HostReport | None:
+        with self._pool.connection() as c:
+            row = c.execute("SELECT report FROM hosts WHERE host_id = %s", (host_id,)).fetchone()
+        if row is None:
+            return None
+        r = report_pb2.HostReport()
+        r.ParseFromString(bytes(row[0]))
+        return r
+
+
+def _stored_host(row: Sequence[Any]) -> StoredHost:
+    host_id, inst, seq, st, rcv, blob = row
+    r = report_pb2.HostReport()
+    r.ParseFromString(bytes(blob))
+    return StoredHost(host_id, inst, int(seq), float(st), float(rcv), r)
