@@ -28,7 +28,6 @@ from eptwatch.server.fleet.state import (
     host_status,
 )
 from eptwatch.server.store.base import LatestReports
-from eptwatch.server.store.sqlite import ReportReader  # noqa: F401 - kept importable here (it moved beside its store)
 from eptwatch.v1 import query_pb2 as q
 from eptwatch.v1 import query_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
