@@ -11,7 +11,9 @@ Python loop over lines.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 from .bounds import MAX_KB, MAX_U64, parse_bounded
 from .status import ParseError
@@ -335,6 +337,11 @@ def _count_newlines_py(data: bytes | bytearray | memoryview) -> int:
 # Both the compiled search and the compiled line count, or neither: SCANNER names one pair.
 _count_newlines = _count_newlines_c if _big_size_lines_c is not None and _count_newlines_c is not None else _count_newlines_py
 
+try:
+    from ._smapscan import FdScan as _FdScan
+except ImportError:  # not built, or built before the compiled read loop: the Python loop reads
+    _FdScan = None
+
 # The streaming scan reads smaps in chunks of this size into one small reused buffer and scans each
 # chunk right after the kernel wrote it, while it is still in the CPU's cache (bench/smaps_cost.py:
 # holding the whole 7.5 MB file and scanning it afterwards cost 4 to 8% of `cat` more than this).
@@ -386,6 +393,7 @@ class LargeVmaScanner:
             raise ValueError("chunk_bytes must be at least 1")
         self._chunk = chunk_bytes
         self._buf = bytearray(chunk_bytes + 4096)
+        self._fd_scan: Any = None  # the compiled loop (_smapscan.FdScan), made at its first use
         self.start("smaps", 0)
 
     def start(self, name: str, min_bytes: int) -> None:
@@ -412,6 +420,53 @@ class LargeVmaScanner:
         self._header_error: ParseError | None = None
         self._candidate_error: ParseError | None = None
         self._draining = False  # an error is known: only the newline count and the last byte still matter
+
+    # --- the whole read, compiled (hostroot.FdSink) ---
+
+    def read_fd(self, fd: int, limit: int, deadline: float, clock: Callable[[], float]) -> str | None:
+        """Read the open file `fd` (HostRoot opened it beneath the root and checked it is a regular
+        file) to its end and scan it, in the compiled loop (_smapscan.FdScan): read() into one small
+        reused buffer and scan each chunk at once, as filled() does, with the same bounds as
+        HostRoot's own loop: more than `limit` bytes -> "too_large", clock() past `deadline` after a
+        chunk -> "timeout", else "" (then call finish()). A failed read() raises OSError. None: no
+        compiled loop here (or the regex search is switched on): feed this scanner through room() and
+        filled() instead; nothing was read."""
+        if _FdScan is None or _big_size_lines is not _big_size_lines_c:
+            return None
+        if self._fd_scan is None:
+            self._fd_scan = _FdScan(self._chunk)
+        outcome = self._fd_scan.run(fd, limit, self._digits, self._min_kb, deadline, clock, self._judge_first_line, self._take_block)
+        if outcome == 1:
+            return "too_large"
+        if outcome == 2:
+            return "timeout"
+        (self._total, self._lines, self._last_byte, self._first_block, tail, self._base, self._block, self._scanned,
+         self._pending, self._vmflags) = self._fd_scan.state()
+        # finish() takes the carried tail (the last block and anything after it) from _buf.
+        if len(tail) <= len(self._buf):
+            self._buf[: len(tail)] = tail
+        else:
+            self._buf = bytearray(tail)
+        self._n = len(tail)
+        return ""
+
+    def _judge_first_line(self, line: bytes) -> bool:
+        """FdScan's callback for the file's first line (as filled() judges it); False: not a header."""
+        if _HEADER.match(line.decode("utf-8", errors="replace")) is None:
+            self._header_error = ParseError(self._name, f"expected a VMA header line first, got {line[:60]!r}", 1)
+            return False
+        return True
+
+    def _take_block(self, offset: int, block: bytes, line_base: int) -> bool:
+        """FdScan's callback for a candidate block at file `offset` after `line_base` newlines (as
+        _take parses it); False: it failed, and that error is kept for finish()."""
+        self._seen.add(offset)
+        try:
+            self._out.append(_parse_block_bytes(block, self._name, line_base))
+        except ParseError as exc:
+            self._candidate_error = exc
+            return False
+        return True
 
     # --- the sink HostRoot.read_bytes fills ---
 
