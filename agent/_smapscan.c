@@ -300,39 +300,72 @@ pass_scalar(FdScan *s, const unsigned char *p, Py_ssize_t from, Py_ssize_t to, P
  * block, is noted without a branch: the step's offset and mask are stored every time and the store
  * index advances only when the mask is not empty. A branch taken about once per block, at no fixed
  * period, was mispredicted each time and cost more than the pass itself. The hits are then looked at
- * in order (hits_done). Reads p[i-3 .. i+64), so i >= 3. */
-/* AVX-512: 128 bytes per step. The newlines are added up in byte lanes (a masked add, no transfer of
- * the mask to a general register), summed every 255 steps before a lane can wrap; the two 'z' masks
- * are stored straight from the mask registers. */
+ * in order, after the pass (fused_pass). Reads p[i-3 .. i+64), so i >= 3. */
+
+/* The newline bits of the three bytes before p[i], at bits 61-63 (as the previous step leaves them). */
+static inline uint64_t
+newlines_before(const unsigned char *p, Py_ssize_t i)
+{
+    return (uint64_t)(p[i - 3] == '\n') << 61 | (uint64_t)(p[i - 2] == '\n') << 62 | (uint64_t)(p[i - 1] == '\n') << 63;
+}
+
+/* AVX-512: one load and two compares per 64 bytes; the newline three bytes before each 'z' comes from
+ * the newline mask shifted (with the last three bits of the step before), not from a second load. */
 __attribute__((target("avx512bw,avx512f,popcnt")))
 static Py_ssize_t
 pass_avx512(const unsigned char *p, Py_ssize_t i, Py_ssize_t to, Hits *hits, Py_ssize_t *nhits, Py_ssize_t *stopped)
 {
-    const __m512i nl = _mm512_set1_epi8('\n'), zz = _mm512_set1_epi8('z'), one = _mm512_set1_epi8(1);
+    const __m512i nl = _mm512_set1_epi8('\n'), zz = _mm512_set1_epi8('z');
     Py_ssize_t count = 0, k = 0;
-    while (to - i >= 128) {
-        __m512i acc = _mm512_setzero_si512();
-        Py_ssize_t stop = i + 128 * 127; /* each lane adds at most 2 per step: 127 steps cannot wrap */
-        if (stop > to - 127)
-            stop = to - 127;
-        for (; i < stop; i += 128) {
-            __m512i a = _mm512_loadu_si512((const void *)(p + i)), b = _mm512_loadu_si512((const void *)(p + i + 64));
-            acc = _mm512_mask_add_epi8(acc, _mm512_cmpeq_epi8_mask(a, nl), acc, one);
-            acc = _mm512_mask_add_epi8(acc, _mm512_cmpeq_epi8_mask(b, nl), acc, one);
-            __mmask64 za = _mm512_mask_cmpeq_epi8_mask(_mm512_cmpeq_epi8_mask(a, zz), _mm512_loadu_si512((const void *)(p + i - 3)), nl);
-            __mmask64 zb = _mm512_mask_cmpeq_epi8_mask(_mm512_cmpeq_epi8_mask(b, zz), _mm512_loadu_si512((const void *)(p + i + 61)), nl);
-            hits[k].at = i; /* an empty note is overwritten by the next */
-            hits[k].mask = (uint64_t)za;
-            k += za != 0;
-            hits[k].at = i + 64;
-            hits[k].mask = (uint64_t)zb;
-            k += zb != 0;
-        }
-        count += (Py_ssize_t)_mm512_reduce_add_epi64(_mm512_sad_epu8(acc, _mm512_setzero_si512()));
+    uint64_t prev = newlines_before(p, i);
+    for (; to - i >= 64; i += 64) {
+        __m512i v = _mm512_loadu_si512((const void *)(p + i));
+        uint64_t n = (uint64_t)_mm512_cmpeq_epi8_mask(v, nl);
+        uint64_t z = (uint64_t)_mm512_cmpeq_epi8_mask(v, zz) & (n << 3 | prev >> 61);
+        prev = n;
+        count += __builtin_popcountll(n);
+        hits[k].at = i; /* an empty note is overwritten by the next */
+        hits[k].mask = z;
+        k += z != 0;
     }
     *nhits = k;
     *stopped = i;
     return count;
+}
+
+/* The hits of pass_avx512, looked at with AVX-512 too. The kernel prints `Size:` then the value
+ * right-aligned in a 19-character field, then ` kB\n`; a line of exactly that shape (the 29 bytes from
+ * its newline compared at once against a template) whose value has fewer than min_digits digits is
+ * dropped here in a few instructions without a branch that could be mispredicted; any other line
+ * takes the general check (z_hit), which decides as big_size_lines does. */
+__attribute__((target("avx512bw,avx512vl,avx512f,popcnt,bmi")))
+static int
+hits_avx512(FdScan *s, const unsigned char *p, const Hits *hits, Py_ssize_t nhits, Py_ssize_t lo, Py_ssize_t end,
+            Py_ssize_t min_digits, unsigned long long min_value)
+{
+    /* "\nSize:" (bytes 0-5), the field (6-24), " kB\n" (25-28); bytes 29-31 are not looked at. */
+    static const char tmpl[32] = "\nSize:                    kB\n";
+    const __m256i t = _mm256_loadu_si256((const __m256i *)tmpl);
+    const __m256i sp = _mm256_set1_epi8(' '), zero = _mm256_set1_epi8('0'), nine = _mm256_set1_epi8(9);
+    const uint32_t fixed = 0x3fu | (0xfu << 25), field = 0x7ffffu << 6;
+    int nomem = 0;
+    for (Py_ssize_t k = 0; k < nhits; k++) {
+        for (uint64_t z = hits[k].mask; z; z &= z - 1) {
+            Py_ssize_t i = hits[k].at + __builtin_ctzll(z), nl = i - 3;
+            if (nl >= lo && end - nl >= 32) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(p + nl));
+                uint32_t eq = _mm256_cmpeq_epi8_mask(v, t), isp = _mm256_cmpeq_epi8_mask(v, sp) & field;
+                uint32_t dg = _mm256_cmple_epu8_mask(_mm256_sub_epi8(v, zero), nine) & field;
+                uint32_t lead = isp >> 6; /* spaces must lead the field: 1..1 from bit 0 */
+                int nd = __builtin_popcount(dg);
+                if ((eq & fixed) == fixed && (isp | dg) == field && (lead & (lead + 1)) == 0 && nd > 0 && nd < min_digits)
+                    continue; /* a well-formed `Size:` line below min_digits digits */
+            }
+            if (z_hit(s, p, i, lo, end, min_digits, min_value) < 0)
+                nomem = 1;
+        }
+    }
+    return nomem;
 }
 
 __attribute__((target("avx2,popcnt")))
@@ -341,13 +374,14 @@ pass_avx2(const unsigned char *p, Py_ssize_t i, Py_ssize_t to, Hits *hits, Py_ss
 {
     const __m256i nl = _mm256_set1_epi8('\n'), zz = _mm256_set1_epi8('z');
     Py_ssize_t count = 0, k = 0;
+    uint64_t prev = newlines_before(p, i);
     for (; to - i >= 64; i += 64) {
         __m256i a = _mm256_loadu_si256((const __m256i *)(p + i)), b = _mm256_loadu_si256((const __m256i *)(p + i + 32));
-        __m256i a3 = _mm256_loadu_si256((const __m256i *)(p + i - 3)), b3 = _mm256_loadu_si256((const __m256i *)(p + i + 29));
         uint64_t n = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, nl))
                      | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(b, nl)) << 32;
-        uint64_t z = (uint32_t)_mm256_movemask_epi8(_mm256_and_si256(_mm256_cmpeq_epi8(a, zz), _mm256_cmpeq_epi8(a3, nl)))
-                     | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_and_si256(_mm256_cmpeq_epi8(b, zz), _mm256_cmpeq_epi8(b3, nl))) << 32;
+        uint64_t z = ((uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, zz))
+                      | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(b, zz)) << 32) & (n << 3 | prev >> 61);
+        prev = n;
         count += __builtin_popcountll(n);
         hits[k].at = i;
         hits[k].mask = z;
@@ -392,10 +426,13 @@ fused_pass(FdScan *s, Py_ssize_t from, Py_ssize_t to, Py_ssize_t lo, Py_ssize_t 
             count += pass_avx512(p, i, to, s->hits, &nhits, &i);
         else
             count += pass_avx2(p, i, to, s->hits, &nhits, &i);
-        for (Py_ssize_t k = 0; k < nhits; k++)
-            for (uint64_t z = s->hits[k].mask; z; z &= z - 1)
-                if (z_hit(s, p, s->hits[k].at + __builtin_ctzll(z), lo, to, min_digits, min_value) < 0)
-                    nomem = 1;
+        if (cpu_level == 2)
+            nomem |= hits_avx512(s, p, s->hits, nhits, lo, to, min_digits, min_value);
+        else
+            for (Py_ssize_t k = 0; k < nhits; k++)
+                for (uint64_t z = s->hits[k].mask; z; z &= z - 1)
+                    if (z_hit(s, p, s->hits[k].at + __builtin_ctzll(z), lo, to, min_digits, min_value) < 0)
+                        nomem = 1;
     }
 #endif
     count += pass_scalar(s, p, i, to, lo, to, min_digits, min_value, &nomem);
@@ -840,7 +877,29 @@ static PyTypeObject FdScanType = {
     .tp_methods = fdscan_methods,
 };
 
+PyDoc_STRVAR(force_level_doc,
+"_force_level(level, /) -> int\n\n"
+"For tests: run FdScan's pass with AVX-512 (2), AVX2 (1) or plain C (0) from now on, if this CPU has\n"
+"it (a level it lacks is lowered to one it has). Returns the level in force before.");
+
+static PyObject *
+force_level(PyObject *module, PyObject *args)
+{
+    int level;
+    if (!PyArg_ParseTuple(args, "i:_force_level", &level))
+        return NULL;
+    int before = 0, best = 0;
+#ifdef SMAPSCAN_X86
+    before = cpu_level;
+    best = __builtin_cpu_supports("avx512bw") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+    cpu_level = level < 0 ? 0 : level > best ? best : level;
+#endif
+    (void)best;
+    return PyLong_FromLong(before);
+}
+
 static PyMethodDef smapscan_methods[] = {
+    {"_force_level", force_level, METH_VARARGS, force_level_doc},
     {"big_size_lines", big_size_lines, METH_VARARGS, big_size_lines_doc},
     {"count_newlines", count_newlines, METH_VARARGS, count_newlines_doc},
     {NULL, NULL, 0, NULL},

@@ -91,6 +91,9 @@ class SmapsRollup(HugeFields):
     vma_count: int | None = None  # known only when computed from full smaps
 
 
+_MAX_KB_DIGITS = len(str(MAX_KB))
+
+
 def _kb(text: str, name: str, body_start: int, key: str, value: str) -> int:
     m = _KB_VALUE.fullmatch(value.strip())
     if m is None:
@@ -98,7 +101,9 @@ def _kb(text: str, name: str, body_start: int, key: str, value: str) -> int:
         line = _line_of(text, text.index(f"{key}:", body_start))
         raise ParseError(name, f"field {key!r}: expected '<digits> kB', got {value.strip()[:40]!r}", line)
     digits = m.group(1)
-    if len(digits.lstrip("0")) > len(str(MAX_KB)) or int(digits) > MAX_KB:
+    if len(digits) < _MAX_KB_DIGITS:  # fewer digits than the bound: within it (the common case, no further check)
+        return int(digits) * KIB
+    if len(digits.lstrip("0")) > _MAX_KB_DIGITS or int(digits) > MAX_KB:
         line = _line_of(text, text.index(f"{key}:", body_start))
         raise ParseError(name, f"field {key!r}: {len(digits)}-digit value {digits[:20]} kB out of range (at most {MAX_KB} kB)", line)
     return int(digits) * KIB
@@ -394,6 +399,7 @@ class LargeVmaScanner:
         self._chunk = chunk_bytes
         self._buf = bytearray(chunk_bytes + 4096)
         self._fd_scan: Any = None  # the compiled loop (_smapscan.FdScan), made at its first use
+        self._parsed: dict[bytes, Vma] = {}  # first and last blocks parsed before (see _parse_sample)
         self.start("smaps", 0)
 
     def start(self, name: str, min_bytes: int) -> None:
@@ -575,8 +581,8 @@ class LargeVmaScanner:
         for start, (block, line_base) in samples.items():
             if start in self._seen:
                 continue
-            vma = _parse_block_bytes(block, name, line_base)
-            present = frozenset(f.name for f in fields(HugeFields) if getattr(vma, f.name) is not None)
+            vma = self._parse_sample(block, name, line_base)
+            present = frozenset(f for f in _SUMMED if getattr(vma, f) is not None)
             if reference is None:
                 reference = present
             elif present != reference:
@@ -587,6 +593,24 @@ class LargeVmaScanner:
         return self._out
 
     # --- helpers ---
+
+    def _parse_sample(self, block: bytes | bytearray, name: str, line_base: int) -> Vma:
+        """The first or last block, parsed strictly; a block that parsed before, byte for byte, is not
+        parsed again. Those two (the VMM binary's first mapping, [vsyscall] or the stack at the end)
+        rarely change between samples of one process, and parsing each costs about 20 us of Python,
+        several percent of what the kernel spends producing a large smaps. Parsing is a pure function
+        of the bytes, and only blocks that parsed are kept (an error is raised again each time);
+        the line number plays no part in a Vma."""
+        if len(block) > 65536:  # a real block is under a kilobyte: a mangled file's is not kept
+            return _parse_block_bytes(block, name, line_base)
+        key = bytes(block)
+        vma = self._parsed.get(key)
+        if vma is None:
+            vma = _parse_block_bytes(block, name, line_base)
+            if len(self._parsed) >= 8:  # a handful of processes per scanner: forget rather than grow
+                self._parsed.clear()
+            self._parsed[key] = vma
+        return vma
 
     def _take(self, start: int, end: int) -> None:
         """Parse the candidate block at _buf[start:end]; the first failure is kept for finish()."""

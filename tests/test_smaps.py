@@ -184,11 +184,22 @@ if smaps_module._big_size_lines_c is not None:
 HAVE_FD_SCAN = smaps_module._FdScan is not None and smaps_module._big_size_lines_c is not None
 
 
+# The compiled pass has a plain C, an AVX2 and an AVX-512 version; each is checked where the CPU has it.
+FD_LEVELS: list[int] = []
+if HAVE_FD_SCAN:
+    from eptwatch.agent import _smapscan
+
+    _before = _smapscan._force_level(2)
+    FD_LEVELS = list(range(_smapscan._force_level(_before) + 1))  # 2 lowered to the best this CPU has
+
+
 def _scan_fd(data: bytes | bytearray, name: str, min_bytes: int, chunk_bytes: int = smaps_module.CHUNK_BYTES,
-             scanner: LargeVmaScanner | None = None) -> list[Vma]:
-    """The compiled loop over `data` read from a memfd, `chunk_bytes` per read loop."""
+             scanner: LargeVmaScanner | None = None, level: int | None = None) -> list[Vma]:
+    """The compiled loop over `data` read from a memfd, `chunk_bytes` per read loop (with the pass
+    of `level`, else the best this CPU has)."""
     scanner = scanner or LargeVmaScanner(chunk_bytes)
     fd = os.memfd_create("smaps")
+    before = _smapscan._force_level(level) if level is not None else None
     try:
         os.write(fd, data)
         os.lseek(fd, 0, os.SEEK_SET)
@@ -198,6 +209,8 @@ def _scan_fd(data: bytes | bytearray, name: str, min_bytes: int, chunk_bytes: in
         return scanner.finish()
     finally:
         os.close(fd)
+        if before is not None:
+            _smapscan._force_level(before)
 
 
 def _scan_each(data: bytes | bytearray, name: str, min_bytes: int) -> list[Vma]:
@@ -209,11 +222,11 @@ def _scan_each(data: bytes | bytearray, name: str, min_bytes: int) -> list[Vma]:
                 results[search] = scan_large_vmas(data, name, min_bytes)
             except ParseError as exc:
                 results[search] = exc
-    if HAVE_FD_SCAN:
+    for level in FD_LEVELS:
         try:
-            results["fd"] = _scan_fd(data, name, min_bytes)
+            results[f"fd{level}"] = _scan_fd(data, name, min_bytes, level=level)
         except ParseError as exc:
-            results["fd"] = exc
+            results[f"fd{level}"] = exc
     first = results["regex"]
     for search, result in results.items():
         assert type(result) is type(first) and str(result) == str(first) and (isinstance(result, ParseError) or result == first), search
@@ -578,11 +591,11 @@ def _scan_chunked(data: bytes, name: str, min_bytes: int, chunk_bytes: int) -> l
                 results[search] = scan_large_vmas(data, name, min_bytes, chunk_bytes=chunk_bytes)
             except ParseError as exc:
                 results[search] = f"ParseError: {exc}"
-    if HAVE_FD_SCAN:
+    for level in FD_LEVELS:
         try:
-            results["fd"] = _scan_fd(data, name, min_bytes, chunk_bytes)
+            results[f"fd{level}"] = _scan_fd(data, name, min_bytes, chunk_bytes, level=level)
         except ParseError as exc:
-            results["fd"] = f"ParseError: {exc}"
+            results[f"fd{level}"] = f"ParseError: {exc}"
     assert len({repr(r) for r in results.values()}) == 1, results
     return results["regex"]
 
@@ -876,3 +889,39 @@ def test_compiled_drain_reads_the_whole_file(tmp_path: Path) -> None:
         assert smaps_module._FdScan(4096).drain(fd) == 300_001
     finally:
         os.close(fd)
+
+
+def test_first_and_last_blocks_that_parsed_before_are_not_parsed_again() -> None:
+    # A sampler re-reads the same process: its first and last blocks rarely change, and are parsed
+    # only when their bytes differ from a block that parsed before. Candidates are always parsed.
+    raw = (SMALL_BLOCK + SMALL_BLOCK.replace("7f5000000000-7f5000001000", "7f5000002000-7f5000003000") + SEED_BLOCK
+           + SMALL_BLOCK.replace("7f5000000000-7f5000001000", "7f6000000000-7f6000001000")).encode()
+    scanner = LargeVmaScanner(chunk_bytes=100)
+    parsed: list[bytes] = []
+    original = smaps_module._parse_block_bytes
+
+    def counting(block: bytes | bytearray | memoryview, name: str, line_base: int) -> Vma:
+        parsed.append(bytes(block)[:12])
+        return original(block, name, line_base)
+
+    def scan(data: bytes) -> list[Vma] | str:
+        scanner.start("s", MIN)
+        for pos in range(0, len(data), 100):
+            piece = data[pos : pos + 100]
+            with scanner.room() as room:
+                room[: len(piece)] = piece
+            scanner.filled(len(piece))
+        try:
+            return scanner.finish()
+        except ParseError as exc:
+            return str(exc)
+
+    with mock.patch.object(smaps_module, "_parse_block_bytes", counting):
+        first = scan(raw)
+        assert parsed == [b"7f2778200000", b"7f5000000000", b"7f6000000000"]  # the candidate, the first, the last
+        assert scan(raw) == first and parsed[3:] == [b"7f2778200000"]  # the candidate only
+        changed = raw.replace(b"Rss:                   4 kB", b"Rss:                   8 kB", 1)  # the first block
+        assert scan(changed) == first and parsed[4:] == [b"7f2778200000", b"7f5000000000"]
+        broken = raw.replace(b"Rss:                   4 kB", b"Rss:                lots kB", 1)
+        assert "Rss" in str(scan(broken)) and "Rss" in str(scan(broken))  # an error is found again each time
+    assert scan(raw) == first == scan_large_vmas(raw, "s", MIN)
