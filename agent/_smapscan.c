@@ -154,7 +154,7 @@ count_newlines(PyObject *module, PyObject *args)
 #include <errno.h>
 #include <stdint.h>
 #include <unistd.h>
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SMAPSCAN_PORTABLE) /* PORTABLE: to check the plain build */
 #include <immintrin.h>
 #define SMAPSCAN_X86 1
 #endif
