@@ -167,8 +167,9 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    unsigned char *buf;
-    Py_ssize_t cap;        /* allocated bytes of buf */
+    unsigned char *mem;    /* the allocation (page-aligned) */
+    Py_ssize_t cap;        /* its size */
+    unsigned char *buf;    /* where the held bytes start: mem plus under 64 (see align_for_read) */
     Py_ssize_t chunk;      /* bytes asked of each read loop */
     /* The state of one file; names as in smaps.LargeVmaScanner (indices into buf unless "file offset"). */
     Py_ssize_t n;          /* bytes held */
@@ -700,19 +701,46 @@ read_full(int fd, unsigned char *dst, Py_ssize_t want)
     }
 }
 
+/* Room for `need` bytes from buf on. The allocation is page-aligned (posix_memalign) so that the
+ * offset of buf within a page is known (align_for_read). */
 static int
 reserve(FdScan *s, Py_ssize_t need)
 {
-    if (s->cap >= need)
+    Py_ssize_t pad = s->mem ? s->buf - s->mem : 0;
+    if (s->mem != NULL && s->cap >= pad + need)
         return 0;
-    unsigned char *grown = PyMem_Realloc(s->buf, (size_t)need); /* a block longer than a chunk: only a mangled file */
-    if (grown == NULL) {
+    void *grown = NULL; /* a block longer than a chunk (only a mangled file), or the first use */
+    if (posix_memalign(&grown, 4096, (size_t)(pad + need)) != 0) {
         PyErr_NoMemory();
         return -1;
     }
-    s->buf = grown;
-    s->cap = need;
+    if (s->mem != NULL) {
+        memcpy((unsigned char *)grown + pad, s->buf, (size_t)s->n);
+        free(s->mem);
+    }
+    s->mem = grown;
+    s->buf = s->mem + pad;
+    s->cap = pad + need;
     return 0;
+}
+
+/* Place the held bytes so that the next read() lands on a 64-byte boundary of the (page-aligned)
+ * allocation. The kernel copies a page-cache page to where read() asks; a destination a few bytes
+ * past the source's offset within a page (the carried tail is any length) makes the CPU see its
+ * loads as depending on its own earlier stores (4K aliasing): on the benchmark machine a read() into
+ * buf + 1 to buf + 16 of a page cost 3 to 9 times one into buf + 0 or buf + 64 (docs/benchmarks.md).
+ * Moving the tail (about a kilobyte) costs far less; a held region past 64 KiB (only a mangled file)
+ * is left where it is. */
+static void
+align_for_read(FdScan *s)
+{
+    if (s->mem == NULL || s->n > 65536)
+        return;
+    Py_ssize_t pad = (64 - s->n % 64) % 64;
+    if (s->buf != s->mem + pad) {
+        memmove(s->mem + pad, s->buf, (size_t)s->n);
+        s->buf = s->mem + pad;
+    }
 }
 
 /* A scanner keeps a buffer grown by a huge block up to this much (smaps._KEEP_BYTES). */
@@ -757,12 +785,13 @@ fdscan_run(FdScan *s, PyObject *args)
     }
     reset(s);
     if (s->cap > FDSCAN_KEEP_BYTES) {
-        PyMem_Free(s->buf);
-        s->buf = NULL;
+        free(s->mem);
+        s->mem = s->buf = NULL;
         s->cap = 0;
     }
     for (;;) {
-        if (reserve(s, s->n + s->chunk) < 0)
+        align_for_read(s);
+        if (reserve(s, s->n + s->chunk + 64) < 0)
             return NULL;
         Py_ssize_t got = read_full(fd, s->buf + s->n, s->chunk);
         if (got < 0)
@@ -818,6 +847,8 @@ fdscan_drain(FdScan *s, PyObject *args)
     int fd;
     if (!PyArg_ParseTuple(args, "i:drain", &fd))
         return NULL;
+    reset(s); /* the floor of run(): its reads land where run() puts its first */
+    align_for_read(s);
     if (reserve(s, s->chunk) < 0)
         return NULL;
     long long total = 0;
@@ -851,7 +882,7 @@ static void
 fdscan_dealloc(FdScan *s)
 {
     Py_CLEAR(s->first_block);
-    PyMem_Free(s->buf);
+    free(s->mem);
     PyMem_Free(s->pending);
     free(s->cands);
     free(s->hits);
