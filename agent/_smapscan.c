@@ -6,7 +6,9 @@
  * regex engine steps through it byte by byte, 16% of what the kernel spends producing the file on
  * the benchmark machine. memchr runs at memory speed; the pass here costs about a tenth of the
  * regex (docs/benchmarks.md). The module is optional: without a compiler the build skips it and the
- * agent uses the regex, and says so (smaps.SCANNER).
+ * agent uses the regex, and says so (smaps.SCANNER). FdScan, below, runs the whole read-and-scan loop
+ * of an open smaps file (the sampler's path); big_size_lines and count_newlines serve the Python loop
+ * (scan_large_vmas on bytes in memory).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

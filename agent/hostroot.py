@@ -9,7 +9,9 @@ One read, smaps of a big QEMU process, runs to megabytes per VM and sample. proc
 out about one page per read() whatever size is asked for, so collecting it as new `bytes` costs an
 allocation per page plus a join into fresh, not yet faulted-in memory. The sampler instead streams
 it through a `ChunkSink` (`root.read_bytes(path, into=scanner)`, smaps.LargeVmaScanner): each chunk
-lands in the sink's small reused buffer and is scanned while the CPU still has it in cache. A
+lands in the sink's small reused buffer and is scanned while the CPU still has it in cache. A sink
+that is also an `FdSink` runs that whole loop itself, compiled, on the file this module opened and
+checked, with the same size and time bounds. A
 `ReadBuffer` (`into=buffer`) holds a whole file in memory that earlier reads already faulted in.
 
 `--root` is a boundary (the tree may be a container's or an attacker's): every path is opened

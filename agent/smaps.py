@@ -378,8 +378,9 @@ class LargeVmaScanner:
     `min_bytes`, parsed strictly, plus the checks that make a truncated or foreign file an error.
     Smaller VMAs are located but not parsed.
 
-    Use: `start(name, min_bytes)`, then `HostRoot.read_bytes(path, into=scanner)` (which calls
-    `room()` and `filled(n)` until the end of the file), then `finish()`. `scan_large_vmas` does the
+    Use: `start(name, min_bytes)`, then `HostRoot.read_bytes(path, into=scanner)` (which hands the
+    open file to `read_fd`, the compiled loop, or where that is not built calls `room()` and
+    `filled(n)` until the end of the file), then `finish()`. `scan_large_vmas` does the
     same over bytes already in memory; whatever the chunk size, the result and any error (message
     and line) are the same (tests/test_smaps.py checks).
 
@@ -597,10 +598,10 @@ class LargeVmaScanner:
     def _parse_sample(self, block: bytes | bytearray, name: str, line_base: int) -> Vma:
         """The first or last block, parsed strictly; a block that parsed before, byte for byte, is not
         parsed again. Those two (the VMM binary's first mapping, [vsyscall] or the stack at the end)
-        rarely change between samples of one process, and parsing each costs about 20 us of Python,
-        several percent of what the kernel spends producing a large smaps. Parsing is a pure function
-        of the bytes, and only blocks that parsed are kept (an error is raised again each time);
-        the line number plays no part in a Vma."""
+        rarely change between samples of one process, and parsing each costs 20 to 40 us of Python
+        (bench/smaps_cost.py: measurable against `cat` of a page-cache copy, lost in the kernel's
+        cost of a real smaps). Parsing is a pure function of the bytes, and only blocks that parsed
+        are kept (an error is raised again each time); the line number plays no part in a Vma."""
         if len(block) > 65536:  # a real block is under a kilobyte: a mangled file's is not kept
             return _parse_block_bytes(block, name, line_base)
         key = bytes(block)
