@@ -395,7 +395,7 @@ pass_avx2(const unsigned char *p, Py_ssize_t i, Py_ssize_t to, Hits *hits, Py_ss
     return count;
 }
 
-static int cpu_level = -1; /* 2: AVX-512BW, 1: AVX2, 0: neither (set at module init) */
+static int cpu_level = -1; /* 2: AVX-512BW and VL, 1: AVX2, 0: neither (set at module init) */
 #endif
 
 /* Newlines in p[from:to), and the candidates whose newline is at or after lo (the newline before
@@ -924,7 +924,7 @@ force_level(PyObject *module, PyObject *args)
     int before = 0, best = 0;
 #ifdef SMAPSCAN_X86
     before = cpu_level;
-    best = __builtin_cpu_supports("avx512bw") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+    best = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
     cpu_level = level < 0 ? 0 : level > best ? best : level;
 #endif
     (void)best;
@@ -947,7 +947,7 @@ PyInit__smapscan(void)
 {
 #ifdef SMAPSCAN_X86
     __builtin_cpu_init();
-    cpu_level = __builtin_cpu_supports("avx512bw") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+    cpu_level = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
 #endif
     if (PyType_Ready(&FdScanType) < 0)
         return NULL;
