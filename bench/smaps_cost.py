@@ -22,7 +22,11 @@ the per-round ratios, figures medians over rounds:
                    status, stat, the model. cat_sample: `cat` of every file it read (recorded once).
                    Target: <= 1.25 x cat_sample
 Breakdown rows: read_smaps_whole (the old read of the whole file into a ReadBuffer, no scan) and
-scan_smaps (scan_large_vmas on bytes already in memory).
+scan_smaps (scan_large_vmas on bytes already in memory). Where the compiled read loop is built
+(_smapscan.FdScan): drain_smaps / drain_widened, the same C loop reading the file into the same
+128 KiB buffer and scanning nothing (the floor of the agent's read: what 1.10 x `cat` leaves for the
+scan), and agent_widened_uncached, the widened scan with the scanner's memory of the first and last
+blocks cleared first (they are parsed again, as when a process is sampled for the first time).
 """
 
 from __future__ import annotations
@@ -130,6 +134,16 @@ def cat_cpu(paths: list[str]) -> float:
     return max(full - empty, 1e-9)
 
 
+def fs_type(path: Path) -> str:
+    """The file system type /proc/self/mounts gives for the mount holding `path` (tmpfs, ext4, ...)."""
+    best, kind = "", "?"
+    for line in open("/proc/self/mounts"):
+        parts = line.split()
+        if len(parts) > 2 and str(path.resolve()).startswith(parts[1].rstrip("/") + "/") and len(parts[1]) >= len(best):
+            best, kind = parts[1], parts[2]
+    return kind
+
+
 def widened_fixture(target_vmas: int) -> bytes:
     """A fixture's smaps (the 6.6 host, whose QEMU has guest RAM) widened to about `target_vmas` VMAs
     by repeating its small blocks between the first and the last block."""
@@ -216,6 +230,24 @@ def main() -> int:
         if not agent_widened():
             raise SystemExit("expected guest RAM in the widened fixture")
 
+        def agent_widened_uncached() -> None:
+            if widened_scanner is not None and hasattr(widened_scanner, "_parsed"):
+                widened_scanner._parsed.clear()
+            agent_widened()
+
+        fd_scan_class = getattr(smaps_module, "_FdScan", None)
+        drain_scan = fd_scan_class(smaps_module.CHUNK_BYTES) if fd_scan_class is not None else None
+
+        def drain(path: str) -> Callable[[], None]:
+            def run() -> None:
+                assert drain_scan is not None
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+                try:
+                    drain_scan.drain(fd)
+                finally:
+                    os.close(fd)
+            return run
+
         def discovery() -> list[object]:
             vm_dirs = list_vm_dirs(root, kvm_dir) if kvm_dir is not None else []
             return discover_vms(root, vm_dirs)[0]  # type: ignore[return-value]
@@ -251,8 +283,8 @@ def main() -> int:
         del thp
 
         load_before = os.getloadavg()
-        keys = ("cat_smaps", "agent_smaps", "read_smaps_whole", "scan_smaps", "agent_smaps_regex", "cat_widened", "agent_widened",
-                "discovery", "cat_sample", "agent_sample")
+        keys = ("cat_smaps", "agent_smaps", "read_smaps_whole", "scan_smaps", "agent_smaps_regex", "drain_smaps", "cat_widened",
+                "agent_widened", "agent_widened_uncached", "drain_widened", "discovery", "cat_sample", "agent_sample")
         rounds: dict[str, list[float]] = {k: [] for k in keys}
         for _ in range(args.repeat):
             rounds["cat_smaps"].append(cat_cpu([smaps]))
@@ -261,8 +293,13 @@ def main() -> int:
             rounds["scan_smaps"].append(cpu_of(scan_only))
             if compiled_search is not None:
                 rounds["agent_smaps_regex"].append(cpu_of(with_regex(agent_smaps)))
+            if drain_scan is not None:
+                rounds["drain_smaps"].append(cpu_of(drain(smaps)))
             rounds["cat_widened"].append(cat_cpu([str(widened_path)]))
             rounds["agent_widened"].append(cpu_of(agent_widened))
+            rounds["agent_widened_uncached"].append(cpu_of(agent_widened_uncached))
+            if drain_scan is not None:
+                rounds["drain_widened"].append(cpu_of(drain(str(widened_path))))
             rounds["discovery"].append(cpu_of(discovery))
             rounds["cat_sample"].append(cat_cpu(sample_files))
             rounds["agent_sample"].append(cpu_of(agent_sample))
@@ -282,6 +319,8 @@ def main() -> int:
             "sample_files": len(sample_files),
             "rounds": args.repeat,
             "smaps_scanner": smaps_module.SCANNER,
+            "agent_module": smaps_module.__file__,
+            "fd_scan": getattr(smaps_module, "_FdScan", None) is not None,
             "per_vm_debugfs": bool(counter_files),
         }
         results.update({f"{k}_ms": round(v * 1000, 3) if v is not None else None for k, v in med.items()})
@@ -289,6 +328,10 @@ def main() -> int:
         results["ratio_smaps_regex_vs_cat"] = per_round("agent_smaps_regex", "cat_smaps")
         results["ratio_widened_vs_cat_widened"] = per_round("agent_widened", "cat_widened")
         results["ratio_widened_vs_cat_smaps"] = per_round("agent_widened", "cat_smaps")
+        results["ratio_widened_uncached_vs_cat_widened"] = per_round("agent_widened_uncached", "cat_widened")
+        results["ratio_drain_widened_vs_cat_widened"] = per_round("drain_widened", "cat_widened") if rounds["drain_widened"] else None
+        results["ratio_drain_smaps_vs_cat"] = per_round("drain_smaps", "cat_smaps") if rounds["drain_smaps"] else None
+        results["widened_dir"] = f"{widened_path.parent} ({fs_type(widened_path.parent)})"
         results["ratio_discovery_vs_agent_smaps"] = per_round("discovery", "agent_smaps")
         results["ratio_sample_vs_cat"] = per_round("agent_sample", "cat_sample")
         results["loadavg_1m_before_after"] = f"{load_before[0]:.2f} {os.getloadavg()[0]:.2f}"

@@ -163,8 +163,14 @@ def test_mutated_smaps_parses_or_raises_parse_error(data: st.DataObject) -> None
 from collections.abc import Callable  # noqa: E402
 from unittest import mock  # noqa: E402
 
+import errno  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+from eptwatch.agent.sources import hostroot as hostroot_module  # noqa: E402
+
 from eptwatch.agent.sources import smaps as smaps_module  # noqa: E402
-from eptwatch.agent.sources.smaps import Vma, scan_large_vmas  # noqa: E402
+from eptwatch.agent.sources.smaps import LargeVmaScanner, Vma, scan_large_vmas  # noqa: E402
 
 # Every scan test runs with each candidate search this build has: the compiled one (agent/sources/_smapscan.c)
 # and the regex fallback that hosts without it run.
@@ -173,8 +179,42 @@ if smaps_module._big_size_lines_c is not None:
     SEARCHES["c"] = smaps_module._big_size_lines_c
 
 
+# And with the compiled read loop (_smapscan.FdScan, what the sampler runs where it is built), which
+# reads the bytes from a file descriptor: a memfd holding them.
+HAVE_FD_SCAN = smaps_module._FdScan is not None and smaps_module._big_size_lines_c is not None
+
+
+# The compiled pass has a plain C, an AVX2 and an AVX-512 version; each is checked where the CPU has it.
+FD_LEVELS: list[int] = []
+if HAVE_FD_SCAN:
+    from eptwatch.agent.sources import _smapscan
+
+    _before = _smapscan._force_level(2)
+    FD_LEVELS = list(range(_smapscan._force_level(_before) + 1))  # 2 lowered to the best this CPU has
+
+
+def _scan_fd(data: bytes | bytearray, name: str, min_bytes: int, chunk_bytes: int = smaps_module.CHUNK_BYTES,
+             scanner: LargeVmaScanner | None = None, level: int | None = None) -> list[Vma]:
+    """The compiled loop over `data` read from a memfd, `chunk_bytes` per read loop (with the pass
+    of `level`, else the best this CPU has)."""
+    scanner = scanner or LargeVmaScanner(chunk_bytes)
+    fd = os.memfd_create("smaps")
+    before = _smapscan._force_level(level) if level is not None else None
+    try:
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+        scanner.start(name, min_bytes)
+        with mock.patch.object(smaps_module, "_big_size_lines", smaps_module._big_size_lines_c):
+            assert scanner.read_fd(fd, 1 << 40, float("inf"), time.monotonic) == ""
+        return scanner.finish()
+    finally:
+        os.close(fd)
+        if before is not None:
+            _smapscan._force_level(before)
+
+
 def _scan_each(data: bytes | bytearray, name: str, min_bytes: int) -> list[Vma]:
-    """scan_large_vmas with every search; they must agree, errors included."""
+    """scan_large_vmas with every search, and the compiled read loop; they must agree, errors included."""
     results: dict[str, object] = {}
     for search in SEARCHES:
         with mock.patch.object(smaps_module, "_big_size_lines", SEARCHES[search]):
@@ -182,6 +222,11 @@ def _scan_each(data: bytes | bytearray, name: str, min_bytes: int) -> list[Vma]:
                 results[search] = scan_large_vmas(data, name, min_bytes)
             except ParseError as exc:
                 results[search] = exc
+    for level in FD_LEVELS:
+        try:
+            results[f"fd{level}"] = _scan_fd(data, name, min_bytes, level=level)
+        except ParseError as exc:
+            results[f"fd{level}"] = exc
     first = results["regex"]
     for search, result in results.items():
         assert type(result) is type(first) and str(result) == str(first) and (isinstance(result, ParseError) or result == first), search
@@ -535,11 +580,10 @@ def test_fast_scan_rejects_a_block_with_two_size_lines() -> None:
 
 # --- the streaming scan: chunk boundaries change nothing (LargeVmaScanner) ---
 
-from eptwatch.agent.sources.smaps import LargeVmaScanner  # noqa: E402
-
 
 def _scan_chunked(data: bytes, name: str, min_bytes: int, chunk_bytes: int) -> list[Vma] | str:
-    """scan_large_vmas fed `chunk_bytes` at a time, with every search; the error text stands for an error."""
+    """scan_large_vmas fed `chunk_bytes` at a time, with every search, and the compiled read loop reading
+    `chunk_bytes` at a time; the error text stands for an error (message and line)."""
     results: dict[str, list[Vma] | str] = {}
     for search in SEARCHES:
         with mock.patch.object(smaps_module, "_big_size_lines", SEARCHES[search]):
@@ -547,6 +591,11 @@ def _scan_chunked(data: bytes, name: str, min_bytes: int, chunk_bytes: int) -> l
                 results[search] = scan_large_vmas(data, name, min_bytes, chunk_bytes=chunk_bytes)
             except ParseError as exc:
                 results[search] = f"ParseError: {exc}"
+    for level in FD_LEVELS:
+        try:
+            results[f"fd{level}"] = _scan_fd(data, name, min_bytes, chunk_bytes, level=level)
+        except ParseError as exc:
+            results[f"fd{level}"] = f"ParseError: {exc}"
     assert len({repr(r) for r in results.values()}) == 1, results
     return results["regex"]
 
@@ -681,3 +730,198 @@ def test_searches_agree_on_the_value_threshold(text: str, digits: int, min_value
                 if d0 == d1 or d1 - d0 > 18 or int(data[d0:d1]) >= min_value]
     for search in SEARCHES.values():
         assert search(data, digits, min_value) == expected
+
+
+# --- the compiled read loop (LargeVmaScanner.read_fd over _smapscan.FdScan) ---
+
+needs_fd_scan = pytest.mark.skipif(not HAVE_FD_SCAN, reason="the compiled scanner is not built here")
+
+# Inputs meant to break a compiled scanner: malformed and huge Size lines, values at the threshold, a
+# value padded past the 32-byte window the compiled check looks through at once, a file cut anywhere.
+_ADVERSARIAL_SIZES = ["Size:  lots kB", "Size: 99999999999999999999999 kB", "Size:" + " " * 40 + "4194304 kB", "Size:\t\t4194304 kB",
+                      "Size: 65535 kB", "Size: 65536 kB", "Size:65536 kB", "Size: 0065536 kB", "Size: 4194304 kB ", "Size: 4194304 KB",
+                      "Size: 4194304kB", "Size: -4194304 kB", "Size: 4194304 kB\r", "Size: \xff4194304 kB", "Size:", "Size: 18446744073709551616 kB",
+                      "Size: " + "9" * 40 + " kB", "Size: 4194304 kB\nSize: 4194304 kB",
+                      # digits that run past the 32-byte window: the compiled check must not cut them short
+                      "Size:" + " " * 28 + "0000004 kB", "Size:" + " " * 27 + "00000000004194304 kB", "Size:" + " " * 31 + "4194304 kB"]
+
+
+@needs_fd_scan
+@pytest.mark.parametrize("size_line", _ADVERSARIAL_SIZES)
+@pytest.mark.parametrize("chunk", [1, 3, 29, 64, 127, 4096])
+def test_compiled_loop_equals_the_python_loop_on_adversarial_size_lines(size_line: str, chunk: int) -> None:
+    bad = SEED_BLOCK.replace("Size:            4194304 kB", size_line)
+    raw = (SMALL_BLOCK * 3 + bad + SMALL_BLOCK + ANON_BLOCK).encode("utf-8", errors="surrogateescape")
+    expected = _scan_chunked(raw, "s", MIN, max(1, len(raw)))  # asserts the compiled loop agrees at one chunk
+    assert _scan_chunked(raw, "s", MIN, chunk) == expected
+
+
+@needs_fd_scan
+def test_compiled_loop_equals_the_python_loop_on_every_truncation() -> None:
+    raw = (SMALL_BLOCK + SEED_BLOCK + SMALL_BLOCK * 2 + ANON_BLOCK).encode()
+    for cut in range(len(raw) + 1):
+        piece = raw[:cut]
+        assert _scan_chunked(piece, "s", MIN, 61) == _scan_chunked(piece, "s", MIN, max(1, len(piece)))
+
+
+@needs_fd_scan
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600), st.integers(1, 300))
+def test_compiled_loop_equals_the_python_loop_on_junk(junk: bytes, chunk: int) -> None:
+    for raw in (junk, SEED_BLOCK.encode() + junk, (SMALL_BLOCK + SEED_BLOCK).encode()[: len(junk)] + junk):
+        _scan_chunked(raw, "s", MIN, chunk)  # asserts that every path agrees
+
+
+@needs_fd_scan
+def test_compiled_loop_on_a_large_file_and_a_reused_scanner() -> None:
+    # Many chunks of 128 KiB, guest RAM in the middle and at the end, the scanner reused across files
+    # (and after a file that failed): each result is the Python loop's.
+    big = (SMALL_BLOCK * 3000 + SEED_BLOCK + SMALL_BLOCK * 3000 + ANON_BLOCK).encode()
+    bad = big.replace(b"Rss:              583680 kB", b"Rss:              lots kB")
+    scanner = LargeVmaScanner()
+    for raw in (big, bad, big[:-1], big):
+        try:
+            got: object = _scan_fd(raw, "s", MIN, scanner=scanner)
+        except ParseError as exc:
+            got = str(exc)
+        try:
+            expected: object = scan_large_vmas(raw, "s", MIN)
+        except ParseError as exc:
+            expected = str(exc)
+        assert got == expected
+    assert [v.size_bytes for v in _scan_fd(big, "s", MIN, scanner=scanner)] == [4194304 * 1024] * 2
+
+
+class _Clock:
+    def __init__(self, step: float) -> None:
+        self.calls = 0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.calls * self.step
+
+
+@needs_fd_scan
+def test_compiled_loop_keeps_the_read_bounds(tmp_path: Path) -> None:
+    path = tmp_path / "proc" / "1" / "smaps"
+    path.parent.mkdir(parents=True)
+    raw = (SMALL_BLOCK * 200 + SEED_BLOCK).encode()
+    path.write_bytes(raw)
+    root = HostRoot.from_root(tmp_path)
+    scanner = LargeVmaScanner(chunk_bytes=1000)
+    rooms: list[int] = []
+    original_room = scanner.room
+
+    def counted_room() -> memoryview:
+        rooms.append(1)
+        return original_room()
+
+    scanner.room = counted_room  # type: ignore[method-assign]
+    clock = _Clock(0.0)
+    with mock.patch.object(hostroot_module, "_monotonic", clock):
+        scanner.start(str(path), MIN)
+        assert root.read_bytes(path, into=scanner) is None
+        assert [v.size_bytes for v in scanner.finish()] == [4194304 * 1024]
+    # The compiled loop read it (the Python loop's room() was never asked), and looked at the clock
+    # once for the start and once after each of its chunks, as the Python loop does.
+    assert rooms == [] and clock.calls == 1 + len(raw) // 1000 + 1
+    # The size bound, checked after each chunk.
+    scanner.start(str(path), MIN)
+    with pytest.raises(HostReadError) as info:
+        root.read_bytes(path, 2500, into=scanner)
+    assert info.value.kind == "too_large" and "2500-byte" in str(info.value)
+    # The time bound: the clock passes the deadline after the first chunk.
+    scanner.start(str(path), MIN)
+    with mock.patch.object(hostroot_module, "_monotonic", _Clock(1000.0)), pytest.raises(HostReadError) as info:
+        root.read_bytes(path, into=scanner)
+    assert info.value.kind == "timeout" and "longer than" in str(info.value)
+    # The checks before any read stay HostRoot's: a FIFO or a link out of the root is never handed over.
+    os.mkfifo(tmp_path / "proc" / "1" / "fifo")
+    (tmp_path / "proc" / "2").mkdir()
+    (tmp_path / "proc" / "2" / "smaps").symlink_to("/etc/hostname")
+    calls: list[int] = []
+    scanner.read_fd = lambda *a: calls.append(1)  # type: ignore[method-assign,assignment,return-value]
+    for bad, kind in ((tmp_path / "proc" / "1" / "fifo", "not_regular"), (tmp_path / "proc" / "2" / "smaps", "outside_root")):
+        with pytest.raises(HostReadError) as info:
+            root.read_bytes(bad, into=scanner)
+        assert info.value.kind == kind
+    assert calls == []
+
+
+@needs_fd_scan
+def test_compiled_loop_read_error_is_an_os_error(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(SEED_BLOCK.encode())
+    fd = os.open(path, os.O_WRONLY)  # read() fails with EBADF
+    try:
+        scanner = LargeVmaScanner()
+        scanner.start("s", MIN)
+        with pytest.raises(OSError) as info:
+            scanner.read_fd(fd, 1 << 20, float("inf"), time.monotonic)
+        assert info.value.errno == errno.EBADF
+        assert hostroot_module._classify(path, info.value).kind == "io"
+    finally:
+        os.close(fd)
+
+
+def test_without_the_compiled_loop_the_python_loop_reads(tmp_path: Path) -> None:
+    # The regex search switched on (as on a host without the extension): read_fd declines, reads
+    # nothing, and HostRoot feeds the scanner through room()/filled(); the result is the same.
+    path = tmp_path / "smaps"
+    raw = (SMALL_BLOCK * 50 + SEED_BLOCK).encode()
+    path.write_bytes(raw)
+    scanner = LargeVmaScanner(chunk_bytes=512)
+    with mock.patch.object(smaps_module, "_big_size_lines", smaps_module._big_size_lines_regex):
+        scanner.start("s", MIN)
+        assert scanner.read_fd(0, 1, 0.0, time.monotonic) is None
+        read_file(path, into=scanner)
+        assert scanner.finish() == scan_large_vmas(raw, "s", MIN)
+        assert scanner._total == len(raw)
+
+
+@needs_fd_scan
+def test_compiled_drain_reads_the_whole_file(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 300_001)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert smaps_module._FdScan(4096).drain(fd) == 300_001
+    finally:
+        os.close(fd)
+
+
+def test_first_and_last_blocks_that_parsed_before_are_not_parsed_again() -> None:
+    # A sampler re-reads the same process: its first and last blocks rarely change, and are parsed
+    # only when their bytes differ from a block that parsed before. Candidates are always parsed.
+    raw = (SMALL_BLOCK + SMALL_BLOCK.replace("7f5000000000-7f5000001000", "7f5000002000-7f5000003000") + SEED_BLOCK
+           + SMALL_BLOCK.replace("7f5000000000-7f5000001000", "7f6000000000-7f6000001000")).encode()
+    scanner = LargeVmaScanner(chunk_bytes=100)
+    parsed: list[bytes] = []
+    original = smaps_module._parse_block_bytes
+
+    def counting(block: bytes | bytearray | memoryview, name: str, line_base: int) -> Vma:
+        parsed.append(bytes(block)[:12])
+        return original(block, name, line_base)
+
+    def scan(data: bytes) -> list[Vma] | str:
+        scanner.start("s", MIN)
+        for pos in range(0, len(data), 100):
+            piece = data[pos : pos + 100]
+            with scanner.room() as room:
+                room[: len(piece)] = piece
+            scanner.filled(len(piece))
+        try:
+            return scanner.finish()
+        except ParseError as exc:
+            return str(exc)
+
+    with mock.patch.object(smaps_module, "_parse_block_bytes", counting):
+        first = scan(raw)
+        assert parsed == [b"7f2778200000", b"7f5000000000", b"7f6000000000"]  # the candidate, the first, the last
+        assert scan(raw) == first and parsed[3:] == [b"7f2778200000"]  # the candidate only
+        changed = raw.replace(b"Rss:                   4 kB", b"Rss:                   8 kB", 1)  # the first block
+        assert scan(changed) == first and parsed[4:] == [b"7f2778200000", b"7f5000000000"]
+        broken = raw.replace(b"Rss:                   4 kB", b"Rss:                lots kB", 1)
+        assert "Rss" in str(scan(broken)) and "Rss" in str(scan(broken))  # an error is found again each time
+    assert scan(raw) == first == scan_large_vmas(raw, "s", MIN)

@@ -6,7 +6,9 @@
  * regex engine steps through it byte by byte, 16% of what the kernel spends producing the file on
  * the benchmark machine. memchr runs at memory speed; the pass here costs about a tenth of the
  * regex (docs/benchmarks.md). The module is optional: without a compiler the build skips it and the
- * agent uses the regex, and says so (smaps.SCANNER).
+ * agent uses the regex, and says so (smaps.SCANNER). FdScan, below, runs the whole read-and-scan loop
+ * of an open smaps file (the sampler's path); big_size_lines and count_newlines serve the Python loop
+ * (scan_large_vmas on bytes in memory).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -136,7 +138,801 @@ count_newlines(PyObject *module, PyObject *args)
     return PyLong_FromSsize_t(count);
 }
 
+/* --- the whole streaming read and scan of one smaps file, compiled (FdScan) -----------------------
+ *
+ * smaps.LargeVmaScanner.read_fd hands an open, already checked file descriptor (HostRoot opened it
+ * beneath the root, checked it is a regular file and set the time and size bounds) to FdScan.run,
+ * which read()s it 128 KiB at a time into one small reused buffer and scans each chunk in the same
+ * loop, while the kernel's copy is still in the CPU's cache: one fused pass counts the newlines (for
+ * the line number of any later error) and finds the `\nSize:` lines, then a few short searches find
+ * the ends of candidate blocks, the end of the first block and the start of the last one. It is the
+ * Python loop of LargeVmaScanner.filled, step for step (same regions, same order, same carried
+ * state); only the strict parsing stays in Python: each candidate block and the first line are handed
+ * to callbacks, and LargeVmaScanner.finish() does the rest from state(). tests/test_smaps.py checks
+ * that results and errors (message and line) equal the Python loop's for any chunk size.
+ *
+ * Why: the Python loop spent about 15 us per chunk (two compiled passes, rfind/regex calls, Python),
+ * about the whole of what the agent added over `cat` of a page-cache smaps (docs/benchmarks.md). */
+#include <errno.h>
+#include <stdint.h>
+#include <unistd.h>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SMAPSCAN_PORTABLE) /* PORTABLE: to check the plain build */
+#include <immintrin.h>
+#define SMAPSCAN_X86 1
+#endif
+
+/* One 64-byte step of the fused pass that saw a `\nSize:` 'z': where, and which bytes. */
+typedef struct {
+    Py_ssize_t at;
+    uint64_t mask;
+} Hits;
+
+typedef struct {
+    PyObject_HEAD
+    unsigned char *mem;    /* the allocation (page-aligned) */
+    Py_ssize_t cap;        /* its size */
+    unsigned char *buf;    /* where the held bytes start: mem plus under 64 (see align_for_read) */
+    Py_ssize_t chunk;      /* bytes asked of each read loop */
+    /* The state of one file; names as in smaps.LargeVmaScanner (indices into buf unless "file offset"). */
+    Py_ssize_t n;          /* bytes held */
+    long long base;        /* file offset of buf[0] */
+    Py_ssize_t scanned;    /* where the unscanned text starts (a line start) */
+    long long lines;       /* newlines in the file before scanned */
+    long long total;       /* bytes read */
+    int last_byte;
+    Py_ssize_t block;      /* start of the last VMA header line seen */
+    long long first_nl;    /* file offset of the first newline, -1 before it is seen */
+    PyObject *first_block; /* bytes of the first block, once its end is seen */
+    long long *pending;    /* file offsets of candidate blocks whose end is not read yet */
+    Py_ssize_t npending, cap_pending;
+    long long pending_from;
+    int vmflags;
+    int stop;              /* a candidate block failed (the take callback said so) */
+    int draining;          /* an error is known: only the newline count and the last byte still matter */
+    Py_ssize_t *cands;     /* the current chunk's candidates: offset of the newline before `Size:` */
+    Py_ssize_t ncands, cap_cands;
+    Hits *hits;            /* the fused pass's notes, one per 64 bytes of a chunk at most */
+    Py_ssize_t cap_hits;
+} FdScan;
+
+/* --- the fused pass: newlines counted, `\nSize:` candidates found, in one read of the chunk --- */
+
+/* What the `Size:` line whose 'z' is at p[z] says, with the rules of big_size_lines: 1 if it is a
+ * candidate (large enough, or malformed), 0 if it is dropped. `end` bounds every read. */
+static int
+size_line_is_candidate(const unsigned char *p, Py_ssize_t z, Py_ssize_t end, Py_ssize_t min_digits,
+                       unsigned long long min_value)
+{
+    Py_ssize_t q = z + 3, digits, nd;
+#ifdef SMAPSCAN_X86
+    if (end - q >= 32) {
+        /* The kernel pads the value to a fixed column (`Size:` + 19 characters): the spaces and the
+         * digits are found in one 32-byte look rather than a loop per byte. */
+        __m128i a = _mm_loadu_si128((const __m128i *)(p + q)), b = _mm_loadu_si128((const __m128i *)(p + q + 16));
+        uint32_t sp = (uint32_t)_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(a, _mm_set1_epi8(' ')), _mm_cmpeq_epi8(a, _mm_set1_epi8('\t'))))
+                      | (uint32_t)_mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(b, _mm_set1_epi8(' ')), _mm_cmpeq_epi8(b, _mm_set1_epi8('\t')))) << 16;
+        /* '0'..'9' as signed bytes: ('0'-1) < x < ('9'+1), no byte above 0x7f passes (they are negative). */
+        __m128i lo = _mm_set1_epi8('0' - 1), hi = _mm_set1_epi8('9' + 1);
+        uint32_t dg = (uint32_t)_mm_movemask_epi8(_mm_and_si128(_mm_cmpgt_epi8(a, lo), _mm_cmplt_epi8(a, hi)))
+                      | (uint32_t)_mm_movemask_epi8(_mm_and_si128(_mm_cmpgt_epi8(b, lo), _mm_cmplt_epi8(b, hi))) << 16;
+        uint32_t nsp = ~sp;
+        if (nsp != 0) {
+            int s = __builtin_ctz(nsp);
+            uint32_t ndg = ~(dg >> s);
+            if (ndg != 0 && (s + __builtin_ctz(ndg)) < 32) {
+                nd = __builtin_ctz(ndg);
+                digits = q + s;
+                q = digits + nd;
+                goto have_digits;
+            }
+        }
+    }
+#endif
+    while (q < end && (p[q] == ' ' || p[q] == '\t'))
+        q++;
+    digits = q;
+    while (q < end && p[q] >= '0' && p[q] <= '9')
+        q++;
+    nd = q - digits;
+#ifdef SMAPSCAN_X86
+have_digits:
+#endif
+    {
+        const int well_formed = nd > 0 && end - q >= 4 && memcmp(p + q, " kB\n", 4) == 0;
+        if (!well_formed)
+            return 1; /* malformed: its block is parsed strictly, and fails */
+        if (nd < min_digits)
+            return 0;
+        if (nd <= 18 && min_value > 0) {
+            unsigned long long value = 0;
+            for (Py_ssize_t d = digits; d < q; d++)
+                value = value * 10 + (unsigned long long)(p[d] - '0');
+            if (value < min_value)
+                return 0;
+        }
+        return 1;
+    }
+}
+
+/* The candidates list grows only with the GIL released: plain malloc/realloc. Returns -1 on no memory. */
+static int
+push_cand(FdScan *s, Py_ssize_t newline)
+{
+    if (s->ncands == s->cap_cands) {
+        Py_ssize_t cap = s->cap_cands ? s->cap_cands * 2 : 64;
+        Py_ssize_t *grown = realloc(s->cands, (size_t)cap * sizeof(Py_ssize_t));
+        if (grown == NULL)
+            return -1;
+        s->cands = grown;
+        s->cap_cands = cap;
+    }
+    s->cands[s->ncands++] = newline;
+    return 0;
+}
+
+/* A 'z' at i: is it the z of "\nSize:" (the newline at i-3 at or after lo, ':' before end), and a
+ * candidate? */
+static inline int
+z_hit(FdScan *s, const unsigned char *p, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t end, Py_ssize_t min_digits,
+      unsigned long long min_value)
+{
+    if (i - 3 < lo || end - i < 3 || p[i - 3] != '\n' || p[i - 2] != 'S' || p[i - 1] != 'i' || p[i + 1] != 'e' || p[i + 2] != ':')
+        return 0;
+    if (size_line_is_candidate(p, i, end, min_digits, min_value))
+        return push_cand(s, i - 3);
+    return 0;
+}
+
+/* Scalar pass over p[from:to): newlines counted from `from`, z hits looked at from `zfrom`. */
+static Py_ssize_t
+pass_scalar(FdScan *s, const unsigned char *p, Py_ssize_t from, Py_ssize_t to, Py_ssize_t lo, Py_ssize_t end,
+            Py_ssize_t min_digits, unsigned long long min_value, int *nomem)
+{
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = from; i < to; i++) {
+        count += p[i] == '\n';
+        if (p[i] == 'z' && z_hit(s, p, i, lo, end, min_digits, min_value) < 0)
+            *nomem = 1;
+    }
+    return count;
+}
+
+#ifdef SMAPSCAN_X86
+/* 64 bytes per step: the newlines are counted from a mask, and each 'z' with a newline three bytes
+ * before it (the 'z' of `\nSize:`; KernelPageSize and MMUPageSize have none there), about one per VMA
+ * block, is noted without a branch: the step's offset and mask are stored every time and the store
+ * index advances only when the mask is not empty. A branch taken about once per block, at no fixed
+ * period, was mispredicted each time and cost more than the pass itself. The hits are then looked at
+ * in order, after the pass (fused_pass). Reads p[i-3 .. i+64), so i >= 3. */
+
+/* The newline bits of the three bytes before p[i], at bits 61-63 (as the previous step leaves them). */
+static inline uint64_t
+newlines_before(const unsigned char *p, Py_ssize_t i)
+{
+    return (uint64_t)(p[i - 3] == '\n') << 61 | (uint64_t)(p[i - 2] == '\n') << 62 | (uint64_t)(p[i - 1] == '\n') << 63;
+}
+
+/* AVX-512: one load and two compares per 64 bytes; the newline three bytes before each 'z' comes from
+ * the newline mask shifted (with the last three bits of the step before), not from a second load. */
+__attribute__((target("avx512bw,avx512f,popcnt")))
+static Py_ssize_t
+pass_avx512(const unsigned char *p, Py_ssize_t i, Py_ssize_t to, Hits *hits, Py_ssize_t *nhits, Py_ssize_t *stopped)
+{
+    const __m512i nl = _mm512_set1_epi8('\n'), zz = _mm512_set1_epi8('z');
+    Py_ssize_t count = 0, k = 0;
+    uint64_t prev = newlines_before(p, i);
+    for (; to - i >= 64; i += 64) {
+        __m512i v = _mm512_loadu_si512((const void *)(p + i));
+        uint64_t n = (uint64_t)_mm512_cmpeq_epi8_mask(v, nl);
+        uint64_t z = (uint64_t)_mm512_cmpeq_epi8_mask(v, zz) & (n << 3 | prev >> 61);
+        prev = n;
+        count += __builtin_popcountll(n);
+        hits[k].at = i; /* an empty note is overwritten by the next */
+        hits[k].mask = z;
+        k += z != 0;
+    }
+    *nhits = k;
+    *stopped = i;
+    return count;
+}
+
+/* The hits of pass_avx512, looked at with AVX-512 too. The kernel prints `Size:` then the value
+ * right-aligned in a 19-character field, then ` kB\n`; a line of exactly that shape (the 29 bytes from
+ * its newline compared at once against a template) whose value has fewer than min_digits digits is
+ * dropped here in a few instructions without a branch that could be mispredicted; any other line
+ * takes the general check (z_hit), which decides as big_size_lines does. */
+__attribute__((target("avx512bw,avx512vl,avx512f,popcnt,bmi")))
+static int
+hits_avx512(FdScan *s, const unsigned char *p, const Hits *hits, Py_ssize_t nhits, Py_ssize_t lo, Py_ssize_t end,
+            Py_ssize_t min_digits, unsigned long long min_value)
+{
+    /* "\nSize:" (bytes 0-5), the field (6-24), " kB\n" (25-28); bytes 29-31 are not looked at. */
+    static const char tmpl[32] = "\nSize:                    kB\n";
+    const __m256i t = _mm256_loadu_si256((const __m256i *)tmpl);
+    const __m256i sp = _mm256_set1_epi8(' '), zero = _mm256_set1_epi8('0'), nine = _mm256_set1_epi8(9);
+    const uint32_t fixed = 0x3fu | (0xfu << 25), field = 0x7ffffu << 6;
+    int nomem = 0;
+    for (Py_ssize_t k = 0; k < nhits; k++) {
+        for (uint64_t z = hits[k].mask; z; z &= z - 1) {
+            Py_ssize_t i = hits[k].at + __builtin_ctzll(z), nl = i - 3;
+            if (nl >= lo && end - nl >= 32) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(p + nl));
+                uint32_t eq = _mm256_cmpeq_epi8_mask(v, t), isp = _mm256_cmpeq_epi8_mask(v, sp) & field;
+                uint32_t dg = _mm256_cmple_epu8_mask(_mm256_sub_epi8(v, zero), nine) & field;
+                uint32_t lead = isp >> 6; /* spaces must lead the field: 1..1 from bit 0 */
+                int nd = __builtin_popcount(dg);
+                if ((eq & fixed) == fixed && (isp | dg) == field && (lead & (lead + 1)) == 0 && nd > 0 && nd < min_digits)
+                    continue; /* a well-formed `Size:` line below min_digits digits */
+            }
+            if (z_hit(s, p, i, lo, end, min_digits, min_value) < 0)
+                nomem = 1;
+        }
+    }
+    return nomem;
+}
+
+__attribute__((target("avx2,popcnt")))
+static Py_ssize_t
+pass_avx2(const unsigned char *p, Py_ssize_t i, Py_ssize_t to, Hits *hits, Py_ssize_t *nhits, Py_ssize_t *stopped)
+{
+    const __m256i nl = _mm256_set1_epi8('\n'), zz = _mm256_set1_epi8('z');
+    Py_ssize_t count = 0, k = 0;
+    uint64_t prev = newlines_before(p, i);
+    for (; to - i >= 64; i += 64) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(p + i)), b = _mm256_loadu_si256((const __m256i *)(p + i + 32));
+        uint64_t n = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, nl))
+                     | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(b, nl)) << 32;
+        uint64_t z = ((uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, zz))
+                      | (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(b, zz)) << 32) & (n << 3 | prev >> 61);
+        prev = n;
+        count += __builtin_popcountll(n);
+        hits[k].at = i;
+        hits[k].mask = z;
+        k += z != 0;
+    }
+    *nhits = k;
+    *stopped = i;
+    return count;
+}
+
+static int cpu_level = -1; /* 2: AVX-512BW and VL, 1: AVX2, 0: neither (set at module init) */
+#endif
+
+/* Newlines in p[from:to), and the candidates whose newline is at or after lo (the newline before
+ * `from`, or 0), within p[lo:to): what count_newlines and big_size_lines(p[lo:to]) return, in one
+ * read of the bytes. Returns -1 when the candidate list could not grow. GIL not needed. */
+static long long
+fused_pass(FdScan *s, Py_ssize_t from, Py_ssize_t to, Py_ssize_t lo, Py_ssize_t min_digits, unsigned long long min_value)
+{
+    const unsigned char *p = s->buf;
+    int nomem = 0;
+    s->ncands = 0;
+    /* big_size_lines over p[lo:to] looks at a 'z' from lo + 3 on; below that only newlines are counted. */
+    Py_ssize_t zfrom = lo + 3 > from ? lo + 3 : from;
+    if (zfrom > to)
+        zfrom = to;
+    long long count = 0;
+    for (Py_ssize_t i = from; i < zfrom; i++)
+        count += p[i] == '\n';
+    Py_ssize_t i = zfrom;
+#ifdef SMAPSCAN_X86
+    if (cpu_level > 0 && to - i >= 64) {
+        Py_ssize_t steps = (to - i) / 64 + 1, nhits = 0;
+        if (steps > s->cap_hits) {
+            Hits *grown = realloc(s->hits, (size_t)steps * sizeof(Hits));
+            if (grown == NULL)
+                return -1;
+            s->hits = grown;
+            s->cap_hits = steps;
+        }
+        if (cpu_level == 2)
+            count += pass_avx512(p, i, to, s->hits, &nhits, &i);
+        else
+            count += pass_avx2(p, i, to, s->hits, &nhits, &i);
+        if (cpu_level == 2)
+            nomem |= hits_avx512(s, p, s->hits, nhits, lo, to, min_digits, min_value);
+        else
+            for (Py_ssize_t k = 0; k < nhits; k++)
+                for (uint64_t z = s->hits[k].mask; z; z &= z - 1)
+                    if (z_hit(s, p, s->hits[k].at + __builtin_ctzll(z), lo, to, min_digits, min_value) < 0)
+                        nomem = 1;
+    }
+#endif
+    count += pass_scalar(s, p, i, to, lo, to, min_digits, min_value, &nomem);
+    return nomem ? -1 : count;
+}
+
+/* --- the short searches of LargeVmaScanner.filled, on buf --- */
+
+static inline int
+is_hex(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+}
+
+/* Does `\n[0-9a-f]+-[0-9a-f]+ ` (smaps._HEADER_B) match at buf[i], ending at or before end? */
+static int
+header_at(const unsigned char *p, Py_ssize_t i, Py_ssize_t end)
+{
+    Py_ssize_t j = i + 1, k;
+    for (k = j; k < end && is_hex(p[k]); k++)
+        ;
+    if (k == j || k >= end || p[k] != '-')
+        return 0;
+    j = ++k;
+    for (; k < end && is_hex(p[k]); k++)
+        ;
+    return k > j && k < end && p[k] == ' ';
+}
+
+/* _HEADER_B.search(buf, from, end): the index of the newline that starts the next header, or -1. */
+static Py_ssize_t
+next_header(const unsigned char *p, Py_ssize_t from, Py_ssize_t end)
+{
+    while (from < end) {
+        const unsigned char *q = memchr(p + from, '\n', (size_t)(end - from));
+        if (q == NULL)
+            return -1;
+        Py_ssize_t i = q - p;
+        if (header_at(p, i, end))
+            return i;
+        from = i + 1;
+    }
+    return -1;
+}
+
+/* _LAST_HEADER.match(buf, lo, end): the newline that starts the last header in buf[lo:end], or -1. */
+static Py_ssize_t
+last_header(const unsigned char *p, Py_ssize_t lo, Py_ssize_t end)
+{
+    Py_ssize_t to = end;
+    while (to > lo) {
+        const unsigned char *q = memrchr(p + lo, '\n', (size_t)(to - lo));
+        if (q == NULL)
+            return -1;
+        Py_ssize_t i = q - p;
+        if (header_at(p, i, end))
+            return i;
+        to = i;
+    }
+    return -1;
+}
+
+static Py_ssize_t
+count_range(const unsigned char *p, Py_ssize_t from, Py_ssize_t to)
+{
+    return to > from ? count_nl(p + from, to - from) : 0;
+}
+
+/* LargeVmaScanner._line_at: the number of the line that starts at buf[index]. */
+static long long
+line_at(FdScan *s, Py_ssize_t index)
+{
+    if (index <= s->scanned)
+        return s->lines - count_range(s->buf, index, s->scanned) + 1;
+    return s->lines + count_range(s->buf, s->scanned, index) + 1;
+}
+
+/* LargeVmaScanner._take: hand buf[start:end] to take(file offset, block, newlines before it); a false
+ * answer means the block failed to parse: no more candidates are taken. -1 on a Python error. */
+static int
+take(FdScan *s, PyObject *take_cb, Py_ssize_t start, Py_ssize_t end)
+{
+    PyObject *block = PyBytes_FromStringAndSize((const char *)s->buf + start, end - start);
+    if (block == NULL)
+        return -1;
+    PyObject *r = PyObject_CallFunction(take_cb, "LOL", s->base + (long long)start, block, line_at(s, start) - 1);
+    Py_DECREF(block);
+    if (r == NULL)
+        return -1;
+    int ok = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    if (ok < 0)
+        return -1;
+    if (!ok)
+        s->stop = 1;
+    return 0;
+}
+
+static int
+push_pending(FdScan *s, long long offset)
+{
+    if (s->npending == s->cap_pending) {
+        Py_ssize_t cap = s->cap_pending ? s->cap_pending * 2 : 16;
+        long long *grown = PyMem_Realloc(s->pending, (size_t)cap * sizeof(long long));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        s->pending = grown;
+        s->cap_pending = cap;
+    }
+    s->pending[s->npending++] = offset;
+    return 0;
+}
+
+/* LargeVmaScanner._resolve_pending. */
+static int
+resolve_pending(FdScan *s, PyObject *take_cb, Py_ssize_t cut)
+{
+    long long from = s->pending_from - s->base;
+    Py_ssize_t m = next_header(s->buf, from > 0 ? (Py_ssize_t)from : 0, cut);
+    if (m < 0) {
+        s->pending_from = s->base + (cut - 1 > 0 ? cut - 1 : 0);
+        return 0;
+    }
+    Py_ssize_t np = s->npending;
+    s->npending = 0;
+    for (Py_ssize_t k = 0; k < np; k++)
+        if (!s->stop && take(s, take_cb, (Py_ssize_t)(s->pending[k] - s->base), m + 1) < 0)
+            return -1;
+    return 0;
+}
+
+/* LargeVmaScanner.filled(got), for the bytes just read into buf[n:n+got]. 0, or -1 on a Python error. */
+static int
+filled(FdScan *s, Py_ssize_t got, Py_ssize_t min_digits, unsigned long long min_value, PyObject *header_cb,
+       PyObject *take_cb)
+{
+    if (got <= 0)
+        return 0;
+    unsigned char *buf = s->buf;
+    Py_ssize_t n = s->n = s->n + got;
+    s->total += got;
+    s->last_byte = buf[n - 1];
+    const unsigned char *nlq = memrchr(buf + s->scanned, '\n', (size_t)(n - s->scanned));
+    if (nlq == NULL)
+        return 0; /* no complete new line yet */
+    Py_ssize_t cut = nlq - buf + 1;
+    Py_ssize_t lo = s->scanned > 0 ? s->scanned - 1 : 0; /* from the newline before the first new line */
+    long long counted;
+    if (s->draining) {
+        counted = count_range(buf, s->scanned, cut);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        counted = fused_pass(s, s->scanned, cut, lo, min_digits, min_value);
+        Py_END_ALLOW_THREADS
+        if (counted < 0) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    if (s->first_nl < 0) {
+        const unsigned char *f = memchr(buf, '\n', (size_t)cut);
+        s->first_nl = f - buf; /* the base is 0 until a first newline is seen */
+        PyObject *r = PyObject_CallFunction(header_cb, "y#", (const char *)buf, (Py_ssize_t)s->first_nl);
+        if (r == NULL)
+            return -1;
+        int ok = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (ok < 0)
+            return -1;
+        if (!ok)
+            s->draining = 1;
+    }
+    if (s->draining) {
+        s->lines += counted;
+        s->base += n;
+        s->n = s->scanned = s->block = 0;
+        return 0;
+    }
+    if (s->npending && resolve_pending(s, take_cb, cut) < 0)
+        return -1;
+    if (s->first_block == NULL) {
+        long long from = s->first_nl - s->base;
+        Py_ssize_t m = next_header(buf, from > lo ? (Py_ssize_t)from : lo, cut);
+        if (m >= 0 && (s->first_block = PyBytes_FromStringAndSize((const char *)buf, m + 1)) == NULL)
+            return -1;
+    }
+    for (Py_ssize_t k = 0; k < s->ncands && !s->stop; k++) {
+        Py_ssize_t newline = s->cands[k];
+        const unsigned char *h = newline > 0 ? memrchr(buf, '\n', (size_t)newline) : NULL;
+        Py_ssize_t start = h ? h - buf + 1 : 0; /* the header: the line before `Size:` */
+        if (s->npending) {
+            if (push_pending(s, s->base + start) < 0)
+                return -1;
+            continue;
+        }
+        Py_ssize_t m = next_header(buf, newline + 1, cut);
+        if (m < 0) { /* the block goes on past this chunk */
+            if (push_pending(s, s->base + start) < 0)
+                return -1;
+            s->pending_from = s->base + cut - 1;
+            continue;
+        }
+        if (take(s, take_cb, start, m + 1) < 0)
+            return -1;
+    }
+    if (!s->vmflags) { /* a VmFlags line anywhere but at the file's very start */
+        Py_ssize_t from = lo == 0 && s->base == 0 ? lo + 1 : lo;
+        s->vmflags = cut > from && memmem(buf + from, (size_t)(cut - from), "\nVmFlags:", 9) != NULL;
+    }
+    Py_ssize_t m = last_header(buf, lo, cut);
+    if (m >= 0)
+        s->block = m + 1;
+    if (s->stop)
+        s->draining = 1;
+    /* Keep the last block (with the newline before it) and the partial line; drop the rest. */
+    Py_ssize_t keep = s->block > 0 ? s->block - 1 : 0;
+    if (s->draining)
+        keep = n;
+    if (keep > 0) {
+        memmove(buf, buf + keep, (size_t)(n - keep));
+        s->base += keep;
+        s->n = n - keep;
+        s->block -= keep < s->block ? keep : s->block;
+    }
+    s->scanned = cut > keep ? cut - keep : 0;
+    s->lines += counted;
+    return 0;
+}
+
+/* read() until `want` bytes are in dst or the file ends, the GIL released; a signal's handler runs
+ * between reads (as os.read does on EINTR). Returns the bytes read, or -1 with OSError set. */
+static Py_ssize_t
+read_full(int fd, unsigned char *dst, Py_ssize_t want)
+{
+    Py_ssize_t got = 0;
+    for (;;) {
+        ssize_t r = 0;
+        int err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        while (got < want) {
+            r = read(fd, dst + got, (size_t)(want - got));
+            if (r <= 0) {
+                if (r < 0)
+                    err = errno;
+                break;
+            }
+            got += r;
+        }
+        Py_END_ALLOW_THREADS
+        if (r < 0 && err == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            continue;
+        }
+        if (r < 0) {
+            /* EAGAIN included: HostRoot opens non-blocking and reads only regular files, which never
+             * answer it; were one to, it is an error, not the end of the file. */
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        return got;
+    }
+}
+
+/* Room for `need` bytes from buf on. The allocation is page-aligned (posix_memalign) so that the
+ * offset of buf within a page is known (align_for_read). */
+static int
+reserve(FdScan *s, Py_ssize_t need)
+{
+    Py_ssize_t pad = s->mem ? s->buf - s->mem : 0;
+    if (s->mem != NULL && s->cap >= pad + need)
+        return 0;
+    void *grown = NULL; /* a block longer than a chunk (only a mangled file), or the first use */
+    if (posix_memalign(&grown, 4096, (size_t)(pad + need)) != 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (s->mem != NULL) {
+        memcpy((unsigned char *)grown + pad, s->buf, (size_t)s->n);
+        free(s->mem);
+    }
+    s->mem = grown;
+    s->buf = s->mem + pad;
+    s->cap = pad + need;
+    return 0;
+}
+
+/* Place the held bytes so that the next read() lands on a 64-byte boundary of the (page-aligned)
+ * allocation. The kernel copies a page-cache page to where read() asks; a destination a few bytes
+ * past the source's offset within a page (the carried tail is any length) makes the CPU see its
+ * loads as depending on its own earlier stores (4K aliasing): on the benchmark machine a read() into
+ * buf + 1 to buf + 16 of a page cost 3 to 9 times one into buf + 0 or buf + 64 (docs/benchmarks.md).
+ * Moving the tail (about a kilobyte) costs far less; a held region past 64 KiB (only a mangled file)
+ * is left where it is. */
+static void
+align_for_read(FdScan *s)
+{
+    if (s->mem == NULL || s->n > 65536)
+        return;
+    Py_ssize_t pad = (64 - s->n % 64) % 64;
+    if (s->buf != s->mem + pad) {
+        memmove(s->mem + pad, s->buf, (size_t)s->n);
+        s->buf = s->mem + pad;
+    }
+}
+
+/* A scanner keeps a buffer grown by a huge block up to this much (smaps._KEEP_BYTES). */
+#define FDSCAN_KEEP_BYTES (4 * 1024 * 1024)
+
+static void
+reset(FdScan *s)
+{
+    s->n = s->scanned = s->block = 0;
+    s->base = s->lines = s->total = 0;
+    s->last_byte = -1;
+    s->first_nl = -1;
+    Py_CLEAR(s->first_block);
+    s->npending = 0;
+    s->pending_from = 0;
+    s->vmflags = s->stop = s->draining = 0;
+    s->ncands = 0;
+}
+
+PyDoc_STRVAR(fdscan_run_doc,
+"run(fd, limit, min_digits, min_value, deadline, clock, header, take, /) -> int\n\n"
+"Read the open file fd to its end in chunks into this scanner's buffer, scanning each as\n"
+"LargeVmaScanner.filled does. header(first_line) -> bool judges the first line; take(offset, block,\n"
+"line_base) -> bool parses a candidate block (False: it failed, take no more). After each chunk:\n"
+"more than limit bytes read -> 1; clock() > deadline -> 2. 0 at the end of the file. OSError for a\n"
+"failed read(). state() then holds what finish() needs.");
+
+static PyObject *
+fdscan_run(FdScan *s, PyObject *args)
+{
+    int fd;
+    long long limit;
+    Py_ssize_t min_digits;
+    unsigned long long min_value;
+    double deadline;
+    PyObject *clock, *header_cb, *take_cb;
+    if (!PyArg_ParseTuple(args, "iLnKdOOO:run", &fd, &limit, &min_digits, &min_value, &deadline, &clock, &header_cb, &take_cb))
+        return NULL;
+    if (min_digits < 1) {
+        PyErr_SetString(PyExc_ValueError, "min_digits must be at least 1");
+        return NULL;
+    }
+    reset(s);
+    if (s->cap > FDSCAN_KEEP_BYTES) {
+        free(s->mem);
+        s->mem = s->buf = NULL;
+        s->cap = 0;
+    }
+    for (;;) {
+        align_for_read(s);
+        if (reserve(s, s->n + s->chunk + 64) < 0)
+            return NULL;
+        Py_ssize_t got = read_full(fd, s->buf + s->n, s->chunk);
+        if (got < 0)
+            return NULL;
+        if (s->total + got > limit) /* as hostroot._stream: the bound is checked before the chunk is scanned */
+            return PyLong_FromLong(1);
+        if (filled(s, got, min_digits, min_value, header_cb, take_cb) < 0)
+            return NULL;
+        PyObject *now = PyObject_CallNoArgs(clock);
+        if (now == NULL)
+            return NULL;
+        double t = PyFloat_AsDouble(now);
+        Py_DECREF(now);
+        if (t == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (t > deadline)
+            return PyLong_FromLong(2);
+        if (got < s->chunk) /* a read loop stops short only at the end of the file */
+            return PyLong_FromLong(0);
+    }
+}
+
+PyDoc_STRVAR(fdscan_state_doc,
+"state() -> (total, lines, last_byte, first_block, tail, base, block, scanned, pending, vmflags)\n\n"
+"After run(): the LargeVmaScanner fields of the same names; tail is the carried buffer (buf[:n]).");
+
+static PyObject *
+fdscan_state(FdScan *s, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *pending = PyList_New(s->npending);
+    if (pending == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < s->npending; k++) {
+        PyObject *v = PyLong_FromLongLong(s->pending[k]);
+        if (v == NULL) {
+            Py_DECREF(pending);
+            return NULL;
+        }
+        PyList_SET_ITEM(pending, k, v);
+    }
+    return Py_BuildValue("(LLiOy#LnnNO)", s->total, s->lines, s->last_byte, s->first_block ? s->first_block : Py_None,
+                         (const char *)s->buf, s->n, s->base, s->block, s->scanned, pending, s->vmflags ? Py_True : Py_False);
+}
+
+PyDoc_STRVAR(fdscan_drain_doc,
+"drain(fd, /) -> int\n\n"
+"Read fd to its end into this scanner's buffer, a chunk at a time, and scan nothing: the floor of\n"
+"run() (bench/smaps_cost.py measures it against `cat`). Returns the bytes read.");
+
+static PyObject *
+fdscan_drain(FdScan *s, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i:drain", &fd))
+        return NULL;
+    reset(s); /* the floor of run(): its reads land where run() puts its first */
+    align_for_read(s);
+    if (reserve(s, s->chunk) < 0)
+        return NULL;
+    long long total = 0;
+    for (;;) {
+        Py_ssize_t got = read_full(fd, s->buf, s->chunk);
+        if (got < 0)
+            return NULL;
+        total += got;
+        if (got < s->chunk)
+            return PyLong_FromLongLong(total);
+    }
+}
+
+static int
+fdscan_init(FdScan *s, PyObject *args, PyObject *kwds)
+{
+    Py_ssize_t chunk;
+    static char *kwlist[] = {"chunk_bytes", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "n:FdScan", kwlist, &chunk))
+        return -1;
+    if (chunk < 1) {
+        PyErr_SetString(PyExc_ValueError, "chunk_bytes must be at least 1");
+        return -1;
+    }
+    s->chunk = chunk;
+    reset(s);
+    return reserve(s, chunk + 4096);
+}
+
+static void
+fdscan_dealloc(FdScan *s)
+{
+    Py_CLEAR(s->first_block);
+    free(s->mem);
+    PyMem_Free(s->pending);
+    free(s->cands);
+    free(s->hits);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyMethodDef fdscan_methods[] = {
+    {"run", (PyCFunction)fdscan_run, METH_VARARGS, fdscan_run_doc},
+    {"state", (PyCFunction)fdscan_state, METH_NOARGS, fdscan_state_doc},
+    {"drain", (PyCFunction)fdscan_drain, METH_VARARGS, fdscan_drain_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FdScanType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "eptwatch.agent.sources._smapscan.FdScan",
+    .tp_doc = PyDoc_STR("FdScan(chunk_bytes): the read-and-scan loop of smaps.LargeVmaScanner over an open fd."),
+    .tp_basicsize = sizeof(FdScan),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)fdscan_init,
+    .tp_dealloc = (destructor)fdscan_dealloc,
+    .tp_methods = fdscan_methods,
+};
+
+PyDoc_STRVAR(force_level_doc,
+"_force_level(level, /) -> int\n\n"
+"For tests: run FdScan's pass with AVX-512 (2), AVX2 (1) or plain C (0) from now on, if this CPU has\n"
+"it (a level it lacks is lowered to one it has). Returns the level in force before.");
+
+static PyObject *
+force_level(PyObject *module, PyObject *args)
+{
+    int level;
+    if (!PyArg_ParseTuple(args, "i:_force_level", &level))
+        return NULL;
+    int before = 0, best = 0;
+#ifdef SMAPSCAN_X86
+    before = cpu_level;
+    best = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+    cpu_level = level < 0 ? 0 : level > best ? best : level;
+#endif
+    (void)best;
+    return PyLong_FromLong(before);
+}
+
 static PyMethodDef smapscan_methods[] = {
+    {"_force_level", force_level, METH_VARARGS, force_level_doc},
     {"big_size_lines", big_size_lines, METH_VARARGS, big_size_lines_doc},
     {"count_newlines", count_newlines, METH_VARARGS, count_newlines_doc},
     {NULL, NULL, 0, NULL},
@@ -149,5 +945,20 @@ static struct PyModuleDef smapscan_module = {
 PyMODINIT_FUNC
 PyInit__smapscan(void)
 {
-    return PyModule_Create(&smapscan_module);
+#ifdef SMAPSCAN_X86
+    __builtin_cpu_init();
+    cpu_level = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+#endif
+    if (PyType_Ready(&FdScanType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&smapscan_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&FdScanType);
+    if (PyModule_AddObject(m, "FdScan", (PyObject *)&FdScanType) < 0) {
+        Py_DECREF(&FdScanType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -9,7 +9,9 @@ One read, smaps of a big QEMU process, runs to megabytes per VM and sample. proc
 out about one page per read() whatever size is asked for, so collecting it as new `bytes` costs an
 allocation per page plus a join into fresh, not yet faulted-in memory. The sampler instead streams
 it through a `ChunkSink` (`root.read_bytes(path, into=scanner)`, smaps.LargeVmaScanner): each chunk
-lands in the sink's small reused buffer and is scanned while the CPU still has it in cache. A
+lands in the sink's small reused buffer and is scanned while the CPU still has it in cache. A sink
+that is also an `FdSink` runs that whole loop itself, compiled, on the file this module opened and
+checked, with the same size and time bounds. A
 `ReadBuffer` (`into=buffer`) holds a whole file in memory that earlier reads already faulted in.
 
 `--root` is a boundary (the tree may be a container's or an attacker's): every path is opened
@@ -159,7 +161,30 @@ class ChunkSink(Protocol):
     def filled(self, n: int) -> None: ...
 
 
+class FdSink(ChunkSink, Protocol):
+    """A ChunkSink that can also run the whole read itself, compiled (smaps.LargeVmaScanner over
+    _smapscan.FdScan): given the open, already checked regular file, it reads to the end within
+    `limit` bytes, checking clock() against `deadline` after each chunk as the loop here does, and
+    answers "" (done), "too_large" or "timeout"; a failed read() raises OSError. None: it cannot
+    (not built here), nothing was read, and the loop here feeds it through room()/filled()."""
+
+    def read_fd(self, fd: int, limit: int, deadline: float, clock: Callable[[], float]) -> str | None: ...
+
+
 def _stream(fd: int, path: Path, limit: int, sink: ChunkSink, deadline: float) -> None:
+    read_fd = getattr(sink, "read_fd", None)
+    if read_fd is not None:
+        try:
+            # _monotonic looked up now: tests step the module's clock.
+            outcome = read_fd(fd, limit, deadline, _monotonic)
+        except OSError as exc:
+            raise _classify(path, exc) from None
+        if outcome == "too_large":
+            raise HostReadError("too_large", path, f"larger than the {limit}-byte read limit")
+        if outcome == "timeout":
+            raise _timed_out(path)
+        if outcome is not None:
+            return
     total = 0
     try:
         # A readinto larger than this reader's buffer goes straight into the sink's memory, looping
@@ -180,9 +205,13 @@ def _stream(fd: int, path: Path, limit: int, sink: ChunkSink, deadline: float) -
         raise _classify(path, exc) from None
 
 
+def _timed_out(path: Path) -> HostReadError:
+    return HostReadError("timeout", path, f"read took longer than {READ_DEADLINE_SECONDS:.0f} s: given up")
+
+
 def _check_deadline(path: Path, deadline: float) -> None:
     if _monotonic() > deadline:
-        raise HostReadError("timeout", path, f"read took longer than {READ_DEADLINE_SECONDS:.0f} s: given up")
+        raise _timed_out(path)
 
 
 def _require_regular(fd: int, path: Path) -> None:

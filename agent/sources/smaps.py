@@ -11,7 +11,9 @@ Python loop over lines.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 from eptwatch.agent.sources.bounds import MAX_KB, MAX_U64, parse_bounded
 from eptwatch.agent.sources.status import ParseError
@@ -89,6 +91,9 @@ class SmapsRollup(HugeFields):
     vma_count: int | None = None  # known only when computed from full smaps
 
 
+_MAX_KB_DIGITS = len(str(MAX_KB))
+
+
 def _kb(text: str, name: str, body_start: int, key: str, value: str) -> int:
     m = _KB_VALUE.fullmatch(value.strip())
     if m is None:
@@ -96,7 +101,9 @@ def _kb(text: str, name: str, body_start: int, key: str, value: str) -> int:
         line = _line_of(text, text.index(f"{key}:", body_start))
         raise ParseError(name, f"field {key!r}: expected '<digits> kB', got {value.strip()[:40]!r}", line)
     digits = m.group(1)
-    if len(digits.lstrip("0")) > len(str(MAX_KB)) or int(digits) > MAX_KB:
+    if len(digits) < _MAX_KB_DIGITS:  # fewer digits than the bound: within it (the common case, no further check)
+        return int(digits) * KIB
+    if len(digits.lstrip("0")) > _MAX_KB_DIGITS or int(digits) > MAX_KB:
         line = _line_of(text, text.index(f"{key}:", body_start))
         raise ParseError(name, f"field {key!r}: {len(digits)}-digit value {digits[:20]} kB out of range (at most {MAX_KB} kB)", line)
     return int(digits) * KIB
@@ -335,6 +342,11 @@ def _count_newlines_py(data: bytes | bytearray | memoryview) -> int:
 # Both the compiled search and the compiled line count, or neither: SCANNER names one pair.
 _count_newlines = _count_newlines_c if _big_size_lines_c is not None and _count_newlines_c is not None else _count_newlines_py
 
+try:
+    from eptwatch.agent.sources._smapscan import FdScan as _FdScan
+except ImportError:  # not built, or built before the compiled read loop: the Python loop reads
+    _FdScan = None
+
 # The streaming scan reads smaps in chunks of this size into one small reused buffer and scans each
 # chunk right after the kernel wrote it, while it is still in the CPU's cache (bench/smaps_cost.py:
 # holding the whole 7.5 MB file and scanning it afterwards cost 4 to 8% of `cat` more than this).
@@ -366,8 +378,9 @@ class LargeVmaScanner:
     `min_bytes`, parsed strictly, plus the checks that make a truncated or foreign file an error.
     Smaller VMAs are located but not parsed.
 
-    Use: `start(name, min_bytes)`, then `HostRoot.read_bytes(path, into=scanner)` (which calls
-    `room()` and `filled(n)` until the end of the file), then `finish()`. `scan_large_vmas` does the
+    Use: `start(name, min_bytes)`, then `HostRoot.read_bytes(path, into=scanner)` (which hands the
+    open file to `read_fd`, the compiled loop, or where that is not built calls `room()` and
+    `filled(n)` until the end of the file), then `finish()`. `scan_large_vmas` does the
     same over bytes already in memory; whatever the chunk size, the result and any error (message
     and line) are the same (tests/test_smaps.py checks).
 
@@ -386,6 +399,8 @@ class LargeVmaScanner:
             raise ValueError("chunk_bytes must be at least 1")
         self._chunk = chunk_bytes
         self._buf = bytearray(chunk_bytes + 4096)
+        self._fd_scan: Any = None  # the compiled loop (_smapscan.FdScan), made at its first use
+        self._parsed: dict[bytes, Vma] = {}  # first and last blocks parsed before (see _parse_sample)
         self.start("smaps", 0)
 
     def start(self, name: str, min_bytes: int) -> None:
@@ -412,6 +427,53 @@ class LargeVmaScanner:
         self._header_error: ParseError | None = None
         self._candidate_error: ParseError | None = None
         self._draining = False  # an error is known: only the newline count and the last byte still matter
+
+    # --- the whole read, compiled (hostroot.FdSink) ---
+
+    def read_fd(self, fd: int, limit: int, deadline: float, clock: Callable[[], float]) -> str | None:
+        """Read the open file `fd` (HostRoot opened it beneath the root and checked it is a regular
+        file) to its end and scan it, in the compiled loop (_smapscan.FdScan): read() into one small
+        reused buffer and scan each chunk at once, as filled() does, with the same bounds as
+        HostRoot's own loop: more than `limit` bytes -> "too_large", clock() past `deadline` after a
+        chunk -> "timeout", else "" (then call finish()). A failed read() raises OSError. None: no
+        compiled loop here (or the regex search is switched on): feed this scanner through room() and
+        filled() instead; nothing was read."""
+        if _FdScan is None or _big_size_lines is not _big_size_lines_c:
+            return None
+        if self._fd_scan is None:
+            self._fd_scan = _FdScan(self._chunk)
+        outcome = self._fd_scan.run(fd, limit, self._digits, self._min_kb, deadline, clock, self._judge_first_line, self._take_block)
+        if outcome == 1:
+            return "too_large"
+        if outcome == 2:
+            return "timeout"
+        (self._total, self._lines, self._last_byte, self._first_block, tail, self._base, self._block, self._scanned,
+         self._pending, self._vmflags) = self._fd_scan.state()
+        # finish() takes the carried tail (the last block and anything after it) from _buf.
+        if len(tail) <= len(self._buf):
+            self._buf[: len(tail)] = tail
+        else:
+            self._buf = bytearray(tail)
+        self._n = len(tail)
+        return ""
+
+    def _judge_first_line(self, line: bytes) -> bool:
+        """FdScan's callback for the file's first line (as filled() judges it); False: not a header."""
+        if _HEADER.match(line.decode("utf-8", errors="replace")) is None:
+            self._header_error = ParseError(self._name, f"expected a VMA header line first, got {line[:60]!r}", 1)
+            return False
+        return True
+
+    def _take_block(self, offset: int, block: bytes, line_base: int) -> bool:
+        """FdScan's callback for a candidate block at file `offset` after `line_base` newlines (as
+        _take parses it); False: it failed, and that error is kept for finish()."""
+        self._seen.add(offset)
+        try:
+            self._out.append(_parse_block_bytes(block, self._name, line_base))
+        except ParseError as exc:
+            self._candidate_error = exc
+            return False
+        return True
 
     # --- the sink HostRoot.read_bytes fills ---
 
@@ -520,8 +582,8 @@ class LargeVmaScanner:
         for start, (block, line_base) in samples.items():
             if start in self._seen:
                 continue
-            vma = _parse_block_bytes(block, name, line_base)
-            present = frozenset(f.name for f in fields(HugeFields) if getattr(vma, f.name) is not None)
+            vma = self._parse_sample(block, name, line_base)
+            present = frozenset(f for f in _SUMMED if getattr(vma, f) is not None)
             if reference is None:
                 reference = present
             elif present != reference:
@@ -532,6 +594,24 @@ class LargeVmaScanner:
         return self._out
 
     # --- helpers ---
+
+    def _parse_sample(self, block: bytes | bytearray, name: str, line_base: int) -> Vma:
+        """The first or last block, parsed strictly; a block that parsed before, byte for byte, is not
+        parsed again. Those two (the VMM binary's first mapping, [vsyscall] or the stack at the end)
+        rarely change between samples of one process, and parsing each costs 20 to 40 us of Python
+        (bench/smaps_cost.py: measurable against `cat` of a page-cache copy, lost in the kernel's
+        cost of a real smaps). Parsing is a pure function of the bytes, and only blocks that parsed
+        are kept (an error is raised again each time); the line number plays no part in a Vma."""
+        if len(block) > 65536:  # a real block is under a kilobyte: a mangled file's is not kept
+            return _parse_block_bytes(block, name, line_base)
+        key = bytes(block)
+        vma = self._parsed.get(key)
+        if vma is None:
+            vma = _parse_block_bytes(block, name, line_base)
+            if len(self._parsed) >= 8:  # a handful of processes per scanner: forget rather than grow
+                self._parsed.clear()
+            self._parsed[key] = vma
+        return vma
 
     def _take(self, start: int, end: int) -> None:
         """Parse the candidate block at _buf[start:end]; the first failure is kept for finish()."""
