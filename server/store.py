@@ -119,6 +119,9 @@ class ApplyResult:
     became_latest: bool  # this report is now the host's latest state
     high_water_sequence: int = 0  # DUPLICATE: the (host, instance)'s mark, so an agent can tell a rewind
     reason: str = ""  # REJECTED: why the report could not be stored
+    # A store that summarises the host's stored report itself (PostgreSQL: the summary other replicas follow)
+    # hands it to ingest with the result, so that the report is not summarised twice: fleet.HostSummary.
+    summary: Any = None
 
 
 def sample_seconds(report: report_pb2.HostReport) -> float:
