@@ -609,8 +609,8 @@ class PgStore:
         replicas meet here, and the second waits for the first to commit."""
         self._conn.execute(
             "INSERT INTO agents (host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen) "
-            "SELECT k.h, k.i, 0, 0, 0, %s FROM unnest(%s::text[], %s::text[]) AS k(h, i) ON CONFLICT (host_id, agent_instance) DO NOTHING",
-            (now, [h for h, _ in keys], [i for _, i in keys]),
+            "SELECT k.h, k.i, 0, 0, 0, %s FROM unnest(%b::text[], %b::text[]) AS k(h, i) ON CONFLICT (host_id, agent_instance) DO NOTHING",
+            (now, text_array([h for h, _ in keys]), text_array([i for _, i in keys])),
         )
 
     def _lock_marks(self, keys: list[tuple[str, str]]) -> tuple[dict[tuple[str, str], int], dict[str, float]]:
