@@ -332,7 +332,7 @@ class PgStore:
         self.where = redact_dsn(dsn)  # what logs and errors may say
         self._max_batch = max_batch
         self._commit_delay = commit_delay_seconds
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # as the SQLite store's
         self._known_agents: set[tuple[str, str]] = set()  # agents rows known to exist (rows are never deleted)
         self._thread: threading.Thread | None = None
         self.commits_total = 0
