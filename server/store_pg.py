@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -203,7 +203,8 @@ def _varlena_array(values: Sequence[bytes | None], element_oid: int) -> bytes:
     n = len(values)
     if None not in values:
         pack = _I32.pack
-        return b"".join([_array_header(n, element_oid, False), *[x for b in values for x in (pack(len(b)), b)]])  # type: ignore[arg-type]
+        present = cast("Sequence[bytes]", values)
+        return b"".join([_array_header(n, element_oid, False), *[x for b in present for x in (pack(len(b)), b)]])
     parts: list[bytes] = [_array_header(n, element_oid, True)]
     for b in values:
         if b is None:
