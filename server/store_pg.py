@@ -19,8 +19,9 @@ that has seen id N will never later find a new row with an id <= N (`reports_sin
 the final step of every commit (a few row writes and the commit itself) is serialised across replicas.
 
 SQL stays within what PostgreSQL-compatible distributed databases (CockroachDB, YugabyteDB) also accept:
-plain tables, INSERT ... ON CONFLICT, SELECT ... FOR UPDATE, UPDATE ... RETURNING, GREATEST; no
-advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization failures and deadlocks
+plain tables, INSERT ... ON CONFLICT, SELECT ... FOR UPDATE (with a correlated scalar subquery), UPDATE ...
+FROM / RETURNING, unnest of arrays, data-modifying CTEs (each table modified once per statement), GREATEST;
+no advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization failures and deadlocks
 (which those databases, and PostgreSQL at first contact of two agents, may report) are retried.
 """
 
