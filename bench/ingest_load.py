@@ -597,7 +597,10 @@ def main(argv: list[str] | None = None) -> int:
             if SERVER_CPUS:  # its backends, forked later, inherit it
                 for pid in [POSTMASTER_PID, *(int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()
                                               and _ppid(int(d.name)) == POSTMASTER_PID)]:
-                    os.sched_setaffinity(pid, SERVER_CPUS)
+                    try:
+                        os.sched_setaffinity(pid, SERVER_CPUS)
+                    except ProcessLookupError:
+                        pass  # a short-lived child (the start-up's connection backend) already exited
         if state_url:
             info["store"] = "postgresql"
         if "aggregator" in kinds:

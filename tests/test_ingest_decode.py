@@ -168,3 +168,57 @@ class _Context:
 
     def set_compression(self, compression: grpc.Compression) -> None:
         self.compression = compression
+
+
+@pytest.mark.parametrize("store_summarises", [True, False])
+def test_the_stores_summary_of_the_stored_report_goes_into_the_fleet_view_as_it_is(store_summarises: bool) -> None:
+    """A store that summarised the report it stored (PostgreSQL) hands that summary back with the result:
+    ingest puts it into the fleet view as it is (the same object, received at the store's time) and does
+    not summarise the report again; without one, ingest summarises it at its own clock, as before."""
+    import dataclasses
+
+    from eptwatch.server.ingest import servicer as ingest_mod
+    from eptwatch.server.fleet.state import FleetConfig, FleetState, summarise
+    from eptwatch.server.ingest.servicer import IngestServicer
+    from eptwatch.server.store.sqlite import ApplyResult
+
+    r = pb.HostReport.FromString(_report("hv-sum-1", 1))
+    r.sample_time.FromSeconds(int(time.time()))
+    clock_now = time.time() + 0.25  # ingest's clock: checks and, without the store's summary, received
+    from_store = dataclasses.replace(summarise(r, 1234.5), received=1234.5)
+    calls: list[str] = []
+
+    class _Store:
+        def submit(self, items):  # type: ignore[no-untyped-def]
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result([ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True, summary=from_store if store_summarises else None)
+                            for _ in items])
+            return fut
+
+    real_summarise = ingest_mod.summarise
+
+    def counting_summarise(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("summarise")
+        return real_summarise(*args, **kwargs)
+
+    async def run() -> tuple[FleetState, list[ingest_pb2.ServerMessage]]:
+        fleet = FleetState(FleetConfig())
+        servicer = IngestServicer(_Store(), fleet, None, 60.0, clock=lambda: clock_now)  # type: ignore[arg-type]
+
+        async def requests():  # type: ignore[no-untyped-def]
+            yield decode_agent_message(encode_agent_message([r.SerializeToString()], 0))
+
+        out = [m async for m in servicer.Stream(requests(), context=_Context())]  # type: ignore[arg-type]
+        return fleet, out
+
+    ingest_mod.summarise = counting_summarise  # type: ignore[assignment]
+    try:
+        fleet, out = asyncio.run(run())
+    finally:
+        ingest_mod.summarise = real_summarise  # type: ignore[assignment]
+    assert [a.status for m in out for a in m.acks] == [ingest_pb2.ACK_STATUS_APPLIED]
+    held = fleet.get("hv-sum-1")
+    if store_summarises:
+        assert held is from_store and calls == []
+    else:
+        assert held is not None and held.received == clock_now and calls == ["summarise"]

@@ -387,3 +387,131 @@ def test_followers_take_the_committing_replicas_summary_and_fall_back_to_the_rep
     finally:
         writer.close()
         mine.close()
+
+
+def test_binary_arrays_round_trip_through_the_server(pg_dsn: str) -> None:
+    """The commit's arrays are encoded by the store itself (PostgreSQL's binary array format), not by
+    psycopg: every value comes back from the server as it was sent, NULLs and empty arrays included."""
+    from eptwatch.server.store.postgres import bytea_array, float8_array, int8_array, text_array
+
+    store = PgStore(pg_dsn)  # its writer connection has the dumpers
+    try:
+        c = store._conn
+        texts = ["hv-1", "", "ünïcode ✓", "x" * 5000, None]
+        ints = [0, 1, -1, (1 << 63) - 1, -(1 << 63)]
+        floats = [0.0, -1.5, 1.7e9 + 0.123456, float("inf")]
+        blobs = [b"", b"\x00\x01\xff", bytes(range(256)) * 60]
+        for arr, expected in ((text_array(texts), texts), (int8_array(ints), ints), (float8_array(floats), floats),
+                              (bytea_array(blobs), blobs), (text_array([]), []), (int8_array([]), [])):
+            assert c.execute("SELECT %b", (arr,)).fetchone() == (expected,)  # type: ignore[union-attr]
+        rows = c.execute("SELECT v.h, v.n FROM unnest(%b::text[], %b::bigint[]) AS v(h, n)",
+                         (text_array(["a", "b"]), int8_array([5, 6]))).fetchall()
+        assert rows == [("a", 5), ("b", 6)]
+        # What the server or the column type refuses is a DataError, as with psycopg's own dumpers: the
+        # commit's error isolation then refuses only the report that carries it.
+        with pytest.raises(psycopg.DataError):
+            int8_array([1, 1 << 63])
+        with pytest.raises(psycopg.DataError):
+            c.execute("SELECT %b", (text_array(["nul\x00inside"]),))
+    finally:
+        store.close()
+
+
+def test_two_replicas_two_instances_of_one_host_exactly_once_and_the_newest_report_stored(pg_dsn: str) -> None:
+    """The marks and the host's latest sample time are read in one statement, and the marks, the clock and
+    the hosts row written in one: with two agent instances of one host (different marks rows, the same
+    hosts row) each sent to both replicas at once, every (instance, sequence) is APPLIED exactly once,
+    the marks count each once, the stored row is the newest report of all, and every change is followed
+    in ingest-id order."""
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    a.start()
+    b.start()
+    try:
+        outcome: dict[tuple[str, str], dict[int, int]] = {}
+        seqs = list(range(1, 121))
+
+        def stream(store: PgStore, name: str, inst: str, offset: float) -> None:
+            async def go() -> dict[int, int]:
+                out: dict[int, int] = {}
+                for k in range(0, len(seqs), 4):
+                    part = seqs[k:k + 4]
+                    res = await store.submit([_incoming("hv-x", inst, s, 1000 + 2 * s + offset) for s in part])
+                    out.update({s: r.status for s, r in zip(part, res)})
+                return out
+            outcome[(name, inst)] = asyncio.run(go())
+
+        threads = [threading.Thread(target=stream, args=(st, n, inst, off))
+                   for n, st in (("a", a), ("b", b)) for inst, off in (("i1", 0.0), ("i2", 1.0))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for inst in ("i1", "i2"):
+            for s in seqs:
+                assert sorted([outcome[("a", inst)][s], outcome[("b", inst)][s]]) == [APPLIED, DUPLICATE], (inst, s)
+        agents = {ag.agent_instance: ag for ag in a.load_agents()}
+        assert {i: (ag.last_sequence, ag.applied_total) for i, ag in agents.items()} == {"i1": (120, 120), "i2": (120, 120)}
+        (host,) = b.load_hosts()
+        assert (host.agent_instance, host.sequence, host.sample_time) == ("i2", 120, 1241.0)  # the newest of all
+        changes = a.reports_since(0)
+        assert [ch.ingest_id for ch in changes] == sorted(ch.ingest_id for ch in changes)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_stored_reports_summary_comes_back_with_its_result(pg_dsn: str) -> None:
+    """The writer summarises the report it stores (for the summary column) and hands that summary back with
+    the report's result, received at the transaction's time as in the row; ingest then puts it into the
+    fleet view without summarising again. Reports superseded in the same commit carry none."""
+    from eptwatch.server.fleet.state import summarise
+    from eptwatch.server.ingest.validate import report_totals
+
+    from .test_streaming import report
+
+    store = PgStore(pg_dsn)
+    store.start()
+    try:
+        rs = [report(s, host="hv-s", instance="s", fixture="anon-thp") for s in (1, 2, 3)]
+        for k, r in enumerate(rs):
+            r.sample_time.FromSeconds(2000 + k)
+
+        async def put() -> list:  # type: ignore[type-arg]
+            return await store.submit([Incoming(r, r.SerializeToString(), 0, report_totals(r)) for r in rs])
+
+        res = asyncio.run(put())
+        assert [(x.status, x.became_latest) for x in res] == [(APPLIED, True)] * 3
+        assert [x.summary is None for x in res] == [True, True, False]
+        (host,) = store.load_hosts()
+        assert res[2].summary == summarise(rs[2], host.received, 0, report_totals(rs[2]))
+        # Without totals (nothing walked the report at ingest), no summary: ingest makes it as before.
+        r4 = report(4, host="hv-s", instance="s", fixture="anon-thp")
+        r4.sample_time.FromSeconds(2010)
+
+        async def put4() -> list:  # type: ignore[type-arg]
+            return await store.submit([Incoming(r4, r4.SerializeToString())])
+
+        (x4,) = asyncio.run(put4())
+        assert (x4.status, x4.became_latest, x4.summary) == (APPLIED, True, None)
+    finally:
+        store.close()
+
+
+def test_a_missing_clock_row_fails_the_commit_and_stores_nothing(pg_dsn: str) -> None:
+    """The clock row is taken inside the write statement: without it nothing may be half-written (marks
+    moved, host not stored); the commit fails as the database's fault and nothing is acknowledged."""
+    store = PgStore(pg_dsn)
+    store.start()
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute("DELETE FROM ingest_clock")
+
+        async def put() -> None:
+            await store.submit([_incoming("hv-c", "i", 1, 1000.0)])
+
+        with pytest.raises(RuntimeError, match="ingest_clock row is missing"):
+            asyncio.run(put())
+        assert store.commit_failures_total == {DATABASE: 1}
+        assert store.load_hosts() == [] and [(ag.last_sequence, ag.applied_total) for ag in store.load_agents()] in ([], [(0, 0)])
+    finally:
+        store.close()

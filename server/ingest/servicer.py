@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.message import DecodeError
 
-from eptwatch.server.fleet.state import FleetState, summarise
+from eptwatch.server.fleet.state import FleetState, HostSummary, summarise
 from eptwatch.server.ingest.auth import Principal, TokenTable
 from eptwatch.server.ingest.validate import ReportTotals, check_report, check_spool_dropped
 from eptwatch.server.store.base import StoreBase
@@ -337,19 +337,21 @@ class IngestServicer:
         if future.cancelled() or future.exception() is not None:
             return  # nothing was applied; the stream, if still there, fails with the error
         received = self._clock()
-        latest: dict[str, tuple[Incoming, ReportTotals]] = {}
+        latest: dict[str, tuple[Incoming, ReportTotals, HostSummary | None]] = {}
         for (_, inc, totals), res in zip(accepted, future.result()):
             if res.status == ingest_pb2.ACK_STATUS_APPLIED:
                 self.counters.reports_applied_total += 1
                 if res.became_latest:
-                    latest[inc.report.host_id] = (inc, totals)  # a later one of the same host supersedes it
+                    # A later one of the same host supersedes it.
+                    latest[inc.report.host_id] = (inc, totals, res.summary)
             elif res.status == ingest_pb2.ACK_STATUS_REJECTED:  # the store could not write this one
                 self.counters.reports_rejected_total += 1
             else:
                 self.counters.reports_duplicate_total += 1
-        # Summarised once per host per message: a replayed backlog of 50 costs one summary, not 50.
-        for inc, totals in latest.values():
-            self.fleet.put(summarise(inc.report, received, inc.spool_dropped_total, totals))
+        # Summarised once per host per message: a replayed backlog of 50 costs one summary, not 50; none
+        # where the store made it already (PostgreSQL, received at its transaction's time).
+        for inc, totals, summary in latest.values():
+            self.fleet.put(summary if summary is not None else summarise(inc.report, received, inc.spool_dropped_total, totals))
 
     @staticmethod
     def _acks(item: _Admitted, stream: _StreamState) -> list[ingest_pb2.ReportAck]:

@@ -19,8 +19,9 @@ that has seen id N will never later find a new row with an id <= N (`reports_sin
 the final step of every commit (a few row writes and the commit itself) is serialised across replicas.
 
 SQL stays within what PostgreSQL-compatible distributed databases (CockroachDB, YugabyteDB) also accept:
-plain tables, INSERT ... ON CONFLICT, SELECT ... FOR UPDATE, UPDATE ... RETURNING, GREATEST; no
-advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization failures and deadlocks
+plain tables, INSERT ... ON CONFLICT, SELECT ... FOR UPDATE (with a correlated scalar subquery), UPDATE ...
+FROM / RETURNING, unnest of arrays, data-modifying CTEs (each table modified once per statement), GREATEST;
+no advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization failures and deadlocks
 (which those databases, and PostgreSQL at first contact of two agents, may report) are retried.
 """
 
@@ -30,14 +31,17 @@ import asyncio
 import json
 import logging
 import queue
+import struct
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from psycopg_pool import ConnectionPool
 
 from eptwatch.server.fleet.state import HostSummary, summarise
@@ -104,21 +108,138 @@ _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 RETRIES = 8
 # The statements of a commit take their rows as arrays (unnest), so each is one fixed text: prepared once
 # per connection, whatever the batch; CockroachDB and YugabyteDB accept unnest of several arrays too.
-_LOCK_MARKS = ("SELECT host_id, agent_instance, last_sequence FROM agents WHERE (host_id, agent_instance) IN "
+# A commit is four round trips: BEGIN, _LOCK_MARKS, _WRITE (or _UPDATE_MARKS alone when no report becomes a
+# host's latest), COMMIT. Each statement costs the writer about 60 to 100 us of CPU in psycopg and the
+# socket, so the marks and the hosts' latest sample times are read together, and the marks, the ingest
+# clock and the hosts rows are written together.
+#
+# _LOCK_MARKS locks the agents rows (FOR UPDATE: only the table in FROM; the hosts table is read by a
+# scalar subquery, never locked) and reads each agent's mark and its host's latest sample time. Under
+# READ COMMITTED a row lock waited for returns the row's newest version, so the marks are current; the
+# sample time may be from before a concurrent commit of another agent instance of the same host. That is
+# harmless: the upsert below decides on the row as it is (`WHERE excluded.sample_time >=
+# hosts.sample_time`), and RETURNING tells which hosts it stored (see _apply).
+_LOCK_MARKS = ("SELECT host_id, agent_instance, last_sequence, (SELECT h.sample_time FROM hosts h WHERE h.host_id = agents.host_id) "
+               "FROM agents WHERE (host_id, agent_instance) IN "
                "(SELECT k.h, k.i FROM unnest(%b::text[], %b::text[]) AS k(h, i)) ORDER BY host_id, agent_instance FOR UPDATE")
-_READ_LATEST = "SELECT host_id, sample_time FROM hosts WHERE host_id = ANY(%b::text[])"
-_UPDATE_MARKS = ("UPDATE agents SET last_sequence = v.s, applied_total = agents.applied_total + v.n, "
-                 "spool_dropped_total = GREATEST(agents.spool_dropped_total, v.d), last_seen = %s "
-                 "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[]) AS v(h, i, s, n, d) "
-                 "WHERE agents.host_id = v.h AND agents.agent_instance = v.i")
-_UPSERT_HOSTS = (
+_MARKS_SET = ("UPDATE agents SET last_sequence = v.s, applied_total = agents.applied_total + v.n, "
+              "spool_dropped_total = GREATEST(agents.spool_dropped_total, v.d), last_seen = %s "
+              "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[]) AS v(h, i, s, n, d) "
+              "WHERE agents.host_id = v.h AND agents.agent_instance = v.i")
+_UPDATE_MARKS = _MARKS_SET
+# The marks, the ingest clock and the hosts rows in one statement (data-modifying CTEs, which CockroachDB
+# and YugabyteDB accept as long as no table is modified twice). The clock row is taken before any hosts
+# row: the insert reads the clock's new id, so PostgreSQL runs that UPDATE before it inserts a row (and
+# the marks' UPDATE, which nothing reads, after it: those rows are locked already). That is the order
+# PgDepartedLog takes them in (clock, then hosts rows). With no clock row (deleted by hand), nothing is
+# inserted: _apply then checks for the row.
+_WRITE = (
+    f"WITH m AS ({_MARKS_SET}), "
+    "c AS (UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id) "
     "INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, ingest_id, report, summary) "
-    "SELECT v.h, v.i, v.s, v.st, %s, %s, v.r, v.j "
-    "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[], %b::bytea[], %b::text[]) AS v(h, i, s, st, r, j) "
+    "SELECT v.h, v.i, v.s, v.st, %s, c.last_id, v.r, v.j "
+    "FROM c, unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[], %b::bytea[], %b::text[]) AS v(h, i, s, st, r, j) "
     "ON CONFLICT (host_id) DO UPDATE SET "
     "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
     "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id, summary = excluded.summary, "
     "departed_at = NULL WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id")
+
+
+# --- arrays in PostgreSQL's binary wire format (array_send/array_recv) ---
+# psycopg's generic list dumper is pure Python: it inspects every element to choose a type, then dumps
+# each one with its own call (a third of the writer's CPU at 5 reports per commit, profiled). A commit's
+# arrays each hold one known type, so they are encoded here in one pass. The format is the protocol's,
+# which CockroachDB and YugabyteDB speak too; psycopg already sent these arrays in binary.
+class PgArray:
+    __slots__ = ("data",)
+    oid = 0  # the array type's
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class TextArray(PgArray):
+    __slots__ = ()
+    oid = 1009
+
+
+class Int8Array(PgArray):
+    __slots__ = ()
+    oid = 1016
+
+
+class Float8Array(PgArray):
+    __slots__ = ()
+    oid = 1022
+
+
+class ByteaArray(PgArray):
+    __slots__ = ()
+    oid = 1001
+
+
+class _PgArrayDumper(Dumper):
+    format = Format.BINARY
+
+    def dump(self, obj: PgArray) -> bytes:  # type: ignore[override]
+        return obj.data
+
+
+_DUMPERS: tuple[tuple[type[PgArray], type[Dumper]], ...] = tuple(
+    (cls, type(f"{cls.__name__}Dumper", (_PgArrayDumper,), {"oid": cls.oid}))
+    for cls in (TextArray, Int8Array, Float8Array, ByteaArray))
+_I32 = struct.Struct("!i")
+_NULL = _I32.pack(-1)
+_INT8_MIN, _INT8_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _array_header(n: int, element_oid: int, has_null: bool) -> bytes:
+    if not n:
+        return struct.pack("!iii", 0, 0, element_oid)  # no dimensions: '{}'
+    return struct.pack("!iiiii", 1, int(has_null), element_oid, n, 1)  # one dimension, lower bound 1
+
+
+def _varlena_array(values: Sequence[bytes | None], element_oid: int) -> bytes:
+    n = len(values)
+    if None not in values:
+        pack = _I32.pack
+        present = cast("Sequence[bytes]", values)
+        return b"".join([_array_header(n, element_oid, False), *[x for b in present for x in (pack(len(b)), b)]])
+    parts: list[bytes] = [_array_header(n, element_oid, True)]
+    for b in values:
+        if b is None:
+            parts.append(_NULL)
+        else:
+            parts.append(_I32.pack(len(b)))
+            parts.append(b)
+    return b"".join(parts)
+
+
+def text_array(values: Sequence[str | None]) -> TextArray:
+    """text[] (NULL for None). The bytes are UTF-8, the client encoding the connections use (PostgreSQL's
+    default); the server checks them, as it checks text sent by psycopg (a NUL is refused: DataError)."""
+    return TextArray(_varlena_array([None if v is None else v.encode() for v in values], 25))
+
+
+def bytea_array(values: Sequence[bytes]) -> ByteaArray:
+    return ByteaArray(_varlena_array(values, 17))
+
+
+def int8_array(values: Sequence[int]) -> Int8Array:
+    """bigint[]. A value beyond BIGINT is a DataError, as the server would raise for psycopg's numeric
+    array: the commit's error isolation then refuses the report that carries it, alone."""
+    for v in values:
+        if type(v) is not int or not _INT8_MIN <= v <= _INT8_MAX:
+            raise pg_errors.NumericValueOutOfRange(f"bigint out of range: {v!r}"[:200])
+    n = len(values)
+    return Int8Array(_array_header(n, 20, False) + struct.pack("!" + "iq" * n, *[x for v in values for x in (8, v)]))
+
+
+def float8_array(values: Sequence[float]) -> Float8Array:
+    n = len(values)
+    return Float8Array(_array_header(n, 701, False) + struct.pack("!" + "id" * n, *[x for v in values for x in (8, v)]))
+
+
 READER_POOL_SIZE = 4
 
 _Job = tuple[list[Incoming], asyncio.AbstractEventLoop, "asyncio.Future[list[ApplyResult]]"]
@@ -212,7 +333,7 @@ class PgStore:
         self.where = redact_dsn(dsn)  # what logs and errors may say
         self._max_batch = max_batch
         self._commit_delay = commit_delay_seconds
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # as the SQLite store's
         self._known_agents: set[tuple[str, str]] = set()  # agents rows known to exist (rows are never deleted)
         self._thread: threading.Thread | None = None
         self.commits_total = 0
@@ -236,6 +357,8 @@ class PgStore:
             conn.execute("SET synchronous_commit = on")
         except psycopg.Error:
             pass  # a compatible database without the setting commits durably anyway (CockroachDB, YugabyteDB)
+        for cls, dumper in _DUMPERS:
+            conn.adapters.register_dumper(cls, dumper)
         return conn
 
     def _create_schema(self) -> None:
@@ -427,48 +550,59 @@ class PgStore:
         new_keys = [k for k in keys if k not in self._known_agents]
         if new_keys:
             self._insert_marks(new_keys, now)
-        known_marks = self._lock_marks(keys)
+        known_marks, known_latest = self._lock_marks(keys)
         missing = [k for k in keys if k not in known_marks]
         if missing:
             # Only if a row this process thought existed is gone (deleted by hand): make and lock it now.
             self._insert_marks(missing, now)
-            known_marks.update(self._lock_marks(missing))
-        host_ids = sorted({k[0] for k in keys})
-        known_latest: dict[str, float] = {
-            h: float(st) for h, st in c.execute(_READ_LATEST, (host_ids,)).fetchall()}
+            more_marks, more_latest = self._lock_marks(missing)
+            known_marks.update(more_marks)
+            known_latest.update(more_latest)
 
         plan = plan_commit(batches, known_marks, known_latest)
         results, agents, hosts, latest_slots = plan.results, plan.agents, plan.hosts, plan.latest_slots
-        if agents:
-            # One statement per transaction, whatever the number of agents (arrays, not a row per call):
-            # the statement is prepared once per connection, and no Python call is made per row.
-            rows = sorted(agents.items())
-            c.execute(_UPDATE_MARKS, (now, [h for (h, _), _ in rows], [i for (_, i), _ in rows], [v[0] for _, v in rows],
-                                      [v[1] for _, v in rows], [v[2] for _, v in rows]))
-        if hosts:
-            # Last, so that the clock row is held for as short a time as possible: taking it orders the
-            # commits that stamp ingest ids (see the module doc).
-            row = c.execute("UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id").fetchone()
-            if row is None:
-                raise RuntimeError(f"PostgreSQL store {self.where}: the ingest_clock row is missing")
-            cols: tuple[list[str], list[str], list[int], list[float], list[bytes], list[str | None]] = ([], [], [], [], [], [])
-            for host, (item, st) in sorted(hosts.items()):
-                r = item.report
-                cols[0].append(host)
-                cols[1].append(r.agent_instance)
-                cols[2].append(r.sequence)
-                cols[3].append(st)
-                cols[4].append(item.payload if item.payload is not None else r.SerializeToString())
-                cols[5].append(None if item.totals is None else encode_summary(
-                    summarise(r, now, item.spool_dropped_total, item.totals), st))
-            # Binary: the reports go as they are, not escaped into text.
-            stored = {h for (h,) in c.execute(_UPSERT_HOSTS, (now, int(row[0]), *cols), binary=True).fetchall()}
-            # Another replica committed a newer report of the host after we read its sample time: ours
-            # is applied (its mark moved) but is not the host's latest state.
-            for host, slots in latest_slots.items():
-                if host not in stored:
-                    for b, i in slots:
-                        results[b][i] = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
+        if not agents:
+            return results, sum(len(b) for b in batches), keys  # all duplicates: nothing to write
+        # One statement per transaction, whatever the number of agents (arrays, not a row per call): the
+        # statement is prepared once per connection, and no Python call is made per row.
+        rows = sorted(agents.items())
+        marks = (now, text_array([h for (h, _), _ in rows]), text_array([i for (_, i), _ in rows]),
+                 int8_array([v[0] for _, v in rows]), int8_array([v[1] for _, v in rows]), int8_array([v[2] for _, v in rows]))
+        if not hosts:
+            c.execute(_UPDATE_MARKS, marks)  # applied, but none newer than its host's stored report: no clock
+            return results, sum(len(b) for b in batches), keys
+        cols: tuple[list[str], list[str], list[int], list[float], list[bytes], list[str | None]] = ([], [], [], [], [], [])
+        summaries: dict[str, HostSummary] = {}
+        for host, (item, st) in sorted(hosts.items()):
+            r = item.report
+            cols[0].append(host)
+            cols[1].append(r.agent_instance)
+            cols[2].append(r.sequence)
+            cols[3].append(st)
+            cols[4].append(item.payload if item.payload is not None else r.SerializeToString())
+            if item.totals is None:
+                cols[5].append(None)
+            else:
+                summaries[host] = summary = summarise(r, now, item.spool_dropped_total, item.totals)
+                cols[5].append(encode_summary(summary, st))
+        # Last, so that the clock row is held for as short a time as possible: taking it orders the commits
+        # that stamp ingest ids (see the module doc). Binary: the reports go as they are, not escaped into text.
+        stored = {h for (h,) in c.execute(_WRITE, (*marks, now, text_array(cols[0]), text_array(cols[1]), int8_array(cols[2]),
+                                                   float8_array(cols[3]), bytea_array(cols[4]), text_array(cols[5])),
+                                          binary=True).fetchall()}
+        if not stored and c.execute("SELECT 1 FROM ingest_clock WHERE id = 1").fetchone() is None:
+            raise RuntimeError(f"PostgreSQL store {self.where}: the ingest_clock row is missing")
+        for host, slots in latest_slots.items():
+            if host not in stored:
+                # Another replica committed a newer report of the host after we read its sample time: ours
+                # is applied (its mark moved) but is not the host's latest state.
+                for b, i in slots:
+                    results[b][i] = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
+            elif host in summaries:
+                # The stored report's summary goes with its result, so that ingest puts it into the fleet
+                # view as it is (received: this transaction's time, as in the row) instead of making it again.
+                b, i = slots[-1]
+                results[b][i] = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True, summary=summaries[host])
         return results, sum(len(b) for b in batches), keys
 
     def _insert_marks(self, keys: list[tuple[str, str]], now: float) -> None:
@@ -476,14 +610,15 @@ class PgStore:
         replicas meet here, and the second waits for the first to commit."""
         self._conn.execute(
             "INSERT INTO agents (host_id, agent_instance, last_sequence, applied_total, spool_dropped_total, last_seen) "
-            "SELECT k.h, k.i, 0, 0, 0, %s FROM unnest(%s::text[], %s::text[]) AS k(h, i) ON CONFLICT (host_id, agent_instance) DO NOTHING",
-            (now, [h for h, _ in keys], [i for _, i in keys]),
+            "SELECT k.h, k.i, 0, 0, 0, %s FROM unnest(%b::text[], %b::text[]) AS k(h, i) ON CONFLICT (host_id, agent_instance) DO NOTHING",
+            (now, text_array([h for h, _ in keys]), text_array([i for _, i in keys])),
         )
 
-    def _lock_marks(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        """Lock the marks of `keys` (sorted: every transaction locks in the same order) and read them."""
-        rows = self._conn.execute(_LOCK_MARKS, ([h for h, _ in keys], [i for _, i in keys])).fetchall()
-        return {(h, i): int(last) for h, i, last in rows}
+    def _lock_marks(self, keys: list[tuple[str, str]]) -> tuple[dict[tuple[str, str], int], dict[str, float]]:
+        """Lock the marks of `keys` (sorted: every transaction locks in the same order) and read them, with
+        the sample time of each host's stored latest report (see _LOCK_MARKS)."""
+        rows = self._conn.execute(_LOCK_MARKS, (text_array([h for h, _ in keys]), text_array([i for _, i in keys]))).fetchall()
+        return {(h, i): int(last) for h, i, last, _ in rows}, {h: float(st) for h, _, _, st in rows if st is not None}
 
 
 class _DepartedMeanwhile(Exception):
