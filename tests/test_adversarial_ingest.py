@@ -36,7 +36,8 @@ from eptwatch.server.ingest.validate import (
     ReportTotals,
     check_report,
 )
-from eptwatch.server.store.sqlite import Store, StoreError
+from eptwatch.server.store.commit import StoreError
+from eptwatch.server.store.sqlite import Store
 from eptwatch.v1 import ingest_pb2, ingest_pb2_grpc
 from eptwatch.v1 import report_pb2 as pb
 
@@ -454,7 +455,7 @@ def test_one_tenants_unstorable_report_costs_only_its_own_ack(tmp_path: Path) ->
 def test_a_value_sqlite_cannot_hold_fails_only_its_own_report(tmp_path: Path) -> None:
     """Defence in depth below the checks: a sequence of 2^63 handed to the store directly (the checks
     refuse it first on the wire) fails only its own report; the group's other messages and reports land."""
-    from eptwatch.server.store.sqlite import Incoming
+    from eptwatch.server.store.commit import Incoming
 
     store = Store(tmp_path / "state")
 

@@ -234,11 +234,14 @@ AGENT_LAYERS = ("sources", "model", "report", "uplink", "faces")
 # The server's flow is ingest -> store -> fleet -> faces, but its layers lean on each other's data types
 # (the store keeps the fleet's summaries, the fleet view judges reports with ingest's checks), so the rule
 # is what must never happen: the durable state and the fleet view depend on the gRPC front door or on
-# the read side, or a layer below the faces reaches into them.
+# the read side, or a layer below the faces reaches into them; and only the assembly (app) and the
+# follower of a shared store name a particular store.
 SERVER_FORBIDDEN = {
     "store": ("eptwatch.server.ingest.servicer", "eptwatch.server.ingest.auth", "eptwatch.server.faces"),
     "fleet": ("eptwatch.server.ingest.servicer", "eptwatch.server.ingest.auth", "eptwatch.server.faces"),
-    "ingest": ("eptwatch.server.faces",),
+    "ingest": ("eptwatch.server.faces", "eptwatch.server.store.sqlite", "eptwatch.server.store.postgres"),
+    # The read side and ingest see a store only through its interface (store.base, store.commit).
+    "faces": ("eptwatch.server.ingest.auth", "eptwatch.server.store.sqlite", "eptwatch.server.store.postgres"),
 }
 
 

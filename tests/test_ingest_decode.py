@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from eptwatch.agent.uplink.delivery import encode_agent_message, varint
 from eptwatch.server.ingest.servicer import decode_agent_message, report_spans
-from eptwatch.server.store.sqlite import Incoming, Store
+from eptwatch.server.store.commit import Incoming
+from eptwatch.server.store.sqlite import Store
 from eptwatch.v1 import ingest_pb2
 from eptwatch.v1 import report_pb2 as pb
 
@@ -180,7 +181,7 @@ def test_the_stores_summary_of_the_stored_report_goes_into_the_fleet_view_as_it_
     from eptwatch.server.ingest import servicer as ingest_mod
     from eptwatch.server.fleet.state import FleetConfig, FleetState, summarise
     from eptwatch.server.ingest.servicer import IngestServicer
-    from eptwatch.server.store.sqlite import ApplyResult
+    from eptwatch.server.store.commit import ApplyResult
 
     r = pb.HostReport.FromString(_report("hv-sum-1", 1))
     r.sample_time.FromSeconds(int(time.time()))

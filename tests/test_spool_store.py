@@ -14,7 +14,8 @@ from eptwatch.agent.sources.status import ParseError
 from eptwatch.agent.uplink.delivery import encode_agent_message
 from eptwatch.agent.uplink.spool import Spool
 from eptwatch.server.app import ServerConfig
-from eptwatch.server.store.sqlite import Incoming, Store
+from eptwatch.server.store.commit import Incoming
+from eptwatch.server.store.sqlite import Store
 from eptwatch.v1 import ingest_pb2, report_pb2
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from eptwatch.server.store.base import StoreBase, is_postgres_url, open_store, redact_dsn
 from eptwatch.server.store.postgres import PgStore
-from eptwatch.server.store.sqlite import DATABASE, REPORT, Incoming, StoreError
+from eptwatch.server.store.commit import DATABASE, REPORT, Incoming, StoreError
 from eptwatch.v1 import ingest_pb2, report_pb2
 
 from .pg import pg_server

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from eptwatch.server.store.sqlite import Incoming, plan_commit
+from eptwatch.server.store.commit import Incoming, plan_commit
 from eptwatch.v1 import ingest_pb2
 from eptwatch.v1 import report_pb2 as pb
 

@@ -17,7 +17,7 @@ from eptwatch.common import __version__
 from eptwatch.server.fleet.state import CAUSE_NAMES, ERA_NAMES, FleetView
 from eptwatch.server.ingest.servicer import IngestCounters
 from eptwatch.server.ingest.validate import WALKER
-from eptwatch.server.store.sqlite import DATABASE, DISK_FULL, REPORT
+from eptwatch.server.store.commit import DATABASE, DISK_FULL, REPORT
 
 log = logging.getLogger("eptwatch.server.faces.metrics")
 

@@ -30,7 +30,6 @@ from eptwatch.server.fleet.state import (
 from eptwatch.server.store.base import LatestReports
 from eptwatch.v1 import query_pb2 as q
 from eptwatch.v1 import query_pb2_grpc
-from eptwatch.v1 import report_pb2 as pb
 
 VERDICTS = {"ok": q.KERNEL_VERDICT_OK, "regressed": q.KERNEL_VERDICT_REGRESSED, "known_bad": q.KERNEL_VERDICT_KNOWN_BAD,
             "insufficient_hosts": q.KERNEL_VERDICT_INSUFFICIENT_HOSTS}

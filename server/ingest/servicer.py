@@ -27,7 +27,7 @@ from eptwatch.server.fleet.state import FleetState, HostSummary, summarise
 from eptwatch.server.ingest.auth import Principal, TokenTable
 from eptwatch.server.ingest.validate import ReportTotals, check_report, check_spool_dropped
 from eptwatch.server.store.base import StoreBase
-from eptwatch.server.store.sqlite import ApplyResult, Incoming, StoreError
+from eptwatch.server.store.commit import ApplyResult, Incoming, StoreError
 from eptwatch.v1 import ingest_pb2
 from eptwatch.v1 import report_pb2 as pb
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from eptwatch.server.store.sqlite import AgentRecord, ApplyResult, Incoming, StoredHost
+from eptwatch.server.store.commit import AgentRecord, ApplyResult, Incoming, StoredHost
 from eptwatch.v1 import report_pb2
 
 __all__ = ["AgentRecord", "ApplyResult", "Incoming", "LatestReports", "StoreBase", "StoredHost", "is_postgres_url",

@@ -47,7 +47,7 @@ from psycopg_pool import ConnectionPool
 from eptwatch.server.fleet.state import HostSummary, summarise
 from eptwatch.server.fleet.state import _shared as shared  # interned like the summaries ingest makes
 from eptwatch.server.store.base import redact_dsn
-from eptwatch.server.store.sqlite import (
+from eptwatch.server.store.commit import (
     DATABASE,
     REPORT,
     AgentRecord,
@@ -56,12 +56,11 @@ from eptwatch.server.store.sqlite import (
     QueuedWrites,
     StoredHost,
     StoreError,
-    _set_exception,
-    _set_result,
-    _wake,
     next_group,
     plan_commit,
-    sample_seconds,
+    set_exception,
+    set_result,
+    wake_waiters,
 )
 from eptwatch.v1 import ingest_pb2, report_pb2
 
@@ -483,7 +482,7 @@ class PgStore:
             except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
                 self._fail(jobs, exc, count)
             else:
-                _wake(jobs, results, _set_result)
+                wake_waiters(jobs, results, set_result)
             if stop:
                 return
 
@@ -498,7 +497,7 @@ class PgStore:
         except BaseException as exc:  # noqa: BLE001 - its waiter must hear of the failure
             self._fail([job], exc, len(job[0]))
         else:
-            _wake([job], results, _set_result)
+            wake_waiters([job], results, set_result)
 
     def _per_report(self, batch: list[Incoming]) -> list[ApplyResult]:
         """A message's reports in a transaction each; one the database refuses is REJECTED."""
@@ -520,7 +519,7 @@ class PgStore:
         log.warning("PostgreSQL store %s: commit of %d reports failed: %s", self.where, count, str(exc).strip())
         if isinstance(exc, psycopg.Error):
             exc = StoreError(DATABASE, f"PostgreSQL {self.where}: {type(exc).__name__}: {str(exc).strip()}")
-        _wake(jobs, [exc] * len(jobs), _set_exception)
+        wake_waiters(jobs, [exc] * len(jobs), set_exception)
 
     def _commit(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
         if self._conn.closed or self._conn.broken:

@@ -27,28 +27,30 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from eptwatch.server.store.commit import (
+    DATABASE,
+    DISK_FULL,
+    REPORT,
+    AgentRecord,
+    ApplyResult,
+    Incoming,
+    QueuedWrites,
+    StoredHost,
+    StoreError,
+    next_group,
+    plan_commit,
+    set_exception,
+    set_result,
+    wake_waiters,
+)
 from eptwatch.v1 import ingest_pb2, report_pb2
 
 log = logging.getLogger("eptwatch.server.store.sqlite")
 
-# Why a commit failed (the reason label of eptwatch_server_store_commit_failures_total).
-DISK_FULL = "disk_full"  # SQLITE_FULL: the state directory's filesystem is full
-DATABASE = "database"  # any other error of SQLite or of its file (I/O, corruption, read-only)
-REPORT = "report"  # one report could not be written; it alone was refused
 _SQLITE_FULL = 13
-
-
-class StoreError(Exception):
-    """The state store could not commit: nothing in the failed transaction was stored."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason  # DISK_FULL or DATABASE
 
 
 def _store_error(exc: sqlite3.Error) -> StoreError:
@@ -78,144 +80,6 @@ CREATE TABLE IF NOT EXISTS hosts (
     report BLOB NOT NULL
 );
 """
-
-
-@dataclass(frozen=True)
-class Incoming:
-    report: report_pb2.HostReport
-    # The report serialised, as stored. None: the writer serialises it, and only if it becomes the
-    # host's stored latest report (in a replayed backlog, most are superseded within the transaction).
-    payload: bytes | None = None
-    spool_dropped_total: int = 0
-    # The report's validate.ReportTotals from the ingest checks, if they ran: a store that keeps a summary
-    # beside the report (PostgreSQL, for other replicas to follow) makes it without walking the report again.
-    totals: Any = None
-
-
-@dataclass(frozen=True)
-class AgentRecord:
-    host_id: str
-    agent_instance: str
-    last_sequence: int
-    applied_total: int
-    spool_dropped_total: int
-    last_seen: float
-
-
-@dataclass(frozen=True)
-class StoredHost:
-    host_id: str
-    agent_instance: str
-    sequence: int
-    sample_time: float
-    received: float
-    report: report_pb2.HostReport
-    problem: str = ""  # the stored bytes do not decode: `report` is then empty but for the row's identity
-
-
-@dataclass(frozen=True)
-class ApplyResult:
-    status: int  # ingest_pb2.AckStatus
-    became_latest: bool  # this report is now the host's latest state
-    high_water_sequence: int = 0  # DUPLICATE: the (host, instance)'s mark, so an agent can tell a rewind
-    reason: str = ""  # REJECTED: why the report could not be stored
-    # A store that summarises the host's stored report itself (PostgreSQL: the summary other replicas follow)
-    # hands it to ingest with the result, so that the report is not summarised twice: fleet.HostSummary.
-    summary: Any = None
-
-
-def sample_seconds(report: report_pb2.HostReport) -> float:
-    return report.sample_time.seconds + report.sample_time.nanos / 1e9
-
-
-Job = tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]]
-
-
-def next_group(jobs_queue: queue.SimpleQueue[Job | None], first: Job, max_batch: int, commit_delay: float) -> tuple[list[Job], int, bool]:
-    """The messages one transaction commits: `first` and what else is queued, up to `max_batch` reports;
-    (jobs, reports, whether the stop marker was met). Group commit (like PostgreSQL's commit_delay):
-    under a light load each commit would hold a report or two, so waiting `commit_delay` lets one fsync
-    and one wake-up serve more of them (under a heavy load the wait costs latency only)."""
-    jobs = [first]
-    count = len(first[0])
-    if commit_delay:
-        time.sleep(commit_delay)
-    while count < max_batch:
-        try:
-            nxt = jobs_queue.get_nowait()
-        except queue.Empty:
-            break
-        if nxt is None:
-            return jobs, count, True
-        jobs.append(nxt)
-        count += len(nxt[0])
-    return jobs, count, False
-
-
-@dataclass
-class CommitPlan:
-    """What one transaction will write and answer, decided before it writes (see plan_commit)."""
-
-    results: list[list[ApplyResult]]  # per message, per report
-    marks: dict[tuple[str, str], int]  # (host, instance) -> new high-water mark, kept only if it commits
-    latest: dict[str, float]  # host -> sample time of the report its row will hold
-    agents: dict[tuple[str, str], list[int]]  # key -> [last_sequence, applied, spool_dropped_total]
-    hosts: dict[str, tuple[Incoming, float]]  # host -> the report to store and its sample time
-    latest_slots: dict[str, list[tuple[int, int]]]  # host -> (message, index) of results said latest
-
-
-def plan_commit(batches: Sequence[Sequence[Incoming]], known_marks: Mapping[tuple[str, str], int],
-                known_latest: Mapping[str, float]) -> CommitPlan:
-    """Exactly-once, decided the same way by both stores: per (host, instance) a report at or below the
-    high-water mark is DUPLICATE (its ack carries the mark, so an agent can tell its spool was
-    rewound); one above it is APPLIED, and the hosts row keeps the report with the newest sample time
-    (ties: the later one). The results equal applying the reports one by one in order."""
-    marks: dict[tuple[str, str], int] = {}
-    latest: dict[str, float] = {}
-    agents: dict[tuple[str, str], list[int]] = {}
-    hosts: dict[str, tuple[Incoming, float]] = {}
-    latest_slots: dict[str, list[tuple[int, int]]] = {}
-    applied = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
-    applied_latest = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)
-    duplicates: dict[int, ApplyResult] = {}  # by high-water mark: one object per mark, not per report
-    results: list[list[ApplyResult]] = []
-    for b, batch in enumerate(batches):
-        res: list[ApplyResult] = []
-        for item in batch:
-            r = item.report
-            host, seq = r.host_id, r.sequence
-            key = (host, r.agent_instance)
-            last = marks.get(key)
-            if last is None:
-                last = known_marks.get(key, 0)
-            if seq <= last:
-                dup = duplicates.get(last)
-                if dup is None:
-                    dup = duplicates[last] = ApplyResult(ingest_pb2.ACK_STATUS_DUPLICATE, False, last)
-                res.append(dup)
-                continue
-            marks[key] = seq
-            a = agents.get(key)
-            if a is None:
-                agents[key] = [seq, 1, item.spool_dropped_total]
-            else:
-                a[0] = seq
-                a[1] += 1
-                if item.spool_dropped_total > a[2]:
-                    a[2] = item.spool_dropped_total
-            st = sample_seconds(r)
-            cur = latest.get(host)
-            if cur is None:
-                cur = known_latest.get(host)
-            if cur is None or st >= cur:
-                latest[host] = st
-                hosts[host] = (item, st)
-                latest_slots.setdefault(host, []).append((b, len(res)))
-                res.append(applied_latest)
-            else:
-                res.append(applied)
-        results.append(res)
-    return CommitPlan(results, marks, latest, agents, hosts, latest_slots)
 
 
 class Store:
@@ -323,7 +187,7 @@ class Store:
             for i, v in enumerate(values):
                 by_kind.setdefault(isinstance(v, BaseException), []).append(i)
             for failed, idx in by_kind.items():
-                _wake([jobs[i] for i in idx], [values[i] for i in idx], _set_exception if failed else _set_result)
+                wake_waiters([jobs[i] for i in idx], [values[i] for i in idx], set_exception if failed else set_result)
             if stop:
                 return
 
@@ -442,56 +306,6 @@ _departed_log = logging.getLogger("eptwatch.server.store.sqlite")
 _DEPARTED_SCHEMA = "CREATE TABLE IF NOT EXISTS departed (host_id TEXT PRIMARY KEY, departed_at REAL NOT NULL)"
 
 
-class QueuedWrites:
-    """A small writer thread fed by a queue: `record` only queues, the thread writes what has gathered
-    in one batch (in order) through `_write_batch`, and `close` writes what is queued, then stops. Both stores'
-    departed logs use it, so that a departure never waits on the ingest path."""
-
-    _thread_name = "eptwatch-queued-writer"
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[str, float | None] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
-        self._thread.start()
-
-    def record(self, host_id: str, departed_at: float | None) -> None:
-        """Queue a departure (`departed_at`) or a return (None); written in order."""
-        self._queue.put((host_id, departed_at))
-
-    def close(self) -> None:
-        """Writes what is queued, then stops."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            items = [first]
-            stop = False
-            while True:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                items.append(nxt)
-            self._write_batch(items)
-            if stop:
-                return
-
-    def _write_batch(self, items: list[tuple[str, float | None]]) -> None:
-        raise NotImplementedError
-
-
 class DepartedLog(QueuedWrites):
     """Which hosts departed (their agent closed its stream cleanly), durable across restarts, so that such a
     host comes back departed rather than fresh. Departures and returns are rare (agents stopping or
@@ -536,35 +350,6 @@ class DepartedLog(QueuedWrites):
         except sqlite3.Error as exc:
             self.writes_failed_total += 1
             _departed_log.warning("%s: %d departure(s) not recorded: %s", self.path, len(items), exc)
-
-
-def _wake(jobs: list[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]]],
-          values: list, setter: Callable[[asyncio.Future[list[ApplyResult]], Any], None]) -> None:
-    """Resolve every job's future on its own loop: one wake-up per loop, not one per job."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[list[ApplyResult]], Any]]] = {}
-    for (_, loop, fut), value in zip(jobs, values):
-        by_loop.setdefault(loop, []).append((fut, value))
-    for loop, pairs in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_resolve, pairs, setter)
-        except RuntimeError:
-            pass  # that loop is closed: nobody is waiting any more
-
-
-def _resolve(pairs: list[tuple[asyncio.Future[list[ApplyResult]], Any]],
-             setter: Callable[[asyncio.Future[list[ApplyResult]], Any], None]) -> None:
-    for fut, value in pairs:
-        setter(fut, value)
-
-
-def _set_result(fut: asyncio.Future[list[ApplyResult]], value: list[ApplyResult]) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future[list[ApplyResult]], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
 
 
 class ReportReader:
