@@ -193,8 +193,8 @@ typedef struct {
     Py_ssize_t ncands, cap_cands;
     Hits *hits;            /* the fused pass's notes, one per 64 bytes of a chunk at most (AVX2) */
     Py_ssize_t cap_hits;
-    uint64_t *zmask;       /* AVX-512: one z mask per 64-byte step, then the non-empty ones (see compact_avx512) */
-    uint64_t *zidx;        /* ... and their step numbers; both in one allocation of 2 * cap_z */
+    uint64_t *zmask;       /* AVX-512: one z mask per 64-byte step of the pass (pass_avx512) */
+    uint64_t *nonempty;    /* ... and a bit per step, set where that mask is not empty; one allocation of 2 * cap_z */
     Py_ssize_t cap_z;
 } FdScan;
 
@@ -318,7 +318,7 @@ newlines_before(const unsigned char *p, Py_ssize_t i)
 /* AVX-512: one load and two compares per 64 bytes; the newline three bytes before each 'z' comes from
  * the newline mask shifted (with the last three bits of the step before), not from a second load.
  * Every step's z mask is stored, empty or not, at the next slot of a dense array (zmask[j] for the
- * bytes from i0 + 64 j); compact_avx512 then keeps the non-empty ones. On the benchmark machine (AMD
+ * bytes from i0 + 64 j); nonempty_avx512 then marks the non-empty ones. On the benchmark machine (AMD
  * EPYC, Zen 4 class) this pass costs 0.70 to 0.80 of the one it replaces, which stored each step's
  * note at an index that advanced only past a non-empty mask: that store's address waited on the
  * compares of its own step (docs/benchmarks.md, 2026-12-06 06:20). */
@@ -345,29 +345,25 @@ pass_avx512(const unsigned char *p, Py_ssize_t i, Py_ssize_t to, uint64_t *zmask
     return count;
 }
 
-/* Keep the non-empty masks of zmask[0:nsteps], in order, at the front of zmask, and their step numbers
- * in zidx: eight at a time, without a branch per mask (about one mask in ten is non-empty, at no fixed
- * period: a branch there would be mispredicted about once per VMA block). Both arrays have room for
- * nsteps rounded up to a multiple of 8. Returns how many were kept. */
-__attribute__((target("avx512f,popcnt")))
-static Py_ssize_t
-compact_avx512(uint64_t *zmask, uint64_t *zidx, Py_ssize_t nsteps)
+/* A bitmap of the non-empty masks of zmask[0:nsteps] (bit j of the words at `nonempty`: zmask[j] != 0),
+ * eight masks per vector test. About one mask in ten is non-empty, at no fixed period: a branch per
+ * mask would be mispredicted about once per VMA block, and a list built by advancing an index past
+ * each non-empty mask makes every store wait for that index. zmask has room for nsteps rounded up to
+ * a multiple of 8, nonempty for nsteps / 64 + 1 words. */
+__attribute__((target("avx512f")))
+static void
+nonempty_avx512(uint64_t *zmask, uint64_t *nonempty, Py_ssize_t nsteps)
 {
     for (Py_ssize_t t = nsteps; t % 8 != 0; t++)
         zmask[t] = 0;
-    const __m512i eight = _mm512_set1_epi64(8);
-    __m512i idx = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
-    Py_ssize_t k = 0;
-    for (Py_ssize_t j = 0; j < nsteps; j += 8) {
+    unsigned char *bytes = (unsigned char *)nonempty; /* bit j of the bytes = bit j of the words: little-endian x86 */
+    Py_ssize_t j = 0;
+    for (; j < nsteps; j += 8) {
         __m512i m = _mm512_loadu_si512((const void *)(zmask + j));
-        __mmask8 nz = _mm512_test_epi64_mask(m, m);
-        /* k <= j: this store overwrites only slots already loaded. */
-        _mm512_storeu_si512((void *)(zmask + k), _mm512_maskz_compress_epi64(nz, m));
-        _mm512_storeu_si512((void *)(zidx + k), _mm512_maskz_compress_epi64(nz, idx));
-        k += __builtin_popcount((unsigned)nz);
-        idx = _mm512_add_epi64(idx, eight);
+        bytes[j / 8] = (unsigned char)_mm512_test_epi64_mask(m, m);
     }
-    return k;
+    for (j /= 8; j % 8 != 0; j++)
+        bytes[j] = 0; /* the rest of the last word */
 }
 
 /* The hits of pass_avx512, looked at with AVX-512 too. The kernel prints `Size:` then the value
@@ -377,7 +373,7 @@ compact_avx512(uint64_t *zmask, uint64_t *zidx, Py_ssize_t nsteps)
  * takes the general check (z_hit), which decides as big_size_lines does. */
 __attribute__((target("avx512bw,avx512vl,avx512f,popcnt,bmi")))
 static int
-hits_avx512(FdScan *s, const unsigned char *p, const uint64_t *zmask, const uint64_t *zidx, Py_ssize_t nhits, Py_ssize_t i0,
+hits_avx512(FdScan *s, const unsigned char *p, const uint64_t *zmask, const uint64_t *nonempty, Py_ssize_t nsteps, Py_ssize_t i0,
             Py_ssize_t lo, Py_ssize_t end, Py_ssize_t min_digits, unsigned long long min_value)
 {
     /* "\nSize:" (bytes 0-5), the field (6-24), " kB\n" (25-28); bytes 29-31 are not looked at. */
@@ -386,20 +382,23 @@ hits_avx512(FdScan *s, const unsigned char *p, const uint64_t *zmask, const uint
     const __m256i sp = _mm256_set1_epi8(' '), zero = _mm256_set1_epi8('0'), nine = _mm256_set1_epi8(9);
     const uint32_t fixed = 0x3fu | (0xfu << 25), field = 0x7ffffu << 6;
     int nomem = 0;
-    for (Py_ssize_t k = 0; k < nhits; k++) {
-        for (uint64_t z = zmask[k]; z; z &= z - 1) {
-            Py_ssize_t i = i0 + 64 * (Py_ssize_t)zidx[k] + __builtin_ctzll(z), nl = i - 3;
-            if (nl >= lo && end - nl >= 32) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(p + nl));
-                uint32_t eq = _mm256_cmpeq_epi8_mask(v, t), isp = _mm256_cmpeq_epi8_mask(v, sp) & field;
-                uint32_t dg = _mm256_cmple_epu8_mask(_mm256_sub_epi8(v, zero), nine) & field;
-                uint32_t lead = isp >> 6; /* spaces must lead the field: 1..1 from bit 0 */
-                int nd = __builtin_popcount(dg);
-                if ((eq & fixed) == fixed && (isp | dg) == field && (lead & (lead + 1)) == 0 && nd > 0 && nd < min_digits)
-                    continue; /* a well-formed `Size:` line below min_digits digits */
+    for (Py_ssize_t w = 0; w * 64 < nsteps; w++) {
+        for (uint64_t bits = nonempty[w]; bits; bits &= bits - 1) {
+            Py_ssize_t step = w * 64 + __builtin_ctzll(bits);
+            for (uint64_t z = zmask[step]; z; z &= z - 1) {
+                Py_ssize_t i = i0 + 64 * step + __builtin_ctzll(z), nl = i - 3;
+                if (nl >= lo && end - nl >= 32) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(p + nl));
+                    uint32_t eq = _mm256_cmpeq_epi8_mask(v, t), isp = _mm256_cmpeq_epi8_mask(v, sp) & field;
+                    uint32_t dg = _mm256_cmple_epu8_mask(_mm256_sub_epi8(v, zero), nine) & field;
+                    uint32_t lead = isp >> 6; /* spaces must lead the field: 1..1 from bit 0 */
+                    int nd = __builtin_popcount(dg);
+                    if ((eq & fixed) == fixed && (isp | dg) == field && (lead & (lead + 1)) == 0 && nd > 0 && nd < min_digits)
+                        continue; /* a well-formed `Size:` line below min_digits digits */
+                }
+                if (z_hit(s, p, i, lo, end, min_digits, min_value) < 0)
+                    nomem = 1;
             }
-            if (z_hit(s, p, i, lo, end, min_digits, min_value) < 0)
-                nomem = 1;
         }
     }
     return nomem;
@@ -460,13 +459,13 @@ fused_pass(FdScan *s, Py_ssize_t from, Py_ssize_t to, Py_ssize_t lo, Py_ssize_t 
                     return -1;
                 free(s->zmask);
                 s->zmask = grown;
-                s->zidx = grown + cap;
+                s->nonempty = grown + cap;
                 s->cap_z = cap;
             }
             Py_ssize_t i0 = i, nsteps = 0;
             count += pass_avx512(p, i, to, s->zmask, &nsteps, &i);
-            nhits = compact_avx512(s->zmask, s->zidx, nsteps);
-            nomem |= hits_avx512(s, p, s->zmask, s->zidx, nhits, i0, lo, to, min_digits, min_value);
+            nonempty_avx512(s->zmask, s->nonempty, nsteps);
+            nomem |= hits_avx512(s, p, s->zmask, s->nonempty, nsteps, i0, lo, to, min_digits, min_value);
         } else {
             if (steps > s->cap_hits) {
                 Hits *grown = realloc(s->hits, (size_t)steps * sizeof(Hits));
