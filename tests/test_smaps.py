@@ -925,3 +925,23 @@ def test_first_and_last_blocks_that_parsed_before_are_not_parsed_again() -> None
         broken = raw.replace(b"Rss:                   4 kB", b"Rss:                lots kB", 1)
         assert "Rss" in str(scan(broken)) and "Rss" in str(scan(broken))  # an error is found again each time
     assert scan(raw) == first == scan_large_vmas(raw, "s", MIN)
+
+
+@needs_fd_scan
+@pytest.mark.parametrize("shift", range(64))
+def test_compiled_loop_finds_size_lines_at_every_offset_of_a_step(shift: int) -> None:
+    """The AVX-512 pass notes one z mask per 64-byte step and finds the non-empty ones through a bitmap
+    (eight masks per test, 64 per word): `Size:` lines at every offset within a step, in files long
+    enough for several bitmap words, with candidate, small and malformed lines, give what the Python
+    loop gives, at a chunk that holds the whole file and at one that cuts it unevenly."""
+    first = SMALL_BLOCK.replace("00:00 0 \n", "00:00 0 /pad" + "a" * shift + "\n", 1)
+    assert first != SMALL_BLOCK
+    body = SMALL_BLOCK * 9 + ANON_BLOCK + SMALL_BLOCK * 30 + ANON_BLOCK + SMALL_BLOCK * 5
+    good = (first + body + SMALL_BLOCK).encode()
+    bad = (first + body + SEED_BLOCK.replace("Size:            4194304 kB", "Size:  lots kB") + SMALL_BLOCK).encode()
+    assert len(good) > 64 * 64 * 4
+    for chunk in (1 << 17, 4096 + 7):
+        found = _scan_chunked(good, "s", MIN, chunk)
+        assert isinstance(found, list) and len(found) == 2
+        error = _scan_chunked(bad, "s", MIN, chunk)
+        assert isinstance(error, str) and "lots" in error
