@@ -945,3 +945,125 @@ def test_compiled_loop_finds_size_lines_at_every_offset_of_a_step(shift: int) ->
         assert isinstance(found, list) and len(found) == 2
         error = _scan_chunked(bad, "s", MIN, chunk)
         assert isinstance(error, str) and "lots" in error
+
+
+# The compiled reader of a candidate block's body (_smapscan.block_fields): what it returns must be what
+# parse_smaps gives; where the block is not of the kernel's plain shape it declines and the Python parse
+# (result or error) decides.
+needs_block_fields = pytest.mark.skipif(smaps_module._block_fields is None, reason="the compiled block reader is not built here")
+
+
+def _strict_one(raw: bytes) -> Vma | str:
+    """parse_smaps of one block, or the error text (or 'not one block')."""
+    try:
+        vmas = parse_smaps(raw.decode("utf-8", errors="replace"), "s")
+    except ParseError as exc:
+        return f"ParseError: {exc}"
+    return vmas[0] if len(vmas) == 1 else "not one block"
+
+
+@needs_block_fields
+def test_plain_block_reader_maps_each_field_to_its_attribute() -> None:
+    names = ["Size", "KernelPageSize", "Rss", "AnonHugePages", "ShmemPmdMapped", "FilePmdMapped", "Shared_Hugetlb", "Private_Hugetlb"]
+    assert list(smaps_module._KB_FIELDS) == names  # the C table's order
+    raw = ("7f0000000000-7f0000100000 rw-s 00001000 00:14 77  /memfd:pc.ram (deleted)\n"
+           + "".join(f"{n}:{' ' * (20 - len(n))}{i + 1} kB\nPss: 9 kB\n" for i, n in enumerate(names)) + "THPeligible:    0\nVmFlags: rd wr\n").encode()
+    fast = smaps_module._parse_plain_block(raw)
+    assert fast is not None and fast == _strict_one(raw)
+    assert [getattr(fast, a) for a in smaps_module._KB_ATTRS] == [(i + 1) * 1024 for i in range(8)]
+    assert fast.path == "/memfd:pc.ram" and fast.deleted and fast.thp_eligible is False and fast.offset == 0x1000 and fast.inode == 77
+
+
+@needs_block_fields
+@pytest.mark.parametrize("root", fixture_roots(), ids=lambda p: p.name)
+def test_plain_block_reader_equals_the_python_parse_on_fixture_blocks(root) -> None:  # type: ignore[no-untyped-def]
+    for smaps in (root / "proc").glob("*/smaps"):
+        text = smaps.read_bytes()
+        starts = [m.start() + 1 for m in re.finditer(rb"\n[0-9a-f]+-[0-9a-f]+ ", text)]
+        read = 0
+        for a, b in zip([0, *starts], [*starts, len(text)]):
+            raw = text[a:b]
+            fast = smaps_module._parse_plain_block(raw)
+            if fast is not None:
+                read += 1
+                assert fast == _strict_one(raw), (smaps, a)
+        assert read > 0 or not text.strip(), smaps  # the fast reader is used on real kernel output
+
+
+_BLOCK_ALPHABET = list("0123456789abcdef :-_\t\r\nkBSizeRsTHPVmFlg") + ["\xa0", "\u0663", "\xff", "\ufffd", "\u00e9"]
+
+
+@needs_block_fields
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_plain_block_reader_returns_only_what_the_python_parse_returns(data: st.DataObject) -> None:
+    """Mutated blocks (an inserted, deleted or replaced run of characters, non-ASCII and Unicode digits
+    among them): the compiled reader either declines or gives exactly parse_smaps's Vma; it never
+    accepts a block the strict parse refuses."""
+    text = data.draw(st.sampled_from([SEED_BLOCK, ANON_BLOCK, SMALL_BLOCK]))
+    for _ in range(data.draw(st.integers(0, 3))):
+        pos = data.draw(st.integers(0, len(text)))
+        kind = data.draw(st.sampled_from(["insert", "delete", "replace"]))
+        piece = "".join(data.draw(st.lists(st.sampled_from(_BLOCK_ALPHABET), min_size=1, max_size=6)))
+        if kind == "insert":
+            text = text[:pos] + piece + text[pos:]
+        elif kind == "delete":
+            text = text[:pos] + text[pos + data.draw(st.integers(1, 30)) :]
+        else:
+            text = text[:pos] + piece + text[pos + len(piece) :]
+    raw = text.encode("utf-8", errors="surrogateescape")
+    fast = smaps_module._parse_plain_block(raw)
+    strict = _strict_one(raw)
+    if text in (SEED_BLOCK, ANON_BLOCK, SMALL_BLOCK):
+        assert fast is not None
+    if fast is not None:
+        assert fast == strict
+    # And the reader the scanner uses gives the strict parse's result or error, either way.
+    try:
+        via = smaps_module._parse_block_bytes(raw, "s", 0)
+    except ParseError as exc:
+        via = f"ParseError: {exc}"
+    assert via == strict or (isinstance(strict, str) and strict == "not one block" and isinstance(via, str))
+
+
+_PLAIN_EDGES = [
+    ("Size:            4194304 kB\n", "Size:            4194304 kB\nSize:            4194304 kB\n"),  # repeated
+    ("Rss:", "Rss:             4196352 kB\nRss:"),  # a repeated field other than Size
+    ("THPeligible:    1\n", "THPeligible:    1\nTHPeligible:    0\n"),
+    ("THPeligible:    1\n", "THPeligible:    2\n"), ("THPeligible:    1\n", "THPeligible:    1 \n"),
+    ("Size:            4194304 kB\n", "Size:            4194304 kB \n"), ("Size:            4194304 kB\n", "Size:            4194304 kB\r\n"),
+    ("Size:            4194304 kB\n", "Size:\t4194304 kB\n"), ("Size:            4194304 kB\n", "Size:4194304 kB\n"),
+    ("Size:            4194304 kB\n", "Size:            419430\u0663 kB\n"), ("Size:            4194304 kB\n", "Size:            0004194304 kB\n"),
+    ("Size:            4194304 kB\n", "Size:            999999999999 kB\n"), ("Size:            4194304 kB\n", "Size:            9999999999999 kB\n"),
+    ("Size:            4194304 kB\n", "Size:            4398046511104 kB\n"), ("Size:            4194304 kB\n", "Size:            4398046511105 kB\n"),
+    ("Size:            4194304 kB\n", "Size:             kB\n"), ("Size:            4194304 kB\n", ""), ("Rss:              583680 kB\n", ""),
+    ("Size:            4194304 kB\n", "Size:            4194304 KB\n"), ("KernelPageSize:        4 kB\n", "KernelPageSize: lots\n"),
+    ("VmFlags:", "VmFlags: \u00e9"), ("VmFlags:", "\nVmFlags:"), ("VmFlags:", "7f00-7f01 rw-p 0 00:00 0\nVmFlags:"), ("VmFlags:", "Vm Flags:"),
+    ("7f2778200000-7f2878200000", "7f2878200000-7f2778200000"), ("7f2778200000-", "00000000007f2778200000-"),
+    ("rw-s 00000000", "rw-s 00000000000000000"), ("262232", "99999999999999999999"), ("(deleted)", "(deleted)  \r"),
+]
+
+
+@needs_block_fields
+@pytest.mark.parametrize("old,new", _PLAIN_EDGES)
+def test_plain_block_reader_edges(old: str, new: str) -> None:
+    assert old in SEED_BLOCK
+    raw = SEED_BLOCK.replace(old, new, 1).encode()
+    fast = smaps_module._parse_plain_block(raw)
+    strict = _strict_one(raw)
+    if fast is not None:
+        assert fast == strict
+    try:
+        via: Vma | str = smaps_module._parse_block_bytes(raw, "s", 0)
+    except ParseError as exc:
+        via = f"ParseError: {exc}"
+    assert via == strict or (strict == "not one block" and isinstance(via, str))
+
+
+@needs_block_fields
+def test_plain_block_reader_declines_repeats() -> None:
+    """A repeated kB field is an error of the strict parse: the compiled reader must not take the last."""
+    raw = SEED_BLOCK.replace("Rss:", "Rss:             4196352 kB\nRss:", 1).encode()
+    assert smaps_module._parse_plain_block(raw) is None
+    raw = SEED_BLOCK.replace("THPeligible:    1\n", "THPeligible:    1\nTHPeligible:    0\n", 1).encode()
+    assert smaps_module._parse_plain_block(raw) is None

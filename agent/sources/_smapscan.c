@@ -93,6 +93,107 @@ big_size_lines(PyObject *module, PyObject *args)
     return out;
 }
 
+PyDoc_STRVAR(block_fields_doc,
+"block_fields(block, max_digits, /) -> tuple | None\n\n"
+"The body of one smaps VMA block (the lines after its first), read only if every line has the kernel's\n"
+"plain shape: `Key:[ \\t]*value` in ASCII, each of the eight kB fields smaps.parse_smaps keeps (Size,\n"
+"KernelPageSize, Rss, AnonHugePages, ShmemPmdMapped, FilePmdMapped, Shared_Hugetlb, Private_Hugetlb)\n"
+"at most once and exactly `<1 to max_digits digits> kB`, THPeligible at most once and exactly 0 or 1,\n"
+"and the block ending with a newline. Then: (the eight values in bytes, None where absent, THPeligible\n"
+"as True/False/None, the offset of the first newline). Anything else: None (the caller parses the\n"
+"block in Python, which gives the result or the error).");
+
+/* The kB fields of smaps._KB_FIELDS, in its order (tests/test_smaps.py checks the two agree). */
+static const char *const kb_field_names[8] = {"Size", "KernelPageSize", "Rss", "AnonHugePages", "ShmemPmdMapped",
+                                              "FilePmdMapped", "Shared_Hugetlb", "Private_Hugetlb"};
+
+/* Why: the candidate (guest-RAM) blocks are parsed on every sample, and Python's strict parse of one
+ * costs 20 to 35 us, over 100 us for the two of a file when the caches are cold (after another
+ * process ran; docs/benchmarks.md). This reads only what the kernel prints; whatever else it meets
+ * it declines, and smaps._parse_block_bytes parses the block as before, so the errors (message,
+ * line) are the Python parser's alone. */
+static PyObject *
+block_fields(PyObject *module, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t max_digits;
+    if (!PyArg_ParseTuple(args, "y*n:block_fields", &view, &max_digits))
+        return NULL;
+    if (max_digits < 1 || max_digits > 16) { /* 16 digits times 1024 fits in 64 bits */
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "max_digits must be 1 to 16");
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)view.buf;
+    const Py_ssize_t n = view.len;
+    unsigned long long values[8];
+    int have[8] = {0, 0, 0, 0, 0, 0, 0, 0}, eligible = -1;
+    const unsigned char *first = n > 0 ? memchr(p, '\n', (size_t)n) : NULL;
+    if (first == NULL || p[n - 1] != '\n')
+        goto decline;
+    for (Py_ssize_t i = first - p + 1; i < n;) {
+        const unsigned char *eol = memchr(p + i, '\n', (size_t)(n - i)); /* found: the block ends with one */
+        Py_ssize_t e = eol - p, k = i;
+        for (Py_ssize_t j = i; j < e; j++)
+            if (p[j] >= 0x80)
+                goto decline;
+        /* _FIELD: [A-Za-z_][A-Za-z0-9_]*: */
+        if (k >= e || !((p[k] >= 'A' && p[k] <= 'Z') || (p[k] >= 'a' && p[k] <= 'z') || p[k] == '_'))
+            goto decline;
+        while (k < e && ((p[k] >= 'A' && p[k] <= 'Z') || (p[k] >= 'a' && p[k] <= 'z') || (p[k] >= '0' && p[k] <= '9') || p[k] == '_'))
+            k++;
+        if (k >= e || p[k] != ':')
+            goto decline;
+        Py_ssize_t klen = k - i, v = k + 1;
+        while (v < e && (p[v] == ' ' || p[v] == '\t'))
+            v++;
+        int field = -1;
+        for (int f = 0; f < 8; f++)
+            if ((size_t)klen == strlen(kb_field_names[f]) && memcmp(p + i, kb_field_names[f], (size_t)klen) == 0)
+                field = f;
+        if (field >= 0) {
+            if (have[field])
+                goto decline;
+            unsigned long long value = 0;
+            Py_ssize_t d = v;
+            while (d < e && p[d] >= '0' && p[d] <= '9' && d - v < max_digits)
+                value = value * 10 + (unsigned long long)(p[d++] - '0');
+            if (d == v || e - d != 3 || memcmp(p + d, " kB", 3) != 0)
+                goto decline;
+            values[field] = value * 1024;
+            have[field] = 1;
+        } else if (klen == 11 && memcmp(p + i, "THPeligible", 11) == 0) {
+            if (eligible >= 0 || e - v != 1 || (p[v] != '0' && p[v] != '1'))
+                goto decline;
+            eligible = p[v] == '1';
+        }
+        i = e + 1;
+    }
+    PyBuffer_Release(&view);
+    PyObject *out = PyTuple_New(10);
+    if (out == NULL)
+        return NULL;
+    for (int f = 0; f < 8; f++) {
+        PyObject *item = have[f] ? PyLong_FromUnsignedLongLong(values[f]) : Py_NewRef(Py_None);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, f, item);
+    }
+    PyTuple_SET_ITEM(out, 8, Py_NewRef(eligible < 0 ? Py_None : eligible ? Py_True : Py_False));
+    PyObject *at = PyLong_FromSsize_t(first - p);
+    if (at == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 9, at);
+    return out;
+decline:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(count_newlines_doc,
 "count_newlines(data, /) -> int\n\n"
 "The number of newline bytes in data (any contiguous bytes-like object): bytes.count(b'\\n'), fast.");
@@ -979,6 +1080,7 @@ force_level(PyObject *module, PyObject *args)
 static PyMethodDef smapscan_methods[] = {
     {"_force_level", force_level, METH_VARARGS, force_level_doc},
     {"big_size_lines", big_size_lines, METH_VARARGS, big_size_lines_doc},
+    {"block_fields", block_fields, METH_VARARGS, block_fields_doc},
     {"count_newlines", count_newlines, METH_VARARGS, count_newlines_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -359,8 +359,52 @@ _LAST_HEADER = re.compile(rb".*\n()[0-9a-f]+-[0-9a-f]+ ", re.DOTALL)
 _VMFLAGS = b"\nVmFlags:"
 
 
+try:
+    from eptwatch.agent.sources._smapscan import block_fields as _block_fields
+except ImportError:  # not built (or built before it): every block is parsed in Python
+    _block_fields = None
+
+# The attributes of _smapscan.block_fields's eight values, in its order (tests/test_smaps.py checks).
+_KB_ATTRS = tuple(_KB_FIELDS.values())
+
+
+def _parse_plain_block(block: bytes | bytearray | memoryview) -> Vma | None:
+    """One VMA block of the kernel's plain shape, read with the compiled body reader
+    (_smapscan.block_fields); None where it declines or the header needs a closer look (a number past
+    the fast bound, end below start): the caller then parses the block in Python, which gives the
+    same Vma or the error. Only what parse_smaps would accept is returned (tests/test_smaps.py
+    compares the two on mutated blocks)."""
+    if _block_fields is None:
+        return None
+    got = _block_fields(block, _MAX_KB_DIGITS - 1)  # fewer digits than MAX_KB has: within the bound
+    if got is None:
+        return None
+    *kb, eligible, first_nl = got
+    h = _HEADER.match(bytes(block[:first_nl]).decode("utf-8", errors="replace"))
+    if h is None:
+        return None
+    values = {attr: value for attr, value in zip(_KB_ATTRS, kb) if value is not None}
+    if "size_bytes" not in values or "rss_bytes" not in values:
+        return None
+    start_hex, end_hex, offset_hex, inode_dec = h.group(1), h.group(2), h.group(4), h.group(6)
+    if len(start_hex) > 16 or len(end_hex) > 16 or len(offset_hex) > 16 or len(inode_dec) > 19:
+        return None  # as _header_int: may exceed u64, checked (and named) by the Python parse
+    start, end = int(start_hex, 16), int(end_hex, 16)
+    if end < start:
+        return None
+    path = (h.group(7) or "").rstrip()
+    deleted = path.endswith(" (deleted)")
+    if deleted:
+        path = path[: -len(" (deleted)")]
+    return Vma(start=start, end=end, perms=h.group(3), offset=int(offset_hex, 16), dev=h.group(5), inode=int(inode_dec, 10),
+               path=path, deleted=deleted, thp_eligible=eligible, **values)
+
+
 def _parse_block_bytes(block: bytes | bytearray | memoryview, name: str, line_base: int) -> Vma:
     """One VMA block, parsed strictly; `line_base` newlines precede it in the file (for the error)."""
+    vma = _parse_plain_block(block)
+    if vma is not None:
+        return vma
     text = bytes(block).decode("utf-8", errors="replace")
     try:
         vmas = parse_smaps(text, name)
