@@ -107,10 +107,11 @@ def check_report(r: pb.HostReport, now: float, wire: tuple[bytes, int, int] | No
         return f"sample_time {t:.0f} is {t - now:.0f} s in the future (more than {MAX_FUTURE_SECONDS:.0f} s of clock skew)"
     if t < MIN_SAMPLE_TIME:
         return f"sample_time {t:.0f} is before 2000-01-01"
-    if len(r.labels) > MAX_LABELS:
-        return f"{len(r.labels)} labels: at most {MAX_LABELS}"
-    for k, v in r.labels.items():
-        if not k or len(k) > MAX_LABEL_BYTES or len(v) > MAX_LABEL_BYTES:
+    labels = r.labels
+    if len(labels) > MAX_LABELS:
+        return f"{len(labels)} labels: at most {MAX_LABELS}"
+    for k in labels:  # keys, then each value by key: the map's items() is a pure-Python view, slower
+        if not k or len(k) > MAX_LABEL_BYTES or len(labels[k]) > MAX_LABEL_BYTES:
             return f"label {k[:40]!r}: keys 1..{MAX_LABEL_BYTES} and values up to {MAX_LABEL_BYTES} characters"
     if r.kernel.era not in _ERAS:
         return f"kernel.era: unknown value {r.kernel.era}"
