@@ -225,9 +225,9 @@ def test_the_stores_summary_of_the_stored_report_goes_into_the_fleet_view_as_it_
 
 
 def test_the_handler_wakes_when_a_pending_commit_lands_and_acks_in_order() -> None:
-    """The handler waits for a pending commit on the stream's event, which the store future's done-callback
-    sets: every message's acks go out once its commit lands, in the order of the messages, each after the
-    commit's counts reached the counters, even when later commits land first."""
+    """A handler waiting for a pending commit wakes when it lands: every message's acks go out once its
+    commit lands, in the order of the messages, each after the commit's counts reached the counters,
+    even when later commits land first."""
     from eptwatch.server.fleet.state import FleetConfig, FleetState
     from eptwatch.server.ingest.servicer import IngestServicer
     from eptwatch.server.store.sqlite import ApplyResult

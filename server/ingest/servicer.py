@@ -218,13 +218,9 @@ class IngestServicer:
                     raise head
                 assert isinstance(head, _Admitted)
                 if head.future is not None and not head.future.done():
-                    # The future's done-callback (added by the reader) sets `ready`: waiting on the event,
-                    # not on the future, leaves the store's future alive if this stream is cancelled (the
-                    # agent went away), so that its other callback still applies the commit. It also costs
-                    # about half of asyncio.wait's new waiter future and callbacks, once per message.
-                    stream.ready.clear()
-                    await stream.ready.wait()
-                    continue
+                    # asyncio.wait, not `await future`: if this stream is cancelled (the agent went away)
+                    # the store's future must live on, so that its done-callback applies the commit.
+                    await asyncio.wait((head.future,))
                 failure = _store_failure(head)
                 if failure is not None:
                     # Nothing of this message was stored: no ack for it or anything after it. The agent
@@ -280,8 +276,6 @@ class IngestServicer:
                 del got
                 queue.append(item)
                 ready.set()
-                if isinstance(item, _Admitted) and item.future is not None:
-                    item.future.add_done_callback(stream.wake)
                 if isinstance(item, _Refusal):
                     return
                 while len(queue) >= READ_AHEAD_MESSAGES or stream.queued_reports() >= READ_AHEAD_REPORTS:
@@ -422,15 +416,11 @@ class _StreamState:
 
     def __init__(self) -> None:
         self.queue: deque[_Admitted | _Refusal | BaseException | object] = deque()
-        self.ready = asyncio.Event()  # the reader added something, or a store future is done
+        self.ready = asyncio.Event()  # the reader added something
         self.room = asyncio.Event()  # the handler took something
         self.carried: set[str] = set()
         self.departing = False
         self.rewind_logged = False
-
-    def wake(self, _future: object = None) -> None:
-        """A store future's done-callback: the handler may have acks to send."""
-        self.ready.set()
 
     def queued_reports(self) -> int:
         return sum(len(item.acks) for item in self.queue if isinstance(item, _Admitted))  # one ack slot per report
