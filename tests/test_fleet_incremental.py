@@ -60,3 +60,48 @@ def test_running_sums_equal_a_view_from_scratch(templates: dict[str, pb.HostRepo
             got = state.view()
             want = build_view(state.hosts().values(), set(state._departed), got.generated_at, cfg)
             assert comparable(got) == comparable(want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_replace_is_taking_the_old_report_away_and_adding_the_new(templates: dict[str, pb.HostReport], seed: int) -> None:
+    """Rollups.replace (a counted host's next report, in one pass) leaves every rollup, its causes and its
+    loss by cause exactly as add(old, -1) then add(new) do: across kernels, label values (present,
+    absent, changed) and reports whose causes change or do not."""
+    import dataclasses
+
+    from eptwatch.server.fleet.state import Rollups
+
+    rng = random.Random(seed)
+    fleet = SimulatedFleet(templates, 0)
+    labels = ("zone", "cluster")
+
+    def summary() -> object:
+        pairs = tuple((k, rng.choice("ab")) for k in labels if rng.random() < 0.8)
+        r = fleet.report(SimHost("h1", rng.choice(NAMES), pairs, "i"), 1000.0)
+        s = summarise(r, received=1000.0, spool_dropped_total=rng.randrange(3))
+        return dataclasses.replace(s, received=rng.random()) if rng.random() < 0.3 else s
+
+    def state(r: Rollups) -> tuple:  # type: ignore[type-arg]
+        def one(x):  # type: ignore[no-untyped-def]
+            return (x.hosts, x.vms, x.capacity_2m, x.observed_2m, x.lost_2m, x.lost_explained_2m, x.lost_unexplained_2m,
+                    x.known_bug_vms, x.spool_dropped, dict(x.causes), dict(x.lost_by_cause))
+        return (one(r.total), {k: one(x) for k, x in r.kernels.items()}, {k: one(x) for k, x in r.labels.items()})
+
+    fast, slow = Rollups(labels), Rollups(labels)
+    others = [summary() for _ in range(3)]  # other hosts in the same rollups
+    for o in others:
+        fast.add(o)  # type: ignore[arg-type]
+        slow.add(o)  # type: ignore[arg-type]
+    old = summary()
+    fast.add(old)  # type: ignore[arg-type]
+    slow.add(old)  # type: ignore[arg-type]
+    lost_by_cause_seen = False
+    for _ in range(200):
+        new = old if rng.random() < 0.1 else summary()
+        fast.replace(old, new)  # type: ignore[arg-type]
+        slow.add(old, -1)  # type: ignore[arg-type]
+        slow.add(new)  # type: ignore[arg-type]
+        assert state(fast) == state(slow)
+        lost_by_cause_seen = lost_by_cause_seen or bool(new.lost_by_cause)  # type: ignore[attr-defined]
+        old = new
+    assert lost_by_cause_seen  # the templates exercise the loss split too

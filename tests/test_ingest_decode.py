@@ -223,3 +223,54 @@ def test_the_stores_summary_of_the_stored_report_goes_into_the_fleet_view_as_it_
         assert held is from_store and calls == []
     else:
         assert held is not None and held.received == clock_now and calls == ["summarise"]
+
+
+def test_the_handler_wakes_when_a_pending_commit_lands_and_acks_in_order() -> None:
+    """A handler waiting for a pending commit wakes when it lands: every message's acks go out once its
+    commit lands, in the order of the messages, each after the commit's counts reached the counters,
+    even when later commits land first."""
+    from eptwatch.server.fleet.state import FleetConfig, FleetState
+    from eptwatch.server.ingest.servicer import IngestServicer
+    from eptwatch.server.store.sqlite import ApplyResult
+
+    pending: list[tuple[asyncio.Future, int]] = []
+
+    class _LateStore:
+        def submit(self, items):  # type: ignore[no-untyped-def]
+            fut = asyncio.get_running_loop().create_future()
+            pending.append((fut, len(items)))
+            return fut
+
+    async def run() -> tuple[list[tuple[list[int], int]], IngestServicer]:
+        fleet = FleetState(FleetConfig())
+        servicer = IngestServicer(_LateStore(), fleet, None, 60.0)  # type: ignore[arg-type]
+        now = int(time.time())
+
+        async def requests():  # type: ignore[no-untyped-def]
+            for seq in (1, 2, 3):
+                r = pb.HostReport.FromString(_report("hv-late-1", seq))
+                r.sample_time.FromSeconds(now)
+                yield decode_agent_message(encode_agent_message([r.SerializeToString()], 0))
+            await asyncio.Event().wait()  # the agent stays
+
+        async def resolve() -> None:
+            await until(lambda: len(pending) == 3)
+            for fut, n in reversed(pending):  # the last message's commit lands first
+                await asyncio.sleep(0.02)
+                fut.set_result([ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)] * n)
+
+        got: list[tuple[list[int], int]] = []
+        resolver = asyncio.create_task(resolve())
+        stream = servicer.Stream(requests(), context=_Context())  # type: ignore[arg-type]
+        async for m in stream:
+            got.append(([a.sequence for a in m.acks], servicer.counters.reports_applied_total))
+            if sum(len(s) for s, _ in got) == 3:
+                break
+        await stream.aclose()
+        await resolver
+        return got, servicer
+
+    got, servicer = asyncio.run(asyncio.wait_for(run(), 10))  # a handler never woken fails here, not hangs
+    assert [s for acks, _ in got for s in acks] == [1, 2, 3]
+    assert got[-1][1] == 3 and all(applied >= max(acks) for acks, applied in got)
+    assert servicer.counters.reports_applied_total == 3

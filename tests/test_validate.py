@@ -254,3 +254,112 @@ def test_compiled_extensions_are_built_where_a_compiler_is() -> None:
     if not have_compiler():
         pytest.skip("no C compiler or no Python.h: the regex scanner and the Python walk are expected here")
     assert (smaps.SCANNER, validate.WALKER) == ("c", "c"), "agent/sources/_smapscan.c or server/ingest/_reportscan.c was not built"
+
+
+# --- the compiled report-level checks (_reportscan.check) against the Python ones ----------------------
+
+needs_check = pytest.mark.skipif(validate._check_wire is None or validate._walk_wire is None,
+                                 reason="eptwatch.server.ingest._reportscan.check is not built here")
+
+
+def _header_variants() -> list[tuple[str, object]]:
+    """(name, mutation of a valid report) at and just past every report-level bound, and in the
+    encodings the compiled check must leave to Python (a singular field sent twice, a wrong wire type)."""
+    now = time.time()
+    out: list[tuple[str, object]] = []
+    for host in ["a", "A" * 253, "A" * 254, "h-1.b_c:d", "-h", ".h", "h h", "hé", "h\x00"]:
+        out.append((f"host_id={host[:12]!r}x{len(host)}", lambda r, h=host: setattr(r, "host_id", h)))
+    for inst in ["", "i", "x" * 64, "x" * 65, "é" * 64, "é" * 65, "€" * 64, "😀" * 65]:
+        out.append((f"agent_instance={inst[:3]!r}x{len(inst)}", lambda r, i=inst: setattr(r, "agent_instance", i)))
+    for seq in [0, 1, 2**63 - 1, 2**63, 2**64 - 1]:
+        out.append((f"sequence={seq}", lambda r, s=seq: setattr(r, "sequence", s)))
+    for t in [now + 299, now + 301, 946684800.0, 946684799.0, 0.0, -5.5]:
+        out.append((f"sample_time={t}", lambda r, t=t: r.sample_time.FromNanoseconds(int(t * 1e9))))
+    out.append(("sample_time 2^40 s", lambda r: setattr(r.sample_time, "seconds", 2**40)))  # beyond Timestamp's range
+    out.append(("sample_time -2^62 s", lambda r: setattr(r.sample_time, "seconds", -2**62)))
+    out.append(("sample_time negative nanos", lambda r: setattr(r.sample_time, "nanos", -1)))
+    out.append(("sample_time absent", lambda r: r.ClearField("sample_time")))
+    out.append(("sample_time empty", lambda r: (r.ClearField("sample_time"), r.sample_time.SetInParent())))
+    for n in [0, 64, 65]:
+        out.append((f"{n} labels", lambda r, n=n: (r.labels.clear(), r.labels.update({f"k{i}": "v" for i in range(n)}))))
+    for k, v in [("k" * 256, "v"), ("k" * 257, "v"), ("k", "v" * 256), ("k", "v" * 257), ("é" * 256, "€" * 256),
+                 ("é" * 257, "v"), ("k", "😀" * 257), ("", "v")]:
+        out.append((f"label {len(k)}:{len(v)}", lambda r, k=k, v=v: r.labels.update({k: v})))
+    for era in [*pb.PredicateEra.values(), 99, -1]:
+        out.append((f"era={era}", lambda r, e=era: setattr(r.kernel, "era", e)))
+    out.append(("no kernel", lambda r: r.ClearField("kernel")))
+    out.append(("4097 estimates", lambda r: [r.estimates.add(vm_id=f"x{i}", cause=pb.CAUSE_IMPLAUSIBLE) for i in range(4097 - len(r.estimates))]))
+    return out
+
+
+@needs_check
+@pytest.mark.parametrize("name, mutate", _header_variants(), ids=[n for n, _ in _header_variants()])
+def test_compiled_report_checks_agree_with_python(report: pb.HostReport, name: str, mutate) -> None:  # type: ignore[no-untyped-def]
+    """The compiled report-level checks answer a valid report with its totals and leave every other
+    one to Python (None): check_report's answer with them is the Python one, reason or totals."""
+    mutate(report)
+    wire = report.SerializeToString()
+    now = time.time()
+    with mock.patch.object(validate, "_walk_wire", None):
+        python = validate.check_report(report, now)
+    fast = validate._check_wire(wire, 0, len(wire), now, *validate._CHECK_ARGS)
+    assert validate.check_report(report, now, (wire, 0, len(wire))) == python
+    if isinstance(python, str):
+        assert fast is None, python
+    else:
+        assert fast is not None and validate.ReportTotals._make(fast) == python
+
+
+@needs_check
+@pytest.mark.parametrize("extra", [
+    _sub(1, b"other-host"),  # host_id sent twice: the last one counts (not modelled: Python decides)
+    _sub(4, b"j"),  # agent_instance twice
+    _key(5, 0) + _varint(7),  # sequence twice
+    _sub(6, b"\x08\x01"),  # sample_time twice: the messages merge
+    _sub(7, b"\x20\x01"),  # kernel twice
+    _key(1, 0) + _varint(1),  # host_id with a varint's wire type: an unknown field to protobuf
+    _key(5, 2) + _varint(1) + b"x",  # sequence with a length's wire type
+])
+def test_encodings_the_compiled_checks_do_not_model_are_left_to_python(report: pb.HostReport, extra: bytes) -> None:
+    wire = report.SerializeToString() + extra
+    parsed = pb.HostReport.FromString(wire)
+    now = time.time()
+    assert validate._check_wire(wire, 0, len(wire), now, *validate._CHECK_ARGS) is None
+    with mock.patch.object(validate, "_walk_wire", None):
+        python = validate.check_report(parsed, now)
+    assert validate.check_report(parsed, now, (wire, 0, len(wire))) == python
+
+
+@needs_check
+@pytest.mark.parametrize("labels, repeats", [(1, 2), (64, 2), (63, 2), (3, 70)])
+def test_a_label_key_sent_again_is_counted_as_sent_and_python_agrees(report: pb.HostReport, labels: int, repeats: int) -> None:
+    """Map entries with a key sent again (the last value counts): the compiled check counts entries as
+    sent, which is stricter than counting keys; past the bound it leaves the report to Python."""
+    report.labels.clear()
+    report.labels.update({f"k{i}": "v" for i in range(labels)})
+    extra = _sub(2, b"\x0a\x02k0\x12\x01w") * repeats  # k0 again, another value
+    wire = report.SerializeToString() + extra
+    parsed = pb.HostReport.FromString(wire)
+    assert len(parsed.labels) == labels and parsed.labels["k0"] == "w"
+    now = time.time()
+    fast = validate._check_wire(wire, 0, len(wire), now, *validate._CHECK_ARGS)
+    assert (fast is None) == (labels + repeats > validate.MAX_LABELS)
+    with mock.patch.object(validate, "_walk_wire", None):
+        python = validate.check_report(parsed, now)
+    assert validate.check_report(parsed, now, (wire, 0, len(wire))) == python
+    with mock.patch.object(validate, "_walk_wire", None):
+        python = validate.check_report(parsed, now)
+    assert validate.check_report(parsed, now, (wire, 0, len(wire))) == python
+
+
+@needs_check
+def test_a_valid_report_is_checked_in_one_compiled_call(report: pb.HostReport) -> None:
+    """The point of the compiled checks: a valid report costs no protobuf field access in check_report."""
+    wire = report.SerializeToString()
+
+    class _NoFields:
+        def __getattr__(self, name: str) -> object:
+            raise AssertionError(f"check_report read {name} from protobuf")
+
+    got = validate.check_report(_NoFields(), time.time(), (wire, 0, len(wire)))  # type: ignore[arg-type]
+    assert got == validate.check_report(report, time.time())

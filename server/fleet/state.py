@@ -231,6 +231,23 @@ class Rollup:
             else:
                 del lost[c]
 
+    def replace(self, old: HostSummary, new: HostSummary) -> None:
+        """The same as add(old, -1) then add(new), in one pass: a host's next report replacing its last in
+        the same rollup (the usual case, once per report ingested or followed). Causes are touched only
+        where they changed, which a host's consecutive reports mostly do not."""
+        self.vms += new.vms - old.vms
+        self.capacity_2m += new.capacity_2m - old.capacity_2m
+        self.observed_2m += new.observed_2m - old.observed_2m
+        self.lost_2m += new.lost_2m - old.lost_2m
+        self.lost_explained_2m += new.lost_explained_2m - old.lost_explained_2m
+        self.lost_unexplained_2m += new.lost_unexplained_2m - old.lost_unexplained_2m
+        self.known_bug_vms += new.known_bug_vms - old.known_bug_vms
+        self.spool_dropped += new.spool_dropped_total - old.spool_dropped_total
+        if old.causes != new.causes:
+            _move_counts(self.causes, old.causes, new.causes)
+        if old.lost_by_cause != new.lost_by_cause:
+            _move_counts(self.lost_by_cause, old.lost_by_cause, new.lost_by_cause)
+
     def values(self) -> dict[str, object]:
         """The sums as constructor arguments (the causes copied): a snapshot of a running rollup."""
         return {"hosts": self.hosts, "vms": self.vms, "capacity_2m": self.capacity_2m, "observed_2m": self.observed_2m,
@@ -343,6 +360,23 @@ def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
         k.evidence = "; ".join(reasons)
 
 
+def _move_counts(counts: Counter[int], old: tuple[tuple[int, int], ...], new: tuple[tuple[int, int], ...]) -> None:
+    """Takes `old`'s counts away from `counts` and adds `new`'s; a count reaching 0 is dropped, as in
+    Rollup.add. Plain dict methods: Counter's own __missing__ and __delitem__ are Python functions."""
+    for c, n in old:
+        m = dict.get(counts, c, 0) - n
+        if m:
+            counts[c] = m
+        else:
+            dict.pop(counts, c, None)
+    for c, n in new:
+        m = dict.get(counts, c, 0) + n
+        if m:
+            counts[c] = m
+        else:
+            dict.pop(counts, c, None)
+
+
 _Snapshot = tuple[Rollup, list[KernelRollup], dict[tuple[str, str], Rollup]]
 
 
@@ -365,6 +399,33 @@ class Rollups:
                 v = h.label(lk)
                 if v is not None:
                     _add_to(labels, (lk, v), h, sign)
+
+    def replace(self, old: HostSummary, new: HostSummary) -> None:
+        """add(old, -1) then add(new) (a counted host's next report): one pass over each rollup both fall
+        in (the same kernel, the same label values: the usual case), the two steps elsewhere."""
+        if old is new:
+            return
+        self.total.replace(old, new)
+        kernels = self.kernels
+        key = (old.kernel_release, old.era)
+        r = kernels.get(key)
+        if r is not None and key == (new.kernel_release, new.era):
+            r.replace(old, new)
+        else:
+            _add_to(kernels, key, old, -1)
+            _add_to(kernels, (new.kernel_release, new.era), new, 1)
+        if self.rollup_labels:
+            labels = self.labels
+            for lk in self.rollup_labels:
+                v_old, v_new = old.label(lk), new.label(lk)
+                r = labels.get((lk, v_old)) if v_old is not None else None
+                if r is not None and v_old == v_new:
+                    r.replace(old, new)
+                    continue
+                if v_old is not None:
+                    _add_to(labels, (lk, v_old), old, -1)
+                if v_new is not None:
+                    _add_to(labels, (lk, v_new), new, 1)
 
     def snapshot(self) -> _Snapshot:
         """Copies for a view: kernels in version order (5.3 before 5.10), then era, not yet judged."""
@@ -501,19 +562,29 @@ class FleetState:
         to the store already (a change followed from a shared store)."""
         with self._lock:
             host_id = summary.host_id
-            current = self._hosts.get(host_id)
-            if current is not None and self._counted(host_id):
-                self._rollups.add(current, -1)
+            old = self._hosts.get(host_id)
+            counted = old if old is not None and self._counted(host_id) else None  # in the sums now
             # An invalid report never holds back a later valid one (its sample time may be the absurd part).
-            if current is None or summary.sample_time >= current.sample_time or current.problem:
+            current = old
+            if old is None or summary.sample_time >= old.sample_time or old.problem:
                 current = self._hosts[host_id] = summary
+            assert current is not None
             self._returned(host_id, tell_return)
             self._stale.discard(host_id)  # judged again at the next view, on the kept report's receive time
             if current.problem:
+                if counted is not None:
+                    self._rollups.add(counted, -1)
                 self._invalid.add(host_id)
             else:
                 self._invalid.discard(host_id)
-                self._count(current)
+                if counted is not None:
+                    # Out of the sums and in again in one pass (what _count does, but for the heap below).
+                    self._rollups.replace(counted, current)
+                else:
+                    self._rollups.add(current)
+                heapq.heappush(self._by_received, (current.received, host_id))
+                if len(self._by_received) > 2 * len(self._hosts) + 1024:
+                    self._compact()
             self._view = None
 
     def _returned(self, host_id: str, tell: bool = True) -> None:

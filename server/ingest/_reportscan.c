@@ -14,6 +14,10 @@
  * host-level estimate), where that RAM is known. An IMPLAUSIBLE estimate without a loss figure is
  * exempt: it is the agent's report of readings that contradict each other, and counts in no sum.
  *
+ * check() also does the report-level checks (identity, sequence, sample time, labels, kernel era, VM
+ * counts) before the walk, so that a valid report costs check_report one call and no protobuf field
+ * access from Python (about 8.6 -> 6.6 us per 20-VM report, measured in isolation).
+ *
  * Contract: the result is exactly what validate.check_report's Python walk returns for a valid
  * report, or None. None means "decide in Python": every invalid report (so that the reason is worded
  * once, in Python), and any wire encoding this walker does not model (a field with an unexpected wire
@@ -44,6 +48,17 @@ enum {
     ESTIMATE_BREAKDOWN = 8,
     SHARE_CAUSE = 1,
     SHARE_LOST = 2,
+    HOST_REPORT_HOST_ID = 1,
+    HOST_REPORT_LABELS = 2,
+    HOST_REPORT_AGENT_INSTANCE = 4,
+    HOST_REPORT_SEQUENCE = 5,
+    HOST_REPORT_SAMPLE_TIME = 6,
+    HOST_REPORT_KERNEL = 7,
+    MAP_ENTRY_KEY = 1,
+    MAP_ENTRY_VALUE = 2,
+    TIMESTAMP_SECONDS = 1,
+    TIMESTAMP_NANOS = 2,
+    KERNEL_ERA = 4,
 };
 
 enum { WT_VARINT = 0, WT_FIXED64 = 1, WT_LEN = 2, WT_FIXED32 = 5 };
@@ -480,6 +495,188 @@ walk_report(const uint8_t *p, const uint8_t *end, const Causes *c, Sums *vms_sum
     return 0;
 }
 
+/* The report-level checks of validate.check_report (identity, sequence, sample time, labels, kernel era,
+ * how many VMs and estimates), read from the same bytes. 0: every one of them passes; -1: let Python
+ * decide (any failure, so that the reason is worded once, in Python, and anything not modelled: a
+ * singular field or message that appears more than once, an unexpected wire type). Lengths in
+ * characters are counted as Python's len() counts them: code points, i.e. the bytes that do not
+ * continue a UTF-8 sequence (the protobuf runtime has already refused invalid UTF-8 in these strings). */
+typedef struct {
+    double now, max_future_seconds, min_sample_time;
+    uint64_t known_eras; /* bit e: PredicateEra e is known */
+    uint64_t max_labels, max_label_chars, max_vms, max_instance_chars, max_sequence;
+} Header;
+
+static uint64_t
+utf8_chars(const uint8_t *p, const uint8_t *end)
+{
+    uint64_t n = 0;
+    for (; p < end; p++)
+        n += (*p & 0xC0) != 0x80;
+    return n;
+}
+
+static int
+host_id_ok(const uint8_t *p, const uint8_t *end)
+{
+    /* validate._HOST_ID: [A-Za-z0-9][A-Za-z0-9._:-]{0,252} */
+    if (p >= end || end - p > 253)
+        return 0;
+    for (const uint8_t *q = p; q < end; q++) {
+        uint8_t ch = *q;
+        int alnum = (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9');
+        if (!alnum && (q == p || (ch != '.' && ch != '_' && ch != ':' && ch != '-')))
+            return 0;
+    }
+    return 1;
+}
+
+/* A Timestamp's seconds + nanos / 1e9, as Python computes it; -1 if not modelled. */
+static int
+read_timestamp(const uint8_t *p, const uint8_t *end, double *t)
+{
+    int64_t seconds = 0;
+    int32_t nanos = 0;
+    while (p < end) {
+        uint32_t field;
+        int wt;
+        uint64_t v;
+        if (read_key(&p, end, &field, &wt) < 0)
+            return -1;
+        if (field == TIMESTAMP_SECONDS || field == TIMESTAMP_NANOS) {
+            if (wt != WT_VARINT || read_varint(&p, end, &v) < 0)
+                return -1;
+            if (field == TIMESTAMP_SECONDS)
+                seconds = (int64_t)v;
+            else
+                nanos = (int32_t)(uint32_t)v; /* int32 on the wire's low 32 bits */
+        } else if (skip_field(&p, end, wt) < 0) {
+            return -1;
+        }
+    }
+    *t = (double)seconds + (double)nanos / 1e9;
+    return 0;
+}
+
+/* One labels map entry: key 1..max and value up to max characters; -1 otherwise. */
+static int
+label_ok(const uint8_t *p, const uint8_t *end, const Header *h)
+{
+    uint64_t key_chars = 0, value_chars = 0;
+    while (p < end) {
+        uint32_t field;
+        int wt;
+        const uint8_t *sub_end;
+        if (read_key(&p, end, &field, &wt) < 0)
+            return -1;
+        if (field == MAP_ENTRY_KEY || field == MAP_ENTRY_VALUE) {
+            if (wt != WT_LEN || read_len(&p, end, &sub_end) < 0)
+                return -1;
+            if (field == MAP_ENTRY_KEY)
+                key_chars = utf8_chars(p, sub_end);
+            else
+                value_chars = utf8_chars(p, sub_end);
+            p = sub_end;
+        } else if (skip_field(&p, end, wt) < 0) {
+            return -1;
+        }
+    }
+    return key_chars >= 1 && key_chars <= h->max_label_chars && value_chars <= h->max_label_chars ? 0 : -1;
+}
+
+static int
+kernel_era_ok(const uint8_t *p, const uint8_t *end, const Header *h)
+{
+    uint64_t era = 0;
+    while (p < end) {
+        uint32_t field;
+        int wt;
+        if (read_key(&p, end, &field, &wt) < 0)
+            return -1;
+        if (field == KERNEL_ERA) {
+            if (wt != WT_VARINT || read_varint(&p, end, &era) < 0)
+                return -1;
+        } else if (skip_field(&p, end, wt) < 0) {
+            return -1;
+        }
+    }
+    int32_t e = (int32_t)(uint32_t)era;
+    return e >= 0 && e < 64 && (h->known_eras >> e) & 1 ? 0 : -1;
+}
+
+static int
+check_header(const uint8_t *p, const uint8_t *end, const Header *h)
+{
+    int seen_host = 0, seen_instance = 0, seen_sequence = 0, seen_time = 0, seen_kernel = 0;
+    uint64_t sequence = 0, labels = 0, vms = 0, estimates = 0;
+    double t = 0.0;
+    while (p < end) {
+        uint32_t field;
+        int wt;
+        const uint8_t *sub_end;
+        if (read_key(&p, end, &field, &wt) < 0)
+            return -1;
+        switch (field) {
+        case HOST_REPORT_SEQUENCE:
+            if (seen_sequence++ || wt != WT_VARINT || read_varint(&p, end, &sequence) < 0)
+                return -1;
+            continue;
+        case HOST_REPORT_HOST_ID:
+        case HOST_REPORT_LABELS:
+        case HOST_REPORT_AGENT_INSTANCE:
+        case HOST_REPORT_SAMPLE_TIME:
+        case HOST_REPORT_KERNEL:
+            if (wt != WT_LEN || read_len(&p, end, &sub_end) < 0)
+                return -1;
+            break;
+        case HOST_REPORT_VMS:
+            vms++;
+            if (skip_field(&p, end, wt) < 0)
+                return -1;
+            continue;
+        case HOST_REPORT_ESTIMATES:
+            estimates++;
+            if (skip_field(&p, end, wt) < 0)
+                return -1;
+            continue;
+        default:
+            if (skip_field(&p, end, wt) < 0)
+                return -1;
+            continue;
+        }
+        int ok;
+        switch (field) {
+        case HOST_REPORT_HOST_ID:
+            ok = !seen_host++ && host_id_ok(p, sub_end);
+            break;
+        case HOST_REPORT_AGENT_INSTANCE: {
+            uint64_t n = utf8_chars(p, sub_end);
+            ok = !seen_instance++ && n >= 1 && n <= h->max_instance_chars;
+            break;
+        }
+        case HOST_REPORT_SAMPLE_TIME:
+            ok = !seen_time++ && read_timestamp(p, sub_end, &t) == 0;
+            break;
+        case HOST_REPORT_KERNEL:
+            ok = !seen_kernel++ && kernel_era_ok(p, sub_end, h) == 0;
+            break;
+        default: /* HOST_REPORT_LABELS: entries, counted as sent (a repeated key counts twice: stricter) */
+            ok = ++labels <= h->max_labels && label_ok(p, sub_end, h) == 0;
+            break;
+        }
+        if (!ok)
+            return -1;
+        p = sub_end;
+    }
+    if (!seen_host || !seen_instance || !seen_time || sequence < 1 || sequence > h->max_sequence)
+        return -1;
+    if (!seen_kernel && !(h->known_eras & 1)) /* no kernel: era 0 */
+        return -1;
+    if (t > h->now + h->max_future_seconds || t < h->min_sample_time)
+        return -1;
+    return vms <= h->max_vms && estimates <= h->max_vms ? 0 : -1;
+}
+
 PyDoc_STRVAR(walk_doc,
 "walk(data, start, end, known_causes, explained_causes, unexplained_cause, implausible_cause, max_huge_2m,\n"
 "     max_guest_ram_bytes, /)\n"
@@ -488,6 +685,8 @@ PyDoc_STRVAR(walk_doc,
 "as validate.check_report computes them; None where Python must decide (see the module comment).\n"
 "known_causes and explained_causes are bit masks of Cause values (all below 64); the bounds are\n"
 "validate.MAX_HUGE_2M and validate.MAX_GUEST_RAM_BYTES.");
+
+static PyObject *walk_span(const uint8_t *p, const uint8_t *end, const Causes *causes);
 
 static PyObject *
 walk(PyObject *module, PyObject *args)
@@ -506,14 +705,23 @@ walk(PyObject *module, PyObject *args)
         return NULL;
     }
     const Causes causes = {known, explained, unexplained, implausible, max_huge_2m, max_guest_ram_bytes};
+    const uint8_t *base = (const uint8_t *)view.buf;
+    PyObject *result = walk_span(base + start, base + stop, &causes);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* walk()'s answer for the report in [p, end): its totals tuple, None, or NULL with an exception set. */
+static PyObject *
+walk_span(const uint8_t *p, const uint8_t *end, const Causes *causes_)
+{
+    const Causes causes = *causes_;
     Limits limits = {NULL, 0, 0, 0, 1};
     Sums vms_sums = {0}, host = {0};
     uint64_t counts[MAX_CAUSE] = {0};
     int has_host = 0;
-    const uint8_t *base = (const uint8_t *)view.buf;
-    int rc = walk_report(base + start, base + stop, &causes, &vms_sums, &host, &has_host, counts, &limits);
+    int rc = walk_report(p, end, &causes, &vms_sums, &host, &has_host, counts, &limits);
     PyMem_Free(limits.items);
-    PyBuffer_Release(&view);
     if (rc < 0)
         Py_RETURN_NONE;
     /* Several VMs sharing only a host-wide counter: the host-level estimate carries the loss. */
@@ -539,8 +747,55 @@ walk(PyObject *module, PyObject *args)
                          (unsigned long long)loss->explained, (unsigned long long)loss->unexplained, cause_counts);
 }
 
+PyDoc_STRVAR(check_doc,
+"check(data, start, end, now, max_future_seconds, min_sample_time, known_eras, max_labels, max_label_chars,\n"
+"      max_vms, max_instance_chars, max_sequence, known_causes, explained_causes, unexplained_cause,\n"
+"      implausible_cause, max_huge_2m, max_guest_ram_bytes, /) -> the same as walk() | None\n\n"
+"The report-level checks of validate.check_report (see check_header) and then walk(), in one call:\n"
+"walk()'s totals where every check passes, None where Python must decide. The bounds are\n"
+"validate's constants; known_eras is a bit mask of PredicateEra values (all below 64).");
+
+static PyObject *
+check(PyObject *module, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, stop;
+    Header h;
+    unsigned long long known_eras, max_labels, max_label_chars, max_vms, max_instance_chars, max_sequence;
+    unsigned long long known, explained, max_huge_2m, max_guest_ram_bytes;
+    int unexplained, implausible;
+    if (!PyArg_ParseTuple(args, "y*nndddKKKKKKKKiiKK:check", &view, &start, &stop, &h.now, &h.max_future_seconds,
+                          &h.min_sample_time, &known_eras, &max_labels, &max_label_chars, &max_vms, &max_instance_chars,
+                          &max_sequence, &known, &explained, &unexplained, &implausible, &max_huge_2m,
+                          &max_guest_ram_bytes))
+        return NULL;
+    if (start < 0 || stop < start || stop > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError, "span %zd..%zd outside a buffer of %zd bytes", start, stop, view.len);
+        return NULL;
+    }
+    h.known_eras = known_eras;
+    h.max_labels = max_labels;
+    h.max_label_chars = max_label_chars;
+    h.max_vms = max_vms;
+    h.max_instance_chars = max_instance_chars;
+    h.max_sequence = max_sequence;
+    const Causes causes = {known, explained, unexplained, implausible, max_huge_2m, max_guest_ram_bytes};
+    const uint8_t *base = (const uint8_t *)view.buf;
+    PyObject *result;
+    if (check_header(base + start, base + stop, &h) < 0) {
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        result = walk_span(base + start, base + stop, &causes);
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef reportscan_methods[] = {
     {"walk", walk, METH_VARARGS, walk_doc},
+    {"check", check, METH_VARARGS, check_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -69,12 +69,22 @@ try:
     from eptwatch.server.ingest._reportscan import walk as _walk_wire
 except ImportError:  # built without a compiler: the Python walk does the same, slower
     _walk_wire = None
+try:  # the report-level checks too, then the walk, in one call (used only where _walk_wire is)
+    from eptwatch.server.ingest._reportscan import check as _check_wire
+except ImportError:  # an older build of the extension: the report-level checks stay in Python
+    _check_wire = None
 _KNOWN_MASK = sum(1 << c for c in _CAUSES)
 _EXPLAINED_MASK = sum(1 << c for c in EXPLAINED_CAUSES)
 if max(_CAUSES) >= 64 or min(_CAUSES) < 0:  # the compiled walk knows causes by a 64-bit mask
     _walk_wire = None
 # The compiled walk's arguments after (data, start, end): the bounds are defined here only.
 _WALK_ARGS = (_KNOWN_MASK, _EXPLAINED_MASK, _UNEXPLAINED, _IMPLAUSIBLE, MAX_HUGE_2M, MAX_GUEST_RAM_BYTES)
+MAX_AGENT_INSTANCE_CHARS = 64
+if max(_ERAS) >= 64 or min(_ERAS) < 0:  # the compiled checks know eras by a 64-bit mask
+    _check_wire = None
+# The compiled report-level checks' arguments after (data, start, end, now), then the walk's.
+_CHECK_ARGS = (MAX_FUTURE_SECONDS, MIN_SAMPLE_TIME, sum(1 << e for e in _ERAS), MAX_LABELS, MAX_LABEL_BYTES, MAX_VMS,
+               MAX_AGENT_INSTANCE_CHARS, MAX_STORED_INTEGER, *_WALK_ARGS)
 
 # Which walk checks reports ("c" or "python"); exported on the aggregator's /metrics build info.
 WALKER = "c" if _walk_wire is not None else "python"
@@ -89,13 +99,19 @@ def validate_report(r: pb.HostReport, now: float) -> str | None:
 def check_report(r: pb.HostReport, now: float, wire: tuple[bytes, int, int] | None = None) -> ReportTotals | str:
     """The report's totals if it may be applied, else the reason it may not (one walk for both).
     `wire`: (buffer, start, end) of the bytes `r` was parsed from, where the caller has them: the
-    per-VM part is then read from those bytes in C."""
+    per-VM part is then read from those bytes in C, and where built, the report-level checks below
+    too (in the same call: a valid report then costs no protobuf field access here; anything else is
+    decided by the Python checks, which word the reason)."""
+    if wire is not None and _check_wire is not None and _walk_wire is not None:
+        walked = _check_wire(*wire, now, *_CHECK_ARGS)
+        if walked is not None:
+            return ReportTotals._make(walked)
     if not r.host_id:
         return "empty host_id"
     if not _HOST_ID.fullmatch(r.host_id):
         return f"host_id {r.host_id[:64]!r}: expected letters, digits, '.', '_', ':', '-' (at most 253)"
-    if not r.agent_instance or len(r.agent_instance) > 64:
-        return "agent_instance: expected 1..64 characters"
+    if not r.agent_instance or len(r.agent_instance) > MAX_AGENT_INSTANCE_CHARS:
+        return f"agent_instance: expected 1..{MAX_AGENT_INSTANCE_CHARS} characters"
     if r.sequence < 1:
         return "sequence: expected >= 1"
     if r.sequence > MAX_STORED_INTEGER:
@@ -107,10 +123,11 @@ def check_report(r: pb.HostReport, now: float, wire: tuple[bytes, int, int] | No
         return f"sample_time {t:.0f} is {t - now:.0f} s in the future (more than {MAX_FUTURE_SECONDS:.0f} s of clock skew)"
     if t < MIN_SAMPLE_TIME:
         return f"sample_time {t:.0f} is before 2000-01-01"
-    if len(r.labels) > MAX_LABELS:
-        return f"{len(r.labels)} labels: at most {MAX_LABELS}"
-    for k, v in r.labels.items():
-        if not k or len(k) > MAX_LABEL_BYTES or len(v) > MAX_LABEL_BYTES:
+    labels = r.labels
+    if len(labels) > MAX_LABELS:
+        return f"{len(labels)} labels: at most {MAX_LABELS}"
+    for k in labels:  # keys, then each value by key: the map's items() is a pure-Python view, slower
+        if not k or len(k) > MAX_LABEL_BYTES or len(labels[k]) > MAX_LABEL_BYTES:
             return f"label {k[:40]!r}: keys 1..{MAX_LABEL_BYTES} and values up to {MAX_LABEL_BYTES} characters"
     if r.kernel.era not in _ERAS:
         return f"kernel.era: unknown value {r.kernel.era}"
