@@ -231,7 +231,7 @@ def test_the_handler_wakes_when_a_pending_commit_lands_and_acks_in_order() -> No
     even when later commits land first."""
     from eptwatch.server.fleet.state import FleetConfig, FleetState
     from eptwatch.server.ingest.servicer import IngestServicer
-    from eptwatch.server.store.sqlite import ApplyResult
+    from eptwatch.server.store.commit import ApplyResult
 
     pending: list[tuple[asyncio.Future, int]] = []
 
