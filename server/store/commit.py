@@ -167,6 +167,49 @@ def plan_commit(batches: Sequence[Sequence[Incoming]], known_marks: Mapping[tupl
     return CommitPlan(results, marks, latest, agents, hosts, latest_slots)
 
 
+class GroupCommitWriter:
+    """The writer thread both stores run: `submit` queues a message's reports from the event loop, the
+    thread takes what has gathered (`next_group`) and hands it to `_commit_group`, which must wake every
+    job's waiter (a result or an exception each); `_stop_writer` lets what is queued commit, then stops."""
+
+    _max_batch: int
+    _commit_delay: float
+
+    def _init_writer(self) -> None:
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # a put from the event loop is cheap
+        self._thread: threading.Thread | None = None
+
+    def submit(self, items: Sequence[Incoming]) -> asyncio.Future[list[ApplyResult]]:
+        """Queue `items` for the next transaction; the future resolves (await it) once it has committed."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[ApplyResult]] = loop.create_future()
+        self._queue.put((list(items), loop, fut))
+        return fut
+
+    def _start_writer(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _stop_writer(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs, count, stop = next_group(self._queue, first, self._max_batch, self._commit_delay)
+            self._commit_group(jobs, count)
+            if stop:
+                return
+
+    def _commit_group(self, jobs: list[Job], count: int) -> None:
+        raise NotImplementedError
+
+
 class QueuedWrites:
     """A small writer thread fed by a queue: `record` only queues, the thread writes what has gathered
     in one batch (in order) through `_write_batch`, and `close` writes what is queued, then stops. Both stores'

@@ -27,12 +27,9 @@ no advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization fai
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import queue
 import struct
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,11 +49,12 @@ from eptwatch.server.store.commit import (
     REPORT,
     AgentRecord,
     ApplyResult,
+    GroupCommitWriter,
     Incoming,
+    Job,
     QueuedWrites,
     StoredHost,
     StoreError,
-    next_group,
     plan_commit,
     set_exception,
     set_result,
@@ -241,7 +239,6 @@ def float8_array(values: Sequence[float]) -> Float8Array:
 
 READER_POOL_SIZE = 4
 
-_Job = tuple[list[Incoming], asyncio.AbstractEventLoop, "asyncio.Future[list[ApplyResult]]"]
 
 
 @dataclass(frozen=True)
@@ -321,7 +318,7 @@ def decode_summary(f: FollowedHost) -> HostSummary | None:
         return None
 
 
-class PgStore:
+class PgStore(GroupCommitWriter):
     """Owns a writer connection and a small pool for reads. `submit` from the event loop; SQL runs on
     the writer thread (writes) or the caller's thread (reads, through the pool)."""
 
@@ -332,9 +329,8 @@ class PgStore:
         self.where = redact_dsn(dsn)  # what logs and errors may say
         self._max_batch = max_batch
         self._commit_delay = commit_delay_seconds
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()  # as the SQLite store's
+        self._init_writer()
         self._known_agents: set[tuple[str, str]] = set()  # agents rows known to exist (rows are never deleted)
-        self._thread: threading.Thread | None = None
         self.commits_total = 0
         self.reports_committed_total = 0
         self.retries_total = 0
@@ -445,48 +441,30 @@ class PgStore:
     # --- the writer thread ---
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="eptwatch-pgstore-writer", daemon=True)
-        self._thread.start()
+        self._start_writer("eptwatch-pgstore-writer")
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        self._stop_writer()
         self._pool.close()
         self._conn.close()
 
-    def submit(self, items: Sequence[Incoming]) -> asyncio.Future[list[ApplyResult]]:
-        """Queue `items` for the next transaction; the future resolves once it has committed."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[ApplyResult]] = loop.create_future()
-        self._queue.put((list(items), loop, fut))
-        return fut
+    def _commit_group(self, jobs: list[Job], count: int) -> None:
+        try:
+            results = self._commit([j[0] for j in jobs])
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            # A value the database refuses (an integer beyond BIGINT, say) fails the whole group:
+            # commit each message alone, and a failing message's reports one by one, so that the bad
+            # report alone is REJECTED (as the SQLite store does).
+            log.warning("PostgreSQL store %s: a group commit of %d message(s) failed (%s): retrying one at a time",
+                        self.where, len(jobs), str(exc).strip())
+            for job in jobs:
+                self._commit_alone(job)
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
+            self._fail(jobs, exc, count)
+        else:
+            wake_waiters(jobs, results, set_result)
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            jobs, count, stop = next_group(self._queue, first, self._max_batch, self._commit_delay)
-            try:
-                results = self._commit([j[0] for j in jobs])
-            except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                # A value the database refuses (an integer beyond BIGINT, say) fails the whole group:
-                # commit each message alone, and a failing message's reports one by one, so that the bad
-                # report alone is REJECTED (as the SQLite store does).
-                log.warning("PostgreSQL store %s: a group commit of %d message(s) failed (%s): retrying one at a time",
-                            self.where, len(jobs), str(exc).strip())
-                for job in jobs:
-                    self._commit_alone(job)
-            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
-                self._fail(jobs, exc, count)
-            else:
-                wake_waiters(jobs, results, set_result)
-            if stop:
-                return
-
-    def _commit_alone(self, job: _Job) -> None:
+    def _commit_alone(self, job: Job) -> None:
         try:
             try:
                 results = self._commit([job[0]]) if len(job[0]) > 1 else None
@@ -513,7 +491,7 @@ class PgStore:
                 res.append(ApplyResult(ingest_pb2.ACK_STATUS_REJECTED, False, reason=reason))
         return res
 
-    def _fail(self, jobs: list[_Job], exc: BaseException, count: int) -> None:
+    def _fail(self, jobs: list[Job], exc: BaseException, count: int) -> None:
         """The database, not a report, is at fault: nothing acknowledged, every waiter told why."""
         self.commit_failures_total[DATABASE] = self.commit_failures_total.get(DATABASE, 0) + 1
         log.warning("PostgreSQL store %s: commit of %d reports failed: %s", self.where, count, str(exc).strip())

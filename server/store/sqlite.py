@@ -21,13 +21,10 @@ fault: every waiter gets a StoreError naming it, and nothing is acknowledged.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from eptwatch.server.store.commit import (
@@ -36,11 +33,12 @@ from eptwatch.server.store.commit import (
     REPORT,
     AgentRecord,
     ApplyResult,
+    GroupCommitWriter,
     Incoming,
+    Job,
     QueuedWrites,
     StoredHost,
     StoreError,
-    next_group,
     plan_commit,
     set_exception,
     set_result,
@@ -82,7 +80,7 @@ CREATE TABLE IF NOT EXISTS hosts (
 """
 
 
-class Store:
+class Store(GroupCommitWriter):
     """Owns the SQLite file. `apply` is awaited from the event loop; all SQL runs on the writer thread."""
 
     def __init__(self, state_dir: Path, synchronous: str = "FULL", max_batch: int = 2000,
@@ -97,11 +95,10 @@ class Store:
             raise ValueError(f"commit delay: expected 0 to 1 s, got {commit_delay_seconds!r}")
         self._commit_delay = commit_delay_seconds
         # SimpleQueue: a put from the event loop costs a tenth of queue.Queue's (no Condition in Python).
-        self._queue: queue.SimpleQueue[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]] | None] = queue.SimpleQueue()
+        self._init_writer()
         self._marks: dict[tuple[str, str], int] = {}
         self._latest: dict[str, float] = {}  # host -> sample_time of its stored report (writer thread)
         self._instances: dict[str, str] = {}  # host -> agent instance of its stored report (writer thread)
-        self._thread: threading.Thread | None = None
         self._conn = self._connect()
         self.commits_total = 0
         self.reports_committed_total = 0
@@ -155,41 +152,23 @@ class Store:
         for host_id, st, inst in self._conn.execute("SELECT host_id, sample_time, agent_instance FROM hosts"):
             self._latest[host_id] = st
             self._instances[host_id] = inst
-        self._thread = threading.Thread(target=self._run, name="eptwatch-store-writer", daemon=True)
-        self._thread.start()
+        self._start_writer("eptwatch-store-writer")
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        self._stop_writer()
         self._conn.close()
 
-    def submit(self, items: Sequence[Incoming]) -> asyncio.Future[list[ApplyResult]]:
-        """Queue `items` for the next transaction; the future resolves (await it) once it has committed."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[ApplyResult]] = loop.create_future()
-        self._queue.put((list(items), loop, fut))
-        return fut
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            jobs, count, stop = next_group(self._queue, first, self._max_batch, self._commit_delay)
-            values: list[list[ApplyResult] | BaseException]
-            try:
-                values = list(self._commit_isolated([j[0] for j in jobs]))
-            except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
-                values = [exc] * len(jobs)
-            by_kind: dict[bool, list[int]] = {}
-            for i, v in enumerate(values):
-                by_kind.setdefault(isinstance(v, BaseException), []).append(i)
-            for failed, idx in by_kind.items():
-                wake_waiters([jobs[i] for i in idx], [values[i] for i in idx], set_exception if failed else set_result)
-            if stop:
-                return
+    def _commit_group(self, jobs: list[Job], count: int) -> None:
+        values: list[list[ApplyResult] | BaseException]
+        try:
+            values = list(self._commit_isolated([j[0] for j in jobs]))
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear of the failure
+            values = [exc] * len(jobs)
+        by_kind: dict[bool, list[int]] = {}
+        for i, v in enumerate(values):
+            by_kind.setdefault(isinstance(v, BaseException), []).append(i)
+        for failed, idx in by_kind.items():
+            wake_waiters([jobs[i] for i in idx], [values[i] for i in idx], set_exception if failed else set_result)
 
     def _failed(self, reason: str) -> None:
         self.commit_failures_total[reason] = self.commit_failures_total.get(reason, 0) + 1
