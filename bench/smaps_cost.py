@@ -9,7 +9,12 @@ host's other daemons), so discovery runs on a host with thousands of fds.
 
 Measured as CPU seconds (user+system) per operation, in --repeat interleaved rounds (each round
 measures every quantity once, so background load hits kernel and agent alike); ratios are medians of
-the per-round ratios, figures medians over rounds:
+the per-round ratios, figures medians over rounds. Every timed quantity runs right after an untimed
+`cat` of the files it reads, on the same CPU, so that each starts from the same cache state (a child
+process just read those files): on this machine what ran just before moves a 0.5 ms figure by 0.1 to
+0.35 ms (docs/benchmarks.md, 2026-12-06 "equal starting states"). Before that change the rounds ran
+back to back, and the widened fixture's `cat` came right after the kernel had made 7 MB of smaps (its
+file out of cache) while the agent came right after that `cat` (its file in cache).
   cat_smaps        `cat` of the child's smaps into /dev/null (child rusage, minus an empty `cat`)
   agent_smaps      Sampler._scan_smaps (smaps streamed through the scanner's small buffer, each chunk
                    scanned while in cache) + guest_ram.attribute_guest_ram. Target: <= 1.10 x cat_smaps
@@ -25,8 +30,11 @@ Breakdown rows: read_smaps_whole (the old read of the whole file into a ReadBuff
 scan_smaps (scan_large_vmas on bytes already in memory). Where the compiled read loop is built
 (_smapscan.FdScan): drain_smaps / drain_widened, the same C loop reading the file into the same
 128 KiB buffer and scanning nothing (the floor of the agent's read: what 1.10 x `cat` leaves for the
-scan), and agent_widened_uncached, the widened scan with the scanner's memory of the first and last
-blocks cleared first (they are parsed again, as when a process is sampled for the first time).
+scan), count_smaps / count_widened, the same read with each chunk's newlines counted (AVX-512 where
+the CPU has it): the least any scan that can name an error's line has to do, so the floor of what
+the 1.10 target can be held to; and agent_widened_uncached, the widened scan with the scanner's memory
+of the first and last blocks cleared first (they are parsed again, as when a process is sampled for
+the first time).
 """
 
 from __future__ import annotations
@@ -134,6 +142,12 @@ def cat_cpu(paths: list[str]) -> float:
     return max(full - empty, 1e-9)
 
 
+def settle(paths: list[str]) -> None:
+    """`cat paths > /dev/null`, untimed: the state every timed quantity starts from (see the docstring)."""
+    with open(os.devnull, "wb") as null:
+        subprocess.run(["cat", *paths], stdout=null, stderr=null, check=False)
+
+
 def fs_type(path: Path) -> str:
     """The file system type /proc/self/mounts gives for the mount holding `path` (tmpfs, ext4, ...)."""
     best, kind = "", "?"
@@ -238,12 +252,12 @@ def main() -> int:
         fd_scan_class = getattr(smaps_module, "_FdScan", None)
         drain_scan = fd_scan_class(smaps_module.CHUNK_BYTES) if fd_scan_class is not None else None
 
-        def drain(path: str) -> Callable[[], None]:
+        def drain(path: str, count: bool = False) -> Callable[[], None]:
             def run() -> None:
                 assert drain_scan is not None
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
                 try:
-                    drain_scan.drain(fd)
+                    drain_scan.drain(fd, count) if count else drain_scan.drain(fd)
                 finally:
                     os.close(fd)
             return run
@@ -283,26 +297,41 @@ def main() -> int:
         del thp
 
         load_before = os.getloadavg()
-        keys = ("cat_smaps", "agent_smaps", "read_smaps_whole", "scan_smaps", "agent_smaps_regex", "drain_smaps", "cat_widened",
-                "agent_widened", "agent_widened_uncached", "drain_widened", "discovery", "cat_sample", "agent_sample")
+        widened = str(widened_path)
+        # (quantity, the files it reads, the timed call): each is timed right after settle(files).
+        plan: list[tuple[str, list[str], Callable[[], float]]] = [
+            ("cat_smaps", [smaps], lambda: cat_cpu([smaps])),
+            ("agent_smaps", [smaps], lambda: cpu_of(agent_smaps)),
+            ("read_smaps_whole", [smaps], lambda: cpu_of(read_whole_reused)),
+            ("scan_smaps", [os.devnull], lambda: cpu_of(scan_only)),
+        ]
+        if compiled_search is not None:
+            plan.append(("agent_smaps_regex", [smaps], lambda: cpu_of(with_regex(agent_smaps))))
+        if drain_scan is not None:
+            plan.append(("drain_smaps", [smaps], lambda: cpu_of(drain(smaps))))
+            plan.append(("count_smaps", [smaps], lambda: cpu_of(drain(smaps, count=True))))
+        plan += [
+            ("cat_widened", [widened], lambda: cat_cpu([widened])),
+            ("agent_widened", [widened], lambda: cpu_of(agent_widened)),
+            ("agent_widened_uncached", [widened], lambda: cpu_of(agent_widened_uncached)),
+        ]
+        if drain_scan is not None:
+            plan.append(("drain_widened", [widened], lambda: cpu_of(drain(widened))))
+            plan.append(("count_widened", [widened], lambda: cpu_of(drain(widened, count=True))))
+        plan += [
+            ("discovery", [os.devnull], lambda: cpu_of(discovery)),
+            ("cat_sample", sample_files, lambda: cat_cpu(sample_files)),
+            ("agent_sample", sample_files, lambda: cpu_of(agent_sample)),
+        ]
+        # Every quantity gets a row, empty (None) where this agent lacks the part it measures.
+        keys = ("cat_smaps", "agent_smaps", "read_smaps_whole", "scan_smaps", "agent_smaps_regex", "drain_smaps", "count_smaps",
+                "cat_widened", "agent_widened", "agent_widened_uncached", "drain_widened", "count_widened", "discovery",
+                "cat_sample", "agent_sample")
         rounds: dict[str, list[float]] = {k: [] for k in keys}
         for _ in range(args.repeat):
-            rounds["cat_smaps"].append(cat_cpu([smaps]))
-            rounds["agent_smaps"].append(cpu_of(agent_smaps))
-            rounds["read_smaps_whole"].append(cpu_of(read_whole_reused))
-            rounds["scan_smaps"].append(cpu_of(scan_only))
-            if compiled_search is not None:
-                rounds["agent_smaps_regex"].append(cpu_of(with_regex(agent_smaps)))
-            if drain_scan is not None:
-                rounds["drain_smaps"].append(cpu_of(drain(smaps)))
-            rounds["cat_widened"].append(cat_cpu([str(widened_path)]))
-            rounds["agent_widened"].append(cpu_of(agent_widened))
-            rounds["agent_widened_uncached"].append(cpu_of(agent_widened_uncached))
-            if drain_scan is not None:
-                rounds["drain_widened"].append(cpu_of(drain(str(widened_path))))
-            rounds["discovery"].append(cpu_of(discovery))
-            rounds["cat_sample"].append(cat_cpu(sample_files))
-            rounds["agent_sample"].append(cpu_of(agent_sample))
+            for key, files, timed in plan:
+                settle(files)
+                rounds[key].append(timed())
         med = {k: statistics.median(v) if v else None for k, v in rounds.items()}
 
         def per_round(num: str, den: str) -> float | None:
@@ -331,6 +360,8 @@ def main() -> int:
         results["ratio_widened_uncached_vs_cat_widened"] = per_round("agent_widened_uncached", "cat_widened")
         results["ratio_drain_widened_vs_cat_widened"] = per_round("drain_widened", "cat_widened") if rounds["drain_widened"] else None
         results["ratio_drain_smaps_vs_cat"] = per_round("drain_smaps", "cat_smaps") if rounds["drain_smaps"] else None
+        results["ratio_count_widened_vs_cat_widened"] = per_round("count_widened", "cat_widened") if rounds["count_widened"] else None
+        results["ratio_count_smaps_vs_cat"] = per_round("count_smaps", "cat_smaps") if rounds["count_smaps"] else None
         results["widened_dir"] = f"{widened_path.parent} ({fs_type(widened_path.parent)})"
         results["ratio_discovery_vs_agent_smaps"] = per_round("discovery", "agent_smaps")
         results["ratio_sample_vs_cat"] = per_round("agent_sample", "cat_sample")

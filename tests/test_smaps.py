@@ -891,6 +891,23 @@ def test_compiled_drain_reads_the_whole_file(tmp_path: Path) -> None:
         os.close(fd)
 
 
+@needs_fd_scan
+@pytest.mark.parametrize("level", FD_LEVELS)
+@pytest.mark.parametrize("chunk", [64, 4096, 65_536])
+def test_compiled_drain_counts_every_newline_at_every_level(tmp_path: Path, level: int, chunk: int) -> None:
+    # bench/smaps_cost.py's lower bound for any scan that can name an error's line: read + count.
+    raw = (SMALL_BLOCK * 97 + "x\n\n" + "y" * 200 + "\n" * 65 + "tail without a newline").encode()
+    path = tmp_path / "f"
+    path.write_bytes(raw)
+    before = _smapscan._force_level(level)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert smaps_module._FdScan(chunk).drain(fd, True) == raw.count(b"\n")
+    finally:
+        os.close(fd)
+        _smapscan._force_level(before)
+
+
 def test_first_and_last_blocks_that_parsed_before_are_not_parsed_again() -> None:
     # A sampler re-reads the same process: its first and last blocks rarely change, and are parsed
     # only when their bytes differ from a block that parsed before. Candidates are always parsed.
