@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eptwatch.agent.sources.smaps import _HEADER as HEADER_PATTERN
 from eptwatch.agent.sources.smaps import parse_smaps, parse_smaps_rollup, rollup_from_vmas
 from eptwatch.agent.sources.status import ParseError
 
@@ -942,6 +943,38 @@ def test_first_and_last_blocks_that_parsed_before_are_not_parsed_again() -> None
         broken = raw.replace(b"Rss:                   4 kB", b"Rss:                lots kB", 1)
         assert "Rss" in str(scan(broken)) and "Rss" in str(scan(broken))  # an error is found again each time
     assert scan(raw) == first == scan_large_vmas(raw, "s", MIN)
+
+
+@needs_fd_scan
+def test_a_first_line_judged_before_is_not_matched_again_and_a_bad_one_fails_each_time(tmp_path: Path) -> None:
+    # The compiled loop asks whether the file's first line is a VMA header; one process's first line
+    # rarely changes between samples, so an accepted line is remembered (by its bytes), a refused one never.
+    good = (SMALL_BLOCK + SEED_BLOCK + SMALL_BLOCK).encode()
+    bad = b"garbage\n" + good
+    scanner = LargeVmaScanner()
+    matched: list[str] = []
+
+    class Counting:
+        def match(self, text: str) -> re.Match[str] | None:
+            matched.append(text[:12])
+            return HEADER_PATTERN.match(text)
+
+    def scan(data: bytes) -> list[Vma] | str:
+        try:
+            return _scan_fd(data, "s", MIN, scanner=scanner)
+        except ParseError as exc:
+            return str(exc)
+
+    with mock.patch.object(smaps_module, "_HEADER", Counting()):
+        first = scan(good)
+        assert isinstance(first, list) and len(first) == 1
+        assert matched[0] == "7f5000000000" and "7f2778200000" in matched  # the first line, the candidate's header
+        seen = len(matched)
+        assert scan(good) == first and matched[seen:] == ["7f2778200000"]  # the candidate's header only
+        seen = len(matched)
+        assert "expected a VMA header line first" in str(scan(bad))
+        assert "expected a VMA header line first" in str(scan(bad)) and matched[seen:] == ["garbage", "garbage"]
+    assert scan(good) == first == scan_large_vmas(good, "s", MIN)
 
 
 @needs_fd_scan

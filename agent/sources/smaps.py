@@ -444,7 +444,8 @@ class LargeVmaScanner:
         self._chunk = chunk_bytes
         self._buf = bytearray(chunk_bytes + 4096)
         self._fd_scan: Any = None  # the compiled loop (_smapscan.FdScan), made at its first use
-        self._parsed: dict[bytes, Vma] = {}  # first and last blocks parsed before (see _parse_sample)
+        self._parsed: dict[bytes, tuple[Vma, frozenset[str]]] = {}  # first and last blocks parsed before (see _parse_sample)
+        self._headers: set[bytes] = set()  # first lines judged to be VMA headers before (see _judge_first_line)
         self.start("smaps", 0)
 
     def start(self, name: str, min_bytes: int) -> None:
@@ -503,9 +504,15 @@ class LargeVmaScanner:
 
     def _judge_first_line(self, line: bytes) -> bool:
         """FdScan's callback for the file's first line (as filled() judges it); False: not a header."""
+        if line in self._headers:  # the same process's first line as before: a pure function of the bytes
+            return True
         if _HEADER.match(line.decode("utf-8", errors="replace")) is None:
             self._header_error = ParseError(self._name, f"expected a VMA header line first, got {line[:60]!r}", 1)
             return False
+        if len(line) <= 8192:  # a real header is under 4.2 KB (PATH_MAX and the fields before it)
+            if len(self._headers) >= 8:
+                self._headers.clear()
+            self._headers.add(line)
         return True
 
     def _take_block(self, offset: int, block: bytes, line_base: int) -> bool:
@@ -617,45 +624,47 @@ class LargeVmaScanner:
             raise self._candidate_error
         first = self._first_block if self._first_block is not None else bytes(buf[:n])
         last_start = self._base + self._block
-        samples: dict[int, tuple[bytes | bytearray, int]] = {0: (first, 0)}
+        # (file offset, block, its index in _buf or -1 for the first block, which starts the file)
+        samples: list[tuple[int, bytes, int]] = [(0, first, -1)]
         if last_start == 0 or self._first_block is None:
-            samples = {0: (bytes(buf[:n]), 0)}  # one block: from the start to the end of the file
+            samples = [(0, bytes(buf[:n]), -1)]  # one block: from the start to the end of the file
         else:
-            samples[last_start] = (bytes(buf[self._block : n]), self._line_at(self._block) - 1)
+            samples.append((last_start, bytes(buf[self._block : n]), self._block))
         reference: frozenset[str] | None = None
-        for start, (block, line_base) in samples.items():
+        for start, block, index in samples:
             if start in self._seen:
                 continue
-            vma = self._parse_sample(block, name, line_base)
-            present = frozenset(f for f in _SUMMED if getattr(vma, f) is not None)
+            vma, present = self._parse_sample(block, name, index)
             if reference is None:
                 reference = present
             elif present != reference:
+                line_base = self._line_at(index) - 1 if index >= 0 else 0
                 raise ParseError(name, f"truncated or mangled VMA block: fields {sorted(reference ^ present)} differ from the first block",
                                  line_base + 1)
-        if self._vmflags and _VMFLAGS not in buf[max(0, self._block - 1) : n]:
+        if self._vmflags and buf.find(_VMFLAGS, max(0, self._block - 1), n) < 0:
             raise ParseError(name, "truncated: the last VMA block has no VmFlags line", self._line_at(self._block))
         return self._out
 
     # --- helpers ---
 
-    def _parse_sample(self, block: bytes | bytearray, name: str, line_base: int) -> Vma:
-        """The first or last block, parsed strictly; a block that parsed before, byte for byte, is not
-        parsed again. Those two (the VMM binary's first mapping, [vsyscall] or the stack at the end)
-        rarely change between samples of one process, and parsing each costs 20 to 40 us of Python
+    def _parse_sample(self, block: bytes, name: str, index: int) -> tuple[Vma, frozenset[str]]:
+        """The first or last block (at _buf[index], or -1: the file's first block), parsed strictly, with
+        the names of the HugeFields it has; a block that parsed before, byte for byte, is not parsed
+        again. Those two (the VMM binary's first mapping, [vsyscall] or the stack at the end) rarely
+        change between samples of one process, and parsing each costs 20 to 40 us of Python
         (bench/smaps_cost.py: measurable against `cat` of a page-cache copy, lost in the kernel's
         cost of a real smaps). Parsing is a pure function of the bytes, and only blocks that parsed
-        are kept (an error is raised again each time); the line number plays no part in a Vma."""
-        if len(block) > 65536:  # a real block is under a kilobyte: a mangled file's is not kept
-            return _parse_block_bytes(block, name, line_base)
-        key = bytes(block)
-        vma = self._parsed.get(key)
-        if vma is None:
-            vma = _parse_block_bytes(block, name, line_base)
-            if len(self._parsed) >= 8:  # a handful of processes per scanner: forget rather than grow
-                self._parsed.clear()
-            self._parsed[key] = vma
-        return vma
+        are kept (an error is raised again each time); the line number (counted only when a block is
+        parsed: it names the line of an error) plays no part in a Vma."""
+        known = self._parsed.get(block) if len(block) <= 65536 else None  # a real block is under a kilobyte
+        if known is None:
+            vma = _parse_block_bytes(block, name, self._line_at(index) - 1 if index >= 0 else 0)
+            known = (vma, frozenset(f for f in _SUMMED if getattr(vma, f) is not None))
+            if len(block) <= 65536:
+                if len(self._parsed) >= 8:  # a handful of processes per scanner: forget rather than grow
+                    self._parsed.clear()
+                self._parsed[block] = known
+        return known
 
     def _take(self, start: int, end: int) -> None:
         """Parse the candidate block at _buf[start:end]; the first failure is kept for finish()."""
