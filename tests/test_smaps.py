@@ -748,6 +748,28 @@ _ADVERSARIAL_SIZES = ["Size:  lots kB", "Size: 99999999999999999999999 kB", "Siz
 
 
 @needs_fd_scan
+@pytest.mark.parametrize("min_bytes", [MIN, 1 << 30, 5 * 1024 * 1024, 65_537 * 1024, 99_999 * 1024])
+def test_compiled_loop_compares_values_of_the_threshold_s_length_as_python_does(min_bytes: int) -> None:
+    # Values in the kernel's own layout with as many digits as the threshold are decided in the
+    # vector check by comparing digit strings; every one must land where the Python loop puts it.
+    min_kb = min_bytes // 1024
+    digits = len(str(min_kb))
+    values = sorted({min_kb - 1, min_kb, min_kb + 1, 10 ** (digits - 1), 10 ** digits - 1, 10 ** digits, 10 ** (digits - 1) - 1,
+                     int("9" * (digits - 1) + "0") if digits > 1 else 9, min_kb + 10 ** (digits - 2) if digits > 1 else min_kb,
+                     max(1, min_kb - 10 ** (digits - 1)), 4, 65_404, 65_535, 65_536, 65_537, 4_194_304})
+    blocks = []
+    for n, value in enumerate(values):
+        block = SEED_BLOCK.replace("Size:            4194304 kB", f"Size:{value:>19} kB").replace("7f2778200000-", f"7f{n:02x}00000000-")
+        assert f"Size:{value:>19} kB\n" in block
+        blocks.append(block)
+    raw = (SMALL_BLOCK + "".join(blocks) + SMALL_BLOCK).encode()
+    expected = scan_large_vmas(raw, "s", min_bytes)
+    assert sorted(v.size_bytes or 0 for v in expected) == sorted(v * 1024 for v in values if v >= min_kb)
+    assert _scan_chunked(raw, "s", min_bytes, len(raw)) == expected
+    assert _scan_chunked(raw, "s", min_bytes, 4096 + 7) == expected
+
+
+@needs_fd_scan
 @pytest.mark.parametrize("size_line", _ADVERSARIAL_SIZES)
 @pytest.mark.parametrize("chunk", [1, 3, 29, 64, 127, 4096])
 def test_compiled_loop_equals_the_python_loop_on_adversarial_size_lines(size_line: str, chunk: int) -> None:
