@@ -24,6 +24,10 @@ from .test_streaming import exchange, report, wait_for
 
 INSECURE = ["--insecure-plaintext", "--insecure-no-auth"]
 
+# How long a test waits for every replica to show a change: "eventually", with room for a loaded CI
+# machine. The staleness bound itself (2 s) is a speed figure, measured by bench/follow_lag.py, not here.
+CONVERGE_SECONDS = 30.0
+
 
 @pytest.fixture
 def replicas(tmp_path: Path) -> list[Aggregator]:
@@ -112,13 +116,13 @@ def test_each_replica_serves_the_whole_fleet_within_the_staleness_bound(replicas
             asyncio.run(exchange(agg.target, [ingest_pb2.AgentMessage(reports=[report(1, host=f"hv-{fx}-{n}", instance="x", fixture=fx)])]))
     everyone = {f"hv-{fx}-{n}" for fx in fixtures for n in range(2)}
     for agg in (a, b):
-        wait_for(lambda agg=agg: _fresh_hosts(agg) == everyone, 5)
-    wait_for(lambda: _fleet(a) == _fleet(b), 5)
+        wait_for(lambda agg=agg: _fresh_hosts(agg) == everyone, CONVERGE_SECONDS)
+    wait_for(lambda: _fleet(a) == _fleet(b), CONVERGE_SECONDS)
     fleet = _fleet(a)
     assert int(fleet["total"]["hosts"]) == len(everyone)
     # A newer report through one replica replaces the host's state on the other.
     asyncio.run(exchange(a.target, [ingest_pb2.AgentMessage(reports=[report(2, host="hv-anon-thp-0", instance="x", fixture="anon-thp")])]))
-    wait_for(lambda: _host_sequence(b, "hv-anon-thp-0") == 2, 5)
+    wait_for(lambda: _host_sequence(b, "hv-anon-thp-0") == 2, CONVERGE_SECONDS)
 
 
 async def _report_then_depart(target: str, r: object) -> None:
@@ -142,7 +146,7 @@ def test_a_departure_on_one_replica_is_seen_by_the_other_and_survives_a_restart(
     asyncio.run(exchange(b.target, [ingest_pb2.AgentMessage(reports=[report(1, host="hv-stays", instance="s")])]))
     asyncio.run(_report_then_depart(a.target, report(1, host="hv-gone", instance="g")))
     for agg in replicas:
-        wait_for(lambda agg=agg: _departed_hosts(agg) == {"hv-gone"}, 5)  # the staleness bound is 2 s
+        wait_for(lambda agg=agg: _departed_hosts(agg) == {"hv-gone"}, CONVERGE_SECONDS)
         assert int(_fleet(agg)["hosts_departed"]) == 1  # type: ignore[call-overload]
     b.proc.kill9()  # type: ignore[union-attr]
     b.start()
@@ -150,7 +154,7 @@ def test_a_departure_on_one_replica_is_seen_by_the_other_and_survives_a_restart(
     # The host reports again (through the other replica): back on both.
     asyncio.run(exchange(b.target, [ingest_pb2.AgentMessage(reports=[report(2, host="hv-gone", instance="g")])]))
     for agg in replicas:
-        wait_for(lambda agg=agg: _departed_hosts(agg) == set() and _fresh_hosts(agg) == {"hv-stays", "hv-gone"}, 5)
+        wait_for(lambda agg=agg: _departed_hosts(agg) == set() and _fresh_hosts(agg) == {"hv-stays", "hv-gone"}, CONVERGE_SECONDS)
 
 
 def _fresh_hosts(a: Aggregator) -> set[str]:
@@ -178,7 +182,7 @@ def test_fleet_rollups_are_exported_by_one_replica_and_taken_over_when_it_dies(r
     """Prometheus sums over replicas: with a shared view, only the lease holder exports the rollups."""
     a, b = replicas
     asyncio.run(exchange(a.target, [ingest_pb2.AgentMessage(reports=[report(1, host="hv-exp", instance="x")])]))
-    wait_for(lambda: all(_fresh_hosts(agg) == {"hv-exp"} for agg in replicas), 5)
+    wait_for(lambda: all(_fresh_hosts(agg) == {"hv-exp"} for agg in replicas), CONVERGE_SECONDS)
 
     def exporters() -> list[Aggregator]:
         return [agg for agg in replicas if agg.proc and agg.proc.popen and agg.proc.popen.poll() is None
@@ -218,8 +222,8 @@ def test_three_replicas_with_agents_rotating_agree_on_the_fleet_and_apply_once(t
         # before were not: a departure stands only if no stream started carrying the host since).
         for a in aggs:
             assert _metric(a, "eptwatch_server_reports_total") and sum(_metric(a, "eptwatch_server_reports_total")) > 0
-        wait_for(lambda: all(_departed_hosts(a) == set(spools) for a in aggs), 5)
-        wait_for(lambda: _fleet(aggs[0]) == _fleet(aggs[1]) == _fleet(aggs[2]), 5)
+        wait_for(lambda: all(_departed_hosts(a) == set(spools) for a in aggs), CONVERGE_SECONDS)
+        wait_for(lambda: _fleet(aggs[0]) == _fleet(aggs[1]) == _fleet(aggs[2]), CONVERGE_SECONDS)
         kernels = [json.loads(http_get(a.http + "/api/v1/kernels")) for a in aggs]
         assert kernels[0] == kernels[1] == kernels[2] and kernels[0]
     finally:
