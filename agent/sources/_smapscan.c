@@ -112,6 +112,64 @@ static const char *const kb_field_names[8] = {"Size", "KernelPageSize", "Rss", "
  * process ran; docs/benchmarks.md). This reads only what the kernel prints; whatever else it meets
  * it declines, and smaps._parse_block_bytes parses the block as before, so the errors (message,
  * line) are the Python parser's alone. */
+/* The body of a block: every line after the first (the header) at p[first+1:n), as block_fields
+ * describes. 1 with values/have/eligible filled, 0 where it declines. */
+static int
+read_body(const unsigned char *p, Py_ssize_t n, Py_ssize_t first, Py_ssize_t max_digits, unsigned long long values[8], int have[8],
+          int *eligible)
+{
+    for (int f = 0; f < 8; f++)
+        have[f] = 0;
+    *eligible = -1;
+    if (p[n - 1] != '\n')
+        return 0;
+    for (Py_ssize_t i = first + 1; i < n;) {
+        const unsigned char *eol = memchr(p + i, '\n', (size_t)(n - i)); /* found: the block ends with one */
+        Py_ssize_t e = eol - p, k = i;
+        for (Py_ssize_t j = i; j < e; j++)
+            if (p[j] >= 0x80)
+                return 0;
+        /* _FIELD: [A-Za-z_][A-Za-z0-9_]*: */
+        if (k >= e || !((p[k] >= 'A' && p[k] <= 'Z') || (p[k] >= 'a' && p[k] <= 'z') || p[k] == '_'))
+            return 0;
+        while (k < e && ((p[k] >= 'A' && p[k] <= 'Z') || (p[k] >= 'a' && p[k] <= 'z') || (p[k] >= '0' && p[k] <= '9') || p[k] == '_'))
+            k++;
+        if (k >= e || p[k] != ':')
+            return 0;
+        Py_ssize_t klen = k - i, v = k + 1;
+        while (v < e && (p[v] == ' ' || p[v] == '\t'))
+            v++;
+        int field = -1;
+        for (int f = 0; f < 8; f++)
+            if ((size_t)klen == strlen(kb_field_names[f]) && memcmp(p + i, kb_field_names[f], (size_t)klen) == 0)
+                field = f;
+        if (field >= 0) {
+            if (have[field])
+                return 0;
+            unsigned long long value = 0;
+            Py_ssize_t d = v;
+            while (d < e && p[d] >= '0' && p[d] <= '9' && d - v < max_digits)
+                value = value * 10 + (unsigned long long)(p[d++] - '0');
+            if (d == v || e - d != 3 || memcmp(p + d, " kB", 3) != 0)
+                return 0;
+            values[field] = value * 1024;
+            have[field] = 1;
+        } else if (klen == 11 && memcmp(p + i, "THPeligible", 11) == 0) {
+            if (*eligible >= 0 || e - v != 1 || (p[v] != '0' && p[v] != '1'))
+                return 0;
+            *eligible = p[v] == '1';
+        }
+        i = e + 1;
+    }
+    return 1;
+}
+
+static PyObject *
+kb_value(int have, unsigned long long value)
+{
+    return have ? PyLong_FromUnsignedLongLong(value) : Py_NewRef(Py_None);
+}
+
 static PyObject *
 block_fields(PyObject *module, PyObject *args)
 {
@@ -127,54 +185,17 @@ block_fields(PyObject *module, PyObject *args)
     const unsigned char *p = (const unsigned char *)view.buf;
     const Py_ssize_t n = view.len;
     unsigned long long values[8];
-    int have[8] = {0, 0, 0, 0, 0, 0, 0, 0}, eligible = -1;
+    int have[8], eligible = -1;
     const unsigned char *first = n > 0 ? memchr(p, '\n', (size_t)n) : NULL;
-    if (first == NULL || p[n - 1] != '\n')
-        goto decline;
-    for (Py_ssize_t i = first - p + 1; i < n;) {
-        const unsigned char *eol = memchr(p + i, '\n', (size_t)(n - i)); /* found: the block ends with one */
-        Py_ssize_t e = eol - p, k = i;
-        for (Py_ssize_t j = i; j < e; j++)
-            if (p[j] >= 0x80)
-                goto decline;
-        /* _FIELD: [A-Za-z_][A-Za-z0-9_]*: */
-        if (k >= e || !((p[k] >= 'A' && p[k] <= 'Z') || (p[k] >= 'a' && p[k] <= 'z') || p[k] == '_'))
-            goto decline;
-        while (k < e && ((p[k] >= 'A' && p[k] <= 'Z') || (p[k] >= 'a' && p[k] <= 'z') || (p[k] >= '0' && p[k] <= '9') || p[k] == '_'))
-            k++;
-        if (k >= e || p[k] != ':')
-            goto decline;
-        Py_ssize_t klen = k - i, v = k + 1;
-        while (v < e && (p[v] == ' ' || p[v] == '\t'))
-            v++;
-        int field = -1;
-        for (int f = 0; f < 8; f++)
-            if ((size_t)klen == strlen(kb_field_names[f]) && memcmp(p + i, kb_field_names[f], (size_t)klen) == 0)
-                field = f;
-        if (field >= 0) {
-            if (have[field])
-                goto decline;
-            unsigned long long value = 0;
-            Py_ssize_t d = v;
-            while (d < e && p[d] >= '0' && p[d] <= '9' && d - v < max_digits)
-                value = value * 10 + (unsigned long long)(p[d++] - '0');
-            if (d == v || e - d != 3 || memcmp(p + d, " kB", 3) != 0)
-                goto decline;
-            values[field] = value * 1024;
-            have[field] = 1;
-        } else if (klen == 11 && memcmp(p + i, "THPeligible", 11) == 0) {
-            if (eligible >= 0 || e - v != 1 || (p[v] != '0' && p[v] != '1'))
-                goto decline;
-            eligible = p[v] == '1';
-        }
-        i = e + 1;
-    }
+    int ok = first != NULL && read_body(p, n, first - p, max_digits, values, have, &eligible);
     PyBuffer_Release(&view);
+    if (!ok)
+        Py_RETURN_NONE;
     PyObject *out = PyTuple_New(10);
     if (out == NULL)
         return NULL;
     for (int f = 0; f < 8; f++) {
-        PyObject *item = have[f] ? PyLong_FromUnsignedLongLong(values[f]) : Py_NewRef(Py_None);
+        PyObject *item = kb_value(have[f], values[f]);
         if (item == NULL) {
             Py_DECREF(out);
             return NULL;
@@ -189,9 +210,135 @@ block_fields(PyObject *module, PyObject *args)
     }
     PyTuple_SET_ITEM(out, 9, at);
     return out;
-decline:
+}
+
+/* smaps._HEADER on a header line p[0:e) (no newline in it), for the lines it can read without Python:
+ * numbers within the bounds the Python parse checks (16 hex digits, 19 decimal), a path of printable
+ * ASCII. 1 with the parts filled, 0 where it declines (the Python parse then decides). */
+typedef struct {
+    unsigned long long start, end, offset, inode;
+    Py_ssize_t perms, dev, dev_len, path, path_len;
+    int deleted;
+} Header;
+
+static Py_ssize_t
+hex_run(const unsigned char *p, Py_ssize_t i, Py_ssize_t e, unsigned long long *value)
+{
+    Py_ssize_t k = i;
+    unsigned long long v = 0;
+    for (; k < e && ((p[k] >= '0' && p[k] <= '9') || (p[k] >= 'a' && p[k] <= 'f')); k++)
+        v = v << 4 | (unsigned long long)(p[k] <= '9' ? p[k] - '0' : p[k] - 'a' + 10);
+    if (value != NULL)
+        *value = v;
+    return k - i;
+}
+
+static int
+read_header(const unsigned char *p, Py_ssize_t e, Header *h)
+{
+    Py_ssize_t i = 0, len;
+    if ((len = hex_run(p, i, e, &h->start)) < 1 || len > 16 || (i += len) >= e || p[i++] != '-')
+        return 0;
+    if ((len = hex_run(p, i, e, &h->end)) < 1 || len > 16 || (i += len) >= e || p[i++] != ' ')
+        return 0;
+    if (e - i < 5 || (p[i] != '-' && p[i] != 'r') || (p[i + 1] != '-' && p[i + 1] != 'w') || (p[i + 2] != '-' && p[i + 2] != 'x')
+        || (p[i + 3] != '-' && p[i + 3] != 's' && p[i + 3] != 'p') || p[i + 4] != ' ')
+        return 0;
+    h->perms = i;
+    i += 5;
+    if ((len = hex_run(p, i, e, &h->offset)) < 1 || len > 16 || (i += len) >= e || p[i++] != ' ')
+        return 0;
+    h->dev = i;
+    if ((len = hex_run(p, i, e, NULL)) < 1 || (i += len) >= e || p[i++] != ':' || (len = hex_run(p, i, e, NULL)) < 1 || (i += len) >= e
+        || p[i] != ' ')
+        return 0;
+    h->dev_len = i - h->dev;
+    if (h->dev_len > 64)
+        return 0;
+    i++;
+    Py_ssize_t digits = i;
+    unsigned long long inode = 0;
+    for (; i < e && p[i] >= '0' && p[i] <= '9'; i++)
+        inode = inode * 10 + (unsigned long long)(p[i] - '0');
+    if (i == digits || i - digits > 19) /* 19 digits fit in 64 bits; more: the Python parse names the bound */
+        return 0;
+    h->inode = inode;
+    if (i < e && p[i] != ' ')
+        return 0; /* `(?: +([^\n]*))?$`: the inode ends the line or spaces follow it */
+    while (i < e && p[i] == ' ')
+        i++;
+    Py_ssize_t path = i, end = e;
+    for (Py_ssize_t k = path; k < e; k++)
+        if (p[k] < 0x20 || p[k] >= 0x7f)
+            return 0; /* str.rstrip() strips more than spaces: leave such paths to Python */
+    while (end > path && p[end - 1] == ' ')
+        end--;
+    h->deleted = end - path >= 10 && memcmp(p + end - 10, " (deleted)", 10) == 0;
+    if (h->deleted)
+        end -= 10;
+    h->path = path;
+    h->path_len = end - path;
+    return h->end >= h->start;
+}
+
+PyDoc_STRVAR(plain_block_doc,
+"plain_block(block, max_digits, /) -> tuple | None\n\n"
+"A whole VMA block of the kernel's plain shape: its header as smaps._HEADER reads it and its body as\n"
+"block_fields does, with Size and Rss present. Then the values of smaps.Vma's fields in their order\n"
+"(the eight kB fields in bytes or None, start, end, perms, offset, dev, inode, path without a trailing\n"
+"' (deleted)', deleted, THPeligible). Anything else: None (the caller parses the block in Python,\n"
+"which gives the result or the error).");
+
+static PyObject *
+plain_block(PyObject *module, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t max_digits;
+    if (!PyArg_ParseTuple(args, "y*n:plain_block", &view, &max_digits))
+        return NULL;
+    if (max_digits < 1 || max_digits > 16) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "max_digits must be 1 to 16");
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)view.buf;
+    const Py_ssize_t n = view.len;
+    unsigned long long values[8];
+    int have[8], eligible = -1;
+    Header h;
+    const unsigned char *first = n > 0 ? memchr(p, '\n', (size_t)n) : NULL;
+    if (first == NULL || !read_body(p, n, first - p, max_digits, values, have, &eligible) || !have[0] || !have[2]
+        || !read_header(p, first - p, &h)) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyTuple_New(17);
+    if (out != NULL) {
+        PyObject *items[17];
+        for (int f = 0; f < 8; f++)
+            items[f] = kb_value(have[f], values[f]);
+        items[8] = PyLong_FromUnsignedLongLong(h.start);
+        items[9] = PyLong_FromUnsignedLongLong(h.end);
+        items[10] = PyUnicode_FromStringAndSize((const char *)p + h.perms, 4);
+        items[11] = PyLong_FromUnsignedLongLong(h.offset);
+        items[12] = PyUnicode_FromStringAndSize((const char *)p + h.dev, h.dev_len);
+        items[13] = PyLong_FromUnsignedLongLong(h.inode);
+        items[14] = PyUnicode_FromStringAndSize((const char *)p + h.path, h.path_len);
+        items[15] = Py_NewRef(h.deleted ? Py_True : Py_False);
+        items[16] = Py_NewRef(eligible < 0 ? Py_None : eligible ? Py_True : Py_False);
+        for (int k = 0; k < 17; k++) {
+            if (items[k] == NULL) { /* no memory: drop what was made */
+                for (int j = 0; j < 17; j++)
+                    Py_XDECREF(items[j]);
+                Py_CLEAR(out);
+                break;
+            }
+        }
+        for (int k = 0; out != NULL && k < 17; k++)
+            PyTuple_SET_ITEM(out, k, items[k]);
+    }
     PyBuffer_Release(&view);
-    Py_RETURN_NONE;
+    return out;
 }
 
 PyDoc_STRVAR(count_newlines_doc,
@@ -1120,6 +1267,7 @@ static PyMethodDef smapscan_methods[] = {
     {"_force_level", force_level, METH_VARARGS, force_level_doc},
     {"big_size_lines", big_size_lines, METH_VARARGS, big_size_lines_doc},
     {"block_fields", block_fields, METH_VARARGS, block_fields_doc},
+    {"plain_block", plain_block, METH_VARARGS, plain_block_doc},
     {"count_newlines", count_newlines, METH_VARARGS, count_newlines_doc},
     {NULL, NULL, 0, NULL},
 };

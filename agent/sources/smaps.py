@@ -363,6 +363,10 @@ try:
     from eptwatch.agent.sources._smapscan import block_fields as _block_fields
 except ImportError:  # not built (or built before it): every block is parsed in Python
     _block_fields = None
+try:
+    from eptwatch.agent.sources._smapscan import plain_block as _plain_block
+except ImportError:
+    _plain_block = None
 
 # The attributes of _smapscan.block_fields's eight values, in its order (tests/test_smaps.py checks).
 _KB_ATTRS = tuple(_KB_FIELDS.values())
@@ -374,6 +378,14 @@ def _parse_plain_block(block: bytes | bytearray | memoryview) -> Vma | None:
     the fast bound, end below start): the caller then parses the block in Python, which gives the
     same Vma or the error. Only what parse_smaps would accept is returned (tests/test_smaps.py
     compares the two on mutated blocks)."""
+    if _plain_block is not None:
+        # Header and body in C: the header's regex, the dict and the keyword call cost about 25 us per
+        # block in Python when the caches are cold (right after another process ran), and the two
+        # guest-RAM blocks of a QEMU are parsed on every sample. Declined blocks go on to the Python
+        # header reading below, then to the strict parse.
+        whole = _plain_block(block, _MAX_KB_DIGITS - 1)
+        if whole is not None:
+            return Vma(*whole)  # the fields in Vma's order (tests/test_smaps.py checks)
     if _block_fields is None:
         return None
     got = _block_fields(block, _MAX_KB_DIGITS - 1)  # fewer digits than MAX_KB has: within the bound
