@@ -12,9 +12,11 @@ measures every quantity once, so background load hits kernel and agent alike); r
 the per-round ratios, figures medians over rounds. Every timed quantity runs right after an untimed
 `cat` of the files it reads, on the same CPU, so that each starts from the same cache state (a child
 process just read those files): on this machine what ran just before moves a 0.5 ms figure by 0.1 to
-0.35 ms (docs/benchmarks.md, 2026-12-06 "equal starting states"). Before that change the rounds ran
-back to back, and the widened fixture's `cat` came right after the kernel had made 7 MB of smaps (its
-file out of cache) while the agent came right after that `cat` (its file in cache).
+0.35 ms (docs/benchmarks.md, 2026-12-06 "equal starting states"). What ran before that `cat` still
+shows (a quantity timed after three `cat` processes costs more than one timed after one), so the
+quantities take a new order in every round (--seed). Before these changes the rounds ran back to back
+in a fixed order, and the widened fixture's `cat` came right after the kernel had made 7 MB of smaps
+(its file out of cache) while the agent came right after that `cat` (its file in cache).
   cat_smaps        `cat` of the child's smaps into /dev/null (child rusage, minus an empty `cat`)
   agent_smaps      Sampler._scan_smaps (smaps streamed through the scanner's small buffer, each chunk
                    scanned while in cache) + guest_ram.attribute_guest_ram. Target: <= 1.10 x cat_smaps
@@ -44,6 +46,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -175,6 +178,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=21)
     ap.add_argument("--fd-holders", type=int, default=20, help="processes that are no VMM, each holding --fds-each fds")
     ap.add_argument("--fds-each", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=1, help="seed of the order the quantities take in each round")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.vmas)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -328,8 +332,9 @@ def main() -> int:
                 "cat_widened", "agent_widened", "agent_widened_uncached", "drain_widened", "count_widened", "discovery",
                 "cat_sample", "agent_sample")
         rounds: dict[str, list[float]] = {k: [] for k in keys}
+        order = random.Random(args.seed)
         for _ in range(args.repeat):
-            for key, files, timed in plan:
+            for key, files, timed in order.sample(plan, len(plan)):
                 settle(files)
                 rounds[key].append(timed())
         med = {k: statistics.median(v) if v else None for k, v in rounds.items()}
@@ -365,6 +370,7 @@ def main() -> int:
         results["widened_dir"] = f"{widened_path.parent} ({fs_type(widened_path.parent)})"
         results["ratio_discovery_vs_agent_smaps"] = per_round("discovery", "agent_smaps")
         results["ratio_sample_vs_cat"] = per_round("agent_sample", "cat_sample")
+        results["order_seed"] = args.seed
         results["loadavg_1m_before_after"] = f"{load_before[0]:.2f} {os.getloadavg()[0]:.2f}"
         results["machine"] = f"{cpu_model}, {os.cpu_count()} cpu, kernel {platform.release()}, Python {platform.python_version()}"
         if args.json:
