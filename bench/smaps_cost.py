@@ -311,8 +311,11 @@ def main() -> int:
         ]
         if compiled_search is not None:
             plan.append(("agent_smaps_regex", [smaps], lambda: cpu_of(with_regex(agent_smaps))))
+        # An agent from before 2026-12-06 has no counting drain: its count rows stay empty.
+        counts = drain_scan is not None and "count" in (type(drain_scan).drain.__doc__ or "")
         if drain_scan is not None:
             plan.append(("drain_smaps", [smaps], lambda: cpu_of(drain(smaps))))
+        if counts:
             plan.append(("count_smaps", [smaps], lambda: cpu_of(drain(smaps, count=True))))
         plan += [
             ("cat_widened", [widened], lambda: cat_cpu([widened])),
@@ -321,6 +324,7 @@ def main() -> int:
         ]
         if drain_scan is not None:
             plan.append(("drain_widened", [widened], lambda: cpu_of(drain(widened))))
+        if counts:
             plan.append(("count_widened", [widened], lambda: cpu_of(drain(widened, count=True))))
         plan += [
             ("discovery", [os.devnull], lambda: cpu_of(discovery)),
