@@ -170,27 +170,46 @@ kb_value(int have, unsigned long long value)
     return have ? PyLong_FromUnsignedLongLong(value) : Py_NewRef(Py_None);
 }
 
+/* The arguments (block, max_digits) of block_fields and plain_block, and the block's body read: 1 with
+ * the view held (the caller releases it), 0 where the body declines (view released), -1 on an error. */
+typedef struct {
+    unsigned long long values[8];
+    int have[8], eligible;
+    Py_ssize_t first; /* the offset of the first newline: the header ends there */
+} Body;
+
+static int
+take_block(PyObject *args, const char *format, Py_buffer *view, Body *b)
+{
+    Py_ssize_t max_digits;
+    if (!PyArg_ParseTuple(args, format, view, &max_digits))
+        return -1;
+    if (max_digits < 1 || max_digits > 16) { /* 16 digits times 1024 fits in 64 bits */
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "max_digits must be 1 to 16");
+        return -1;
+    }
+    const unsigned char *p = (const unsigned char *)view->buf;
+    const unsigned char *first = view->len > 0 ? memchr(p, '\n', (size_t)view->len) : NULL;
+    if (first == NULL || !read_body(p, view->len, first - p, max_digits, b->values, b->have, &b->eligible)) {
+        PyBuffer_Release(view);
+        return 0;
+    }
+    b->first = first - p;
+    return 1;
+}
+
 static PyObject *
 block_fields(PyObject *module, PyObject *args)
 {
     Py_buffer view;
-    Py_ssize_t max_digits;
-    if (!PyArg_ParseTuple(args, "y*n:block_fields", &view, &max_digits))
-        return NULL;
-    if (max_digits < 1 || max_digits > 16) { /* 16 digits times 1024 fits in 64 bits */
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "max_digits must be 1 to 16");
-        return NULL;
-    }
-    const unsigned char *p = (const unsigned char *)view.buf;
-    const Py_ssize_t n = view.len;
-    unsigned long long values[8];
-    int have[8], eligible = -1;
-    const unsigned char *first = n > 0 ? memchr(p, '\n', (size_t)n) : NULL;
-    int ok = first != NULL && read_body(p, n, first - p, max_digits, values, have, &eligible);
+    Body body;
+    int taken = take_block(args, "y*n:block_fields", &view, &body);
+    if (taken <= 0)
+        return taken < 0 ? NULL : Py_NewRef(Py_None);
     PyBuffer_Release(&view);
-    if (!ok)
-        Py_RETURN_NONE;
+    unsigned long long *values = body.values;
+    int *have = body.have, eligible = body.eligible;
     PyObject *out = PyTuple_New(10);
     if (out == NULL)
         return NULL;
@@ -203,7 +222,7 @@ block_fields(PyObject *module, PyObject *args)
         PyTuple_SET_ITEM(out, f, item);
     }
     PyTuple_SET_ITEM(out, 8, Py_NewRef(eligible < 0 ? Py_None : eligible ? Py_True : Py_False));
-    PyObject *at = PyLong_FromSsize_t(first - p);
+    PyObject *at = PyLong_FromSsize_t(body.first);
     if (at == NULL) {
         Py_DECREF(out);
         return NULL;
@@ -293,22 +312,15 @@ static PyObject *
 plain_block(PyObject *module, PyObject *args)
 {
     Py_buffer view;
-    Py_ssize_t max_digits;
-    if (!PyArg_ParseTuple(args, "y*n:plain_block", &view, &max_digits))
-        return NULL;
-    if (max_digits < 1 || max_digits > 16) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "max_digits must be 1 to 16");
-        return NULL;
-    }
-    const unsigned char *p = (const unsigned char *)view.buf;
-    const Py_ssize_t n = view.len;
-    unsigned long long values[8];
-    int have[8], eligible = -1;
+    Body body;
     Header h;
-    const unsigned char *first = n > 0 ? memchr(p, '\n', (size_t)n) : NULL;
-    if (first == NULL || !read_body(p, n, first - p, max_digits, values, have, &eligible) || !have[0] || !have[2]
-        || !read_header(p, first - p, &h)) {
+    int taken = take_block(args, "y*n:plain_block", &view, &body);
+    if (taken <= 0)
+        return taken < 0 ? NULL : Py_NewRef(Py_None);
+    const unsigned char *p = (const unsigned char *)view.buf;
+    unsigned long long *values = body.values;
+    int *have = body.have, eligible = body.eligible;
+    if (!have[0] || !have[2] || !read_header(p, body.first, &h)) { /* Size and Rss are required */
         PyBuffer_Release(&view);
         Py_RETURN_NONE;
     }
