@@ -131,6 +131,7 @@ def test_override_table_wins() -> None:
         ("overrides: 3", "must be a list"),
         ("nope: []", "single key 'overrides'"),
         ("overrides:\n  - release: '('\n    era: host_page_walk\n", "invalid regular expression"),
+        ("overrides:\n  - release: '[[a]'\n    era: host_page_walk\n", "overrides[0].release: ambiguous regular expression (Possible nested set"),
         ("overrides:\n  - release: 'x'\n    era: sideways\n", "expected one of"),
         ("overrides:\n  - release: 'x'\n    era: host_page_walk\n    colour: red\n", "unknown key"),
         ("overrides:\n  - 'x'\n", "expected a mapping"),

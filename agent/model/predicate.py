@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,9 +101,16 @@ def load_era_overrides(text: str, name: str) -> tuple[EraOverride, ...]:
         if not isinstance(pattern, str) or not pattern:
             raise ParseError(name, f"{where}.release: expected a non-empty regular expression")
         try:
-            compiled = re.compile(pattern)
+            with warnings.catch_warnings(record=True) as caught:
+                # Python warns (FutureWarning) where a pattern's meaning will change in a later version,
+                # such as "[[a]" (a possible nested set). An override that may one day match other
+                # releases is refused now, with the reason, rather than printed as a bare warning.
+                warnings.simplefilter("always")
+                compiled = re.compile(pattern)
         except re.error as exc:
             raise ParseError(name, f"{where}.release: invalid regular expression: {exc}") from None
+        if caught:
+            raise ParseError(name, f"{where}.release: ambiguous regular expression ({caught[0].message}); escape the character it names")
         if era not in valid_eras:
             raise ParseError(name, f"{where}.era: expected one of {', '.join(sorted(valid_eras))}, got {era!r}")
         note = entry.get("note", "")
