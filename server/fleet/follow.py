@@ -2,7 +2,7 @@
 
 With a shared store every replica answers for the whole fleet, not just for the hosts whose streams it
 carries: a follower task asks the store for the hosts whose latest report changed since the last ingest
-id it saw (`PgStore.reports_since`) every FOLLOW_INTERVAL_SECONDS and puts them into the fleet state.
+id it saw (`PgStore.follow_page`, without its own process's commits) every FOLLOW_INTERVAL_SECONDS and puts them into the fleet state.
 Staleness bound: a report committed by any replica is in every replica's fleet view at most
 FOLLOW_INTERVAL_SECONDS plus one poll's duration after its commit (documented as 2 s).
 """
@@ -35,7 +35,10 @@ FLEET_EXPORT_LEASE_TTL_SECONDS = 5.0
 
 
 class Followable(Protocol):
-    def reports_since(self, after_ingest_id: int, limit: int = ..., after_host_id: str | None = ...) -> list[FollowedHost]: ...
+    writer_id: str  # the process, as the writer of the hosts rows its ingest commits
+
+    def follow_page(self, after_ingest_id: int, after_host_id: str | None, limit: int,
+                    skip_writer: str | None = ...) -> tuple[list[FollowedHost], tuple[int, str] | None, bool]: ...
 
     def ingest_high_water(self) -> int: ...
 
@@ -138,13 +141,15 @@ class StoreFollower:
         """Apply every change since the cursor (blocking: run it in a thread); how many hosts changed."""
         n = 0
         while True:
-            changes = self.store.reports_since(self.cursor, FOLLOW_BATCH, self.cursor_host)
+            # This process's own commits are skipped by the store: ingest put them into the fleet view
+            # already (with the summary and receive time of the row, see PgStore._settle_latest).
+            changes, last, full = self.store.follow_page(self.cursor, self.cursor_host, FOLLOW_BATCH, self.store.writer_id)
             for ch in changes:
                 self._apply(ch)
             n += len(changes)
-            if changes:
-                self.cursor, self.cursor_host = changes[-1].ingest_id, changes[-1].host_id
-            if len(changes) < FOLLOW_BATCH:
+            if last is not None:
+                self.cursor, self.cursor_host = last
+            if not full:
                 return n
 
     def _apply(self, h: FollowedHost) -> None:
