@@ -606,3 +606,30 @@ def test_a_follower_skips_its_own_process_commits_but_not_its_departures(pg_dsn:
     finally:
         a.close()
         b.close()
+
+
+def test_the_follower_asks_for_the_export_lease_once_per_renewal_period_not_every_poll(pg_dsn: str,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from eptwatch.server.fleet import follow
+    from eptwatch.server.fleet.state import FleetState
+
+    store = PgStore(pg_dsn)
+    try:
+        asked: list[str] = []
+        real = store.hold_lease
+        monkeypatch.setattr(store, "hold_lease", lambda *a: asked.append(a[1]) or real(*a))
+        now = [1000.0]
+        monkeypatch.setattr(follow.time, "monotonic", lambda: now[0])
+        f = follow.StoreFollower(store, FleetState())
+        f.poll_and_renew()
+        assert len(asked) == 1 and f.exports_fleet()
+        now[0] += follow.FLEET_EXPORT_LEASE_RENEW_SECONDS / 2
+        f.poll_and_renew()
+        assert len(asked) == 1 and f.exports_fleet()  # polled, the lease not asked for again yet
+        now[0] += follow.FLEET_EXPORT_LEASE_RENEW_SECONDS / 2
+        f.poll_and_renew()
+        assert len(asked) == 2 and f.exports_fleet()
+        # Renewed at least every RENEW + a poll interval, inside the holder's local validity (TTL / 2).
+        assert follow.FLEET_EXPORT_LEASE_RENEW_SECONDS + follow.FOLLOW_INTERVAL_SECONDS < follow.FLEET_EXPORT_LEASE_TTL_SECONDS / 2
+    finally:
+        store.close()

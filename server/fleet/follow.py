@@ -32,6 +32,9 @@ _ERROR_LOG_EVERY_SECONDS = 30.0
 # holding this lease, renewed at every poll. After a holder dies another takes over within the TTL.
 FLEET_EXPORT_LEASE = "fleet-metrics-exporter"
 FLEET_EXPORT_LEASE_TTL_SECONDS = 5.0
+# How often the lease is renewed or asked for: well inside the holder's local validity (TTL / 2), and a
+# query fewer at most polls (each costs the follower's thread a round trip and a GIL hand-off).
+FLEET_EXPORT_LEASE_RENEW_SECONDS = 1.0
 
 
 class Followable(Protocol):
@@ -119,6 +122,7 @@ class StoreFollower:
         self._last_error_log = 0.0
         self.holder_id = uuid.uuid4().hex  # this process, as a lease holder
         self._lease_until = 0.0  # monotonic time until which this process holds the export lease
+        self._lease_asked = float("-inf")  # monotonic time of the last renewal (or attempt)
 
     def exports_fleet(self) -> bool:
         """Whether this replica exports the fleet rollups to Prometheus now. The local expiry is half the
@@ -128,10 +132,21 @@ class StoreFollower:
 
     def renew_lease(self) -> None:
         started = time.monotonic()
+        self._lease_asked = started
         if self.store.hold_lease(FLEET_EXPORT_LEASE, self.holder_id, FLEET_EXPORT_LEASE_TTL_SECONDS):
             self._lease_until = started + FLEET_EXPORT_LEASE_TTL_SECONDS / 2
         else:
             self._lease_until = 0.0
+
+    def poll_and_renew(self) -> int:
+        """One round of the follower's task (blocking: one thread hop for both): the changes since the
+        cursor, and the lease when FLEET_EXPORT_LEASE_RENEW_SECONDS have passed since it was last asked
+        for. A holder thus renews at least every RENEW + one poll interval (1.5 s), inside its local
+        validity (2.5 s); after a holder dies another replica takes over within the TTL plus that."""
+        n = self.poll_once()
+        if time.monotonic() - self._lease_asked >= FLEET_EXPORT_LEASE_RENEW_SECONDS:
+            self.renew_lease()
+        return n
 
     def start_at_high_water(self) -> None:
         """Call before loading the hosts: changes committed after this are followed, none missed."""
@@ -183,8 +198,7 @@ class StoreFollower:
     async def run(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.poll_once)
-                await asyncio.to_thread(self.renew_lease)
+                await asyncio.to_thread(self.poll_and_renew)
             except Exception as exc:  # noqa: BLE001 - the store may be away for a while; keep following
                 self.polls_failed_total += 1
                 now = time.monotonic()

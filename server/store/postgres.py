@@ -310,18 +310,6 @@ def encode_summary(h: HostSummary, row_sample_time: float) -> str:
                        h.lost_unexplained_2m, h.known_bug_vms, h.causes, h.problem, h.lost_by_cause], separators=(",", ":"))
 
 
-def _int(v: object) -> int:
-    if type(v) is not int:
-        raise ValueError(f"expected an integer, got {type(v).__name__}")
-    return v
-
-
-def _str(v: object) -> str:
-    if type(v) is not str:
-        raise ValueError(f"expected a string, got {type(v).__name__}")
-    return v
-
-
 def _pairs(v: object, kind: type) -> tuple[tuple[Any, Any], ...]:
     if type(v) is not list:
         raise ValueError("expected a list")
@@ -342,15 +330,21 @@ def decode_summary(f: FollowedHost) -> HostSummary | None:
         d = json.loads(f.summary)
         if type(d) is not list or len(d) != 18:
             return None
-        inst, seq, row_st, st = d[0], d[1], d[2], d[3]
+        (inst, seq, row_st, st, kernel, era, labels, version, vms, capacity, observed, lost, explained, unexplained, known_bug,
+         causes, problem, by_cause) = d
         if (inst, seq, row_st) != (f.agent_instance, f.sequence, f.sample_time) or type(st) not in (int, float):
+            return None
+        # Every follower decodes every other replica's rows: the types are checked by two chained
+        # comparisons rather than a call per field (bool is no int here: type(True) is bool).
+        if not (int is type(era) is type(vms) is type(capacity) is type(observed) is type(lost) is type(explained)
+                is type(unexplained) is type(known_bug) and str is type(kernel) is type(version) is type(problem)):
             return None
         return HostSummary(
             host_id=f.host_id, agent_instance=f.agent_instance, sequence=f.sequence, sample_time=float(st), received=f.received,
-            kernel_release=shared(_str(d[4])), era=_int(d[5]), labels=shared(_pairs(d[6], str)), agent_version=shared(_str(d[7])),
-            vms=_int(d[8]), capacity_2m=_int(d[9]), observed_2m=_int(d[10]), lost_2m=_int(d[11]), lost_explained_2m=_int(d[12]),
-            lost_unexplained_2m=_int(d[13]), known_bug_vms=_int(d[14]), causes=shared(_pairs(d[15], int)),
-            spool_dropped_total=f.spool_dropped_total, problem=_str(d[16]), lost_by_cause=_pairs(d[17], int))
+            kernel_release=shared(kernel), era=era, labels=shared(_pairs(labels, str)), agent_version=shared(version),
+            vms=vms, capacity_2m=capacity, observed_2m=observed, lost_2m=lost, lost_explained_2m=explained,
+            lost_unexplained_2m=unexplained, known_bug_vms=known_bug, causes=shared(_pairs(causes, int)),
+            spool_dropped_total=f.spool_dropped_total, problem=problem, lost_by_cause=_pairs(by_cause, int))
     except (ValueError, TypeError, RecursionError):
         return None
 
