@@ -4,13 +4,20 @@ Same contract as the SQLite store (`storebase.StoreBase`): stream handlers submi
 thread per process applies everything queued in one transaction (group commit), and a report is
 acknowledged only after that transaction has committed.
 
-Exactly-once across processes is the database's job, not memory's: each transaction first locks the
-`agents` rows (the per-(host, agent instance) high-water marks) of every agent it carries, in key order,
+Exactly-once across processes is the database's job, not memory's, and a commit takes one of two ways.
+The usual one (`_commit_fast`, an agent this process has committed or read before): ONE autocommitted
+statement, one round trip. The process plans the reports against the mark it last knew for each agent
+and the statement moves each mark by compare-and-set (`UPDATE agents ... WHERE last_sequence = <the
+mark planned against>`): the database re-checks that condition on the row's newest version, so of two
+replicas planning from the same mark only one moves it. An agent whose mark had moved (its stream was
+on another replica meanwhile) moves nothing and writes nothing in that statement, and goes the other way:
+a transaction (`_commit_locked`) that locks the `agents` rows of every agent it carries, in key order,
 with SELECT ... FOR UPDATE, decides APPLIED/DUPLICATE against the marks it read under that lock, and
-writes the new marks in the same transaction. An agent whose stream moves to another replica in the
-middle of a backlog is resent from its oldest unacknowledged report; the other replica's transaction
-waits for the lock, reads the mark the first one committed, and answers DUPLICATE for what was already
-applied. Nothing is cached between transactions but which agents rows exist.
+writes the new marks before it commits; so do agents this process has not seen yet. An agent whose
+stream moves to another replica in the middle of a backlog is resent from its oldest unacknowledged
+report; the other replica reads the mark the first one committed and answers DUPLICATE for what was
+already applied. Marks only grow, so a report at or below the mark a process knows is a DUPLICATE
+without asking the database.
 
 Following the store: every transaction that stores a host's latest report stamps its `hosts` rows with
 an ingest id from the one-row `ingest_clock` table, incremented in the same transaction just before the
@@ -20,7 +27,8 @@ the final step of every commit (a few row writes and the commit itself) is seria
 
 SQL stays within what PostgreSQL-compatible distributed databases (CockroachDB, YugabyteDB) also accept:
 plain tables, INSERT ... ON CONFLICT, SELECT ... FOR UPDATE (with a correlated scalar subquery), UPDATE ...
-FROM / RETURNING, unnest of arrays, data-modifying CTEs (each table modified once per statement), GREATEST;
+FROM / RETURNING, unnest of arrays, data-modifying CTEs (each table modified once per statement) read by
+later ones and by a final UNION ALL, GREATEST;
 no advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization failures and deadlocks
 (which those databases, and PostgreSQL at first contact of two agents, may report) are retried.
 """
@@ -112,8 +120,9 @@ _T = TypeVar("_T")
 RETRIES = 8
 # The statements of a commit take their rows as arrays (unnest), so each is one fixed text: prepared once
 # per connection, whatever the batch; CockroachDB and YugabyteDB accept unnest of several arrays too.
-# A commit is four round trips: BEGIN, _LOCK_MARKS, _WRITE (or _UPDATE_MARKS alone when no report becomes a
-# host's latest), COMMIT. Each statement costs the writer about 60 to 100 us of CPU in psycopg and the
+# The locking way (`_commit_locked`: agents this process has not seen, or whose marks moved meanwhile) is
+# four round trips: BEGIN, _LOCK_MARKS, _WRITE (or _UPDATE_MARKS alone when no report becomes a host's
+# latest), COMMIT; the usual way is one (_FAST_COMMIT, below). Each statement costs the writer about 60 to 100 us of CPU in psycopg and the
 # socket, so the marks and the hosts' latest sample times are read together, and the marks, the ingest
 # clock and the hosts rows are written together.
 #
