@@ -625,3 +625,24 @@ def test_the_follower_asks_for_the_export_lease_once_per_renewal_period_not_ever
         assert follow.FLEET_EXPORT_LEASE_RENEW_SECONDS + follow.FOLLOW_INTERVAL_SECONDS < follow.FLEET_EXPORT_LEASE_TTL_SECONDS / 2
     finally:
         store.close()
+
+
+def test_one_group_mixing_known_moved_and_new_agents_gets_each_report_its_own_result(pg_dsn: str) -> None:
+    """One message carrying an agent whose mark another replica moved (its one-statement commit is
+    refused), an agent the process knows (the statement decides it) and an agent new to the process (the
+    locking transaction): every report's result is its own, in the message's order."""
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    b.start()
+    try:
+        a._commit([[_incoming("hv-x", "i", s, 1000 + s) for s in range(1, 21)], [_incoming("hv-z", "i", 5, 1005)]])
+        assert _run_stream(b, "hv-x", "i", list(range(18, 26)), 8)[25] == APPLIED  # hv-x's mark is now 25, a knows 20
+        (res,) = a._commit([[_incoming("hv-x", "i", 23, 1023), _incoming("hv-z", "i", 5, 1005), _incoming("hv-y", "i", 1, 1001),
+                             _incoming("hv-z", "i", 6, 1006), _incoming("hv-x", "i", 26, 1026)]])
+        assert [(r.status, r.high_water_sequence) for r in res] == [(DUPLICATE, 25), (DUPLICATE, 5), (APPLIED, 0), (APPLIED, 0),
+                                                                    (APPLIED, 0)]
+        assert {(ag.host_id, ag.last_sequence, ag.applied_total) for ag in a.load_agents()} == {
+            ("hv-x", 26, 26), ("hv-z", 6, 2), ("hv-y", 1, 1)}
+        assert {h.host_id: h.sequence for h in a.load_hosts()} == {"hv-x": 26, "hv-z": 6, "hv-y": 1}
+    finally:
+        a.close()
+        b.close()

@@ -581,10 +581,11 @@ class PgStore(GroupCommitWriter):
                 return results
             slow_hosts = {h for h, _ in failed}
         else:
-            fast = [[item for item in b if item.report.host_id not in slow_hosts] for b in batches]
+            planned_slow = frozenset(slow_hosts)  # `part` holds a result for every other report, in order
+            fast = [[item for item in b if item.report.host_id not in planned_slow] for b in batches]
             part, failed = self._retrying(lambda: self._commit_fast(fast))
-            slow_hosts.update(h for h, _ in failed)
-            results = [self._scatter(b, p, lambda h: h not in slow_hosts) for b, p in zip(batches, part)]
+            results = [self._scatter(b, p, lambda h: h not in planned_slow) for b, p in zip(batches, part)]
+            slow_hosts.update(h for h, _ in failed)  # their results above are void: replaced below
         # The agents whose marks moved meanwhile (another replica applied some of their reports) or that
         # this process has not seen yet: lock, read, decide, write.
         slow = [[item for item in b if item.report.host_id in slow_hosts] for b in batches]
