@@ -499,10 +499,13 @@ def test_the_stored_reports_summary_comes_back_with_its_result(pg_dsn: str) -> N
 
 def test_a_missing_clock_row_fails_the_commit_and_stores_nothing(pg_dsn: str) -> None:
     """The clock row is taken inside the write statement: without it nothing may be half-written (marks
-    moved, host not stored); the commit fails as the database's fault and nothing is acknowledged."""
+    moved, host not stored); the commit fails as the database's fault and nothing is acknowledged. So on
+    both ways a commit takes: the locking transaction (an agent new to the process) and the one statement
+    (an agent it knows: there a division by zero fails the statement)."""
     store = PgStore(pg_dsn)
     store.start()
     try:
+        assert _run_stream(store, "hv-k", "i", [1], 1) == {1: APPLIED}  # known from now on
         with psycopg.connect(pg_dsn, autocommit=True) as c:
             c.execute("DELETE FROM ingest_clock")
 
@@ -512,6 +515,134 @@ def test_a_missing_clock_row_fails_the_commit_and_stores_nothing(pg_dsn: str) ->
         with pytest.raises(RuntimeError, match="ingest_clock row is missing"):
             asyncio.run(put())
         assert store.commit_failures_total == {DATABASE: 1}
-        assert store.load_hosts() == [] and [(ag.last_sequence, ag.applied_total) for ag in store.load_agents()] in ([], [(0, 0)])
+        with pytest.raises(RuntimeError, match="ingest_clock row is missing"):
+            _run_stream(store, "hv-k", "i", [2], 1)
+        assert store.commit_failures_total == {DATABASE: 2}
+        assert [(h.host_id, h.sequence) for h in store.load_hosts()] == [("hv-k", 1)]
+        assert sorted((ag.host_id, ag.last_sequence, ag.applied_total) for ag in store.load_agents()) in (
+            [("hv-k", 1, 1)], [("hv-c", 0, 0), ("hv-k", 1, 1)])
     finally:
         store.close()
+
+
+class _StatementSpy:
+    """The writer's connection, recording what it is asked to run (statements and transactions)."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:  # type: ignore[type-arg]
+        self._conn = conn
+        self.calls: list[str] = []
+
+    def execute(self, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append(query.split()[0] if isinstance(query, str) else "?")
+        return self._conn.execute(query, *args, **kwargs)
+
+    def transaction(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append("BEGIN")
+        return self._conn.transaction(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._conn, name)
+
+
+def test_a_known_agents_commit_is_one_statement_and_a_moved_mark_sends_it_the_locking_way(pg_dsn: str) -> None:
+    """Once the process knows an agent's mark, its commit is one autocommitted statement (no BEGIN, no
+    lock statement). When another replica moved the mark meanwhile, that statement moves nothing and
+    writes nothing of the agent: the database refused the stale plan, and the locking transaction then
+    answers DUPLICATE for what the other replica applied."""
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    a.start()
+    b.start()
+    try:
+        assert set(_run_stream(a, "hv-f", "i", [1, 2, 3], 3).values()) == {APPLIED}  # first contact: locked
+        spy = _StatementSpy(a._conn)
+        a._conn = spy  # type: ignore[assignment]
+        assert _run_stream(a, "hv-f", "i", [4, 5], 2) == {4: APPLIED, 5: APPLIED}
+        assert spy.calls == ["WITH"]  # the whole commit: marks, clock, hosts row
+        assert _run_stream(a, "hv-f", "i", [5, 6], 2) == {5: DUPLICATE, 6: APPLIED}
+        assert spy.calls == ["WITH", "WITH"]
+        # The agent moves to b, which applies 7..9; a still holds mark 6 for it.
+        assert _run_stream(b, "hv-f", "i", [6, 7, 8, 9], 4) == {6: DUPLICATE, 7: APPLIED, 8: APPLIED, 9: APPLIED}
+        spy.calls.clear()
+        assert _run_stream(a, "hv-f", "i", [7, 8, 9, 10], 4) == {7: DUPLICATE, 8: DUPLICATE, 9: DUPLICATE, 10: APPLIED}
+        assert spy.calls[0] == "WITH" and spy.calls[1] == "BEGIN" and "SELECT" in spy.calls  # refused, then locked
+        (agent,) = a.load_agents()
+        assert (agent.last_sequence, agent.applied_total) == (10, 10)
+        (host,) = a.load_hosts()
+        assert host.sequence == 10
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_follower_skips_its_own_process_commits_but_not_its_departures(pg_dsn: str) -> None:
+    """A process's follower is not sent the rows its own ingest wrote (its fleet view has them), and its
+    cursor still moves past them; a departure its own departed log wrote is followed like any change."""
+    from eptwatch.server.store.postgres import PgDepartedLog
+
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    a.start()
+    b.start()
+    try:
+        _run_stream(a, "h-a", "i", [1], 1)
+        _run_stream(b, "h-b", "i", [1], 1)
+        _run_stream(a, "h-c", "i", [1], 1)
+        changes, last, full = a.follow_page(0, None, 10, a.writer_id)
+        assert [ch.host_id for ch in changes] == ["h-b"] and not full
+        assert last is not None and last[1] == "h-c"  # the page's last row is a's own: the cursor passes it
+        assert a.follow_page(last[0], last[1], 10, a.writer_id) == ([], None, False)
+        assert [ch.host_id for ch in a.follow_page(0, None, 2, a.writer_id)[0]] == ["h-b"]
+        assert {ch.host_id for ch in a.reports_since(0)} == {"h-a", "h-b", "h-c"}  # without a writer: all
+        PgDepartedLog(a).write([("h-a", 50.0)])
+        changes, _, _ = a.follow_page(last[0], last[1], 10, a.writer_id)
+        assert [(ch.host_id, ch.departed_at) for ch in changes] == [("h-a", 50.0)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_follower_asks_for_the_export_lease_once_per_renewal_period_not_every_poll(pg_dsn: str,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from eptwatch.server.fleet import follow
+    from eptwatch.server.fleet.state import FleetState
+
+    store = PgStore(pg_dsn)
+    try:
+        asked: list[str] = []
+        real = store.hold_lease
+        monkeypatch.setattr(store, "hold_lease", lambda *a: asked.append(a[1]) or real(*a))
+        now = [1000.0]
+        monkeypatch.setattr(follow.time, "monotonic", lambda: now[0])
+        f = follow.StoreFollower(store, FleetState())
+        f.poll_and_renew()
+        assert len(asked) == 1 and f.exports_fleet()
+        now[0] += follow.FLEET_EXPORT_LEASE_RENEW_SECONDS / 2
+        f.poll_and_renew()
+        assert len(asked) == 1 and f.exports_fleet()  # polled, the lease not asked for again yet
+        now[0] += follow.FLEET_EXPORT_LEASE_RENEW_SECONDS / 2
+        f.poll_and_renew()
+        assert len(asked) == 2 and f.exports_fleet()
+        # Renewed at least every RENEW + a poll interval, inside the holder's local validity (TTL / 2).
+        assert follow.FLEET_EXPORT_LEASE_RENEW_SECONDS + follow.FOLLOW_INTERVAL_SECONDS < follow.FLEET_EXPORT_LEASE_TTL_SECONDS / 2
+    finally:
+        store.close()
+
+
+def test_one_group_mixing_known_moved_and_new_agents_gets_each_report_its_own_result(pg_dsn: str) -> None:
+    """One message carrying an agent whose mark another replica moved (its one-statement commit is
+    refused), an agent the process knows (the statement decides it) and an agent new to the process (the
+    locking transaction): every report's result is its own, in the message's order."""
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    b.start()
+    try:
+        a._commit([[_incoming("hv-x", "i", s, 1000 + s) for s in range(1, 21)], [_incoming("hv-z", "i", 5, 1005)]])
+        assert _run_stream(b, "hv-x", "i", list(range(18, 26)), 8)[25] == APPLIED  # hv-x's mark is now 25, a knows 20
+        (res,) = a._commit([[_incoming("hv-x", "i", 23, 1023), _incoming("hv-z", "i", 5, 1005), _incoming("hv-y", "i", 1, 1001),
+                             _incoming("hv-z", "i", 6, 1006), _incoming("hv-x", "i", 26, 1026)]])
+        assert [(r.status, r.high_water_sequence) for r in res] == [(DUPLICATE, 25), (DUPLICATE, 5), (APPLIED, 0), (APPLIED, 0),
+                                                                    (APPLIED, 0)]
+        assert {(ag.host_id, ag.last_sequence, ag.applied_total) for ag in a.load_agents()} == {
+            ("hv-x", 26, 26), ("hv-z", 6, 2), ("hv-y", 1, 1)}
+        assert {h.host_id: h.sequence for h in a.load_hosts()} == {"hv-x": 26, "hv-z": 6, "hv-y": 1}
+    finally:
+        a.close()
+        b.close()

@@ -2,7 +2,7 @@
 
 With a shared store every replica answers for the whole fleet, not just for the hosts whose streams it
 carries: a follower task asks the store for the hosts whose latest report changed since the last ingest
-id it saw (`PgStore.reports_since`) every FOLLOW_INTERVAL_SECONDS and puts them into the fleet state.
+id it saw (`PgStore.follow_page`, without its own process's commits) every FOLLOW_INTERVAL_SECONDS and puts them into the fleet state.
 Staleness bound: a report committed by any replica is in every replica's fleet view at most
 FOLLOW_INTERVAL_SECONDS plus one poll's duration after its commit (documented as 2 s).
 """
@@ -32,10 +32,16 @@ _ERROR_LOG_EVERY_SECONDS = 30.0
 # holding this lease, renewed at every poll. After a holder dies another takes over within the TTL.
 FLEET_EXPORT_LEASE = "fleet-metrics-exporter"
 FLEET_EXPORT_LEASE_TTL_SECONDS = 5.0
+# How often the lease is renewed or asked for: well inside the holder's local validity (TTL / 2), and a
+# query fewer at most polls (each costs the follower's thread a round trip and a GIL hand-off).
+FLEET_EXPORT_LEASE_RENEW_SECONDS = 1.0
 
 
 class Followable(Protocol):
-    def reports_since(self, after_ingest_id: int, limit: int = ..., after_host_id: str | None = ...) -> list[FollowedHost]: ...
+    writer_id: str  # the process, as the writer of the hosts rows its ingest commits
+
+    def follow_page(self, after_ingest_id: int, after_host_id: str | None, limit: int,
+                    skip_writer: str | None = ...) -> tuple[list[FollowedHost], tuple[int, str] | None, bool]: ...
 
     def ingest_high_water(self) -> int: ...
 
@@ -116,6 +122,7 @@ class StoreFollower:
         self._last_error_log = 0.0
         self.holder_id = uuid.uuid4().hex  # this process, as a lease holder
         self._lease_until = 0.0  # monotonic time until which this process holds the export lease
+        self._lease_asked = float("-inf")  # monotonic time of the last renewal (or attempt)
 
     def exports_fleet(self) -> bool:
         """Whether this replica exports the fleet rollups to Prometheus now. The local expiry is half the
@@ -125,10 +132,21 @@ class StoreFollower:
 
     def renew_lease(self) -> None:
         started = time.monotonic()
+        self._lease_asked = started
         if self.store.hold_lease(FLEET_EXPORT_LEASE, self.holder_id, FLEET_EXPORT_LEASE_TTL_SECONDS):
             self._lease_until = started + FLEET_EXPORT_LEASE_TTL_SECONDS / 2
         else:
             self._lease_until = 0.0
+
+    def poll_and_renew(self) -> int:
+        """One round of the follower's task (blocking: one thread hop for both): the changes since the
+        cursor, and the lease when FLEET_EXPORT_LEASE_RENEW_SECONDS have passed since it was last asked
+        for. A holder thus renews at least every RENEW + one poll interval (1.5 s), inside its local
+        validity (2.5 s); after a holder dies another replica takes over within the TTL plus that."""
+        n = self.poll_once()
+        if time.monotonic() - self._lease_asked >= FLEET_EXPORT_LEASE_RENEW_SECONDS:
+            self.renew_lease()
+        return n
 
     def start_at_high_water(self) -> None:
         """Call before loading the hosts: changes committed after this are followed, none missed."""
@@ -138,13 +156,15 @@ class StoreFollower:
         """Apply every change since the cursor (blocking: run it in a thread); how many hosts changed."""
         n = 0
         while True:
-            changes = self.store.reports_since(self.cursor, FOLLOW_BATCH, self.cursor_host)
+            # This process's own commits are skipped by the store: ingest put them into the fleet view
+            # already (with the summary and receive time of the row, see PgStore._settle_latest).
+            changes, last, full = self.store.follow_page(self.cursor, self.cursor_host, FOLLOW_BATCH, self.store.writer_id)
             for ch in changes:
                 self._apply(ch)
             n += len(changes)
-            if changes:
-                self.cursor, self.cursor_host = changes[-1].ingest_id, changes[-1].host_id
-            if len(changes) < FOLLOW_BATCH:
+            if last is not None:
+                self.cursor, self.cursor_host = last
+            if not full:
                 return n
 
     def _apply(self, h: FollowedHost) -> None:
@@ -178,8 +198,7 @@ class StoreFollower:
     async def run(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.poll_once)
-                await asyncio.to_thread(self.renew_lease)
+                await asyncio.to_thread(self.poll_and_renew)
             except Exception as exc:  # noqa: BLE001 - the store may be away for a while; keep following
                 self.polls_failed_total += 1
                 now = time.monotonic()

@@ -4,13 +4,20 @@ Same contract as the SQLite store (`storebase.StoreBase`): stream handlers submi
 thread per process applies everything queued in one transaction (group commit), and a report is
 acknowledged only after that transaction has committed.
 
-Exactly-once across processes is the database's job, not memory's: each transaction first locks the
-`agents` rows (the per-(host, agent instance) high-water marks) of every agent it carries, in key order,
+Exactly-once across processes is the database's job, not memory's, and a commit takes one of two ways.
+The usual one (`_commit_fast`, an agent this process has committed or read before): ONE autocommitted
+statement, one round trip. The process plans the reports against the mark it last knew for each agent
+and the statement moves each mark by compare-and-set (`UPDATE agents ... WHERE last_sequence = <the
+mark planned against>`): the database re-checks that condition on the row's newest version, so of two
+replicas planning from the same mark only one moves it. An agent whose mark had moved (its stream was
+on another replica meanwhile) moves nothing and writes nothing in that statement, and goes the other way:
+a transaction (`_commit_locked`) that locks the `agents` rows of every agent it carries, in key order,
 with SELECT ... FOR UPDATE, decides APPLIED/DUPLICATE against the marks it read under that lock, and
-writes the new marks in the same transaction. An agent whose stream moves to another replica in the
-middle of a backlog is resent from its oldest unacknowledged report; the other replica's transaction
-waits for the lock, reads the mark the first one committed, and answers DUPLICATE for what was already
-applied. Nothing is cached between transactions but which agents rows exist.
+writes the new marks before it commits; so do agents this process has not seen yet. An agent whose
+stream moves to another replica in the middle of a backlog is resent from its oldest unacknowledged
+report; the other replica reads the mark the first one committed and answers DUPLICATE for what was
+already applied. Marks only grow, so a report at or below the mark a process knows is a DUPLICATE
+without asking the database.
 
 Following the store: every transaction that stores a host's latest report stamps its `hosts` rows with
 an ingest id from the one-row `ingest_clock` table, incremented in the same transaction just before the
@@ -20,7 +27,8 @@ the final step of every commit (a few row writes and the commit itself) is seria
 
 SQL stays within what PostgreSQL-compatible distributed databases (CockroachDB, YugabyteDB) also accept:
 plain tables, INSERT ... ON CONFLICT, SELECT ... FOR UPDATE (with a correlated scalar subquery), UPDATE ...
-FROM / RETURNING, unnest of arrays, data-modifying CTEs (each table modified once per statement), GREATEST;
+FROM / RETURNING, unnest of arrays, data-modifying CTEs (each table modified once per statement) read by
+later ones and by a final UNION ALL, GREATEST;
 no advisory locks, no PL/pgSQL, no triggers, no LISTEN/NOTIFY. Serialization failures and deadlocks
 (which those databases, and PostgreSQL at first contact of two agents, may report) are retried.
 """
@@ -31,9 +39,10 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -49,6 +58,7 @@ from eptwatch.server.store.commit import (
     REPORT,
     AgentRecord,
     ApplyResult,
+    CommitPlan,
     GroupCommitWriter,
     Incoming,
     Job,
@@ -94,6 +104,10 @@ _SCHEMA = (
     # The host's summary as the committing replica made it (JSON, `encode_summary`): followers on other
     # replicas take it instead of parsing and walking the report. NULL where the writer had none.
     "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS summary TEXT",
+    # Which process wrote the row's report (`PgStore.writer_id`, new at every start; NULL: a departure or
+    # return, or a row from before the column): a follower skips its own process's writes, which its
+    # fleet view holds already.
+    "ALTER TABLE hosts ADD COLUMN IF NOT EXISTS writer TEXT",
     "CREATE INDEX IF NOT EXISTS hosts_by_ingest_id ON hosts (ingest_id)",
     "CREATE TABLE IF NOT EXISTS ingest_clock (id INT PRIMARY KEY, last_id BIGINT NOT NULL)",
     "INSERT INTO ingest_clock (id, last_id) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
@@ -102,11 +116,13 @@ _SCHEMA = (
 )
 # Transient conflicts between concurrent transactions: the whole transaction is run again.
 _RETRYABLE = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+_T = TypeVar("_T")
 RETRIES = 8
 # The statements of a commit take their rows as arrays (unnest), so each is one fixed text: prepared once
 # per connection, whatever the batch; CockroachDB and YugabyteDB accept unnest of several arrays too.
-# A commit is four round trips: BEGIN, _LOCK_MARKS, _WRITE (or _UPDATE_MARKS alone when no report becomes a
-# host's latest), COMMIT. Each statement costs the writer about 60 to 100 us of CPU in psycopg and the
+# The locking way (`_commit_locked`: agents this process has not seen, or whose marks moved meanwhile) is
+# four round trips: BEGIN, _LOCK_MARKS, _WRITE (or _UPDATE_MARKS alone when no report becomes a host's
+# latest), COMMIT; the usual way is one (_FAST_COMMIT, below). Each statement costs the writer about 60 to 100 us of CPU in psycopg and the
 # socket, so the marks and the hosts' latest sample times are read together, and the marks, the ingest
 # clock and the hosts rows are written together.
 #
@@ -133,13 +149,43 @@ _UPDATE_MARKS = _MARKS_SET
 _WRITE = (
     f"WITH m AS ({_MARKS_SET}), "
     "c AS (UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id) "
-    "INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, ingest_id, report, summary) "
-    "SELECT v.h, v.i, v.s, v.st, %s, c.last_id, v.r, v.j "
+    "INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, ingest_id, report, summary, writer) "
+    "SELECT v.h, v.i, v.s, v.st, %s, c.last_id, v.r, v.j, %s "
     "FROM c, unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[], %b::bytea[], %b::text[]) AS v(h, i, s, st, r, j) "
     "ON CONFLICT (host_id) DO UPDATE SET "
     "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
     "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id, summary = excluded.summary, "
-    "departed_at = NULL WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id")
+    "departed_at = NULL, writer = excluded.writer WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id")
+# The fast path (`PgStore._commit_fast`): the whole commit in ONE autocommitted statement, one round trip.
+# The database decides exactly-once by compare-and-set on each agent's mark: a mark moves only from the
+# value this process last committed or read for it (`PgStore._marks`), and the reports the process
+# planned as APPLIED are those above that value. Under READ COMMITTED an UPDATE that waited for a row a
+# concurrent transaction changed re-checks its WHERE on the newest version (EvalPlanQual), so of two
+# replicas planning from the same old mark only the first moves it; the other's agent comes back
+# without a row in `m`, writes nothing (its hosts rows join `m`), and goes through the locking path
+# (_LOCK_MARKS) in a transaction of its own. Locks are taken in the order agents rows, clock row, hosts
+# rows, as in the locking path: the clock's UPDATE waits for `m` to finish (its count), the hosts insert
+# reads the clock's new id. The last SELECT says which marks moved (kind 0), which hosts rows were
+# written (1), and, if any mark moved, divides by the number of clock rows: without the clock row the
+# statement fails (division by zero) and nothing of it is stored.
+_FAST_COMMIT = (
+    "WITH m AS (UPDATE agents SET last_sequence = v.s, applied_total = agents.applied_total + v.n, "
+    "spool_dropped_total = GREATEST(agents.spool_dropped_total, v.d), last_seen = %s "
+    "FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[]) AS v(h, i, e, s, n, d) "
+    "WHERE agents.host_id = v.h AND agents.agent_instance = v.i AND agents.last_sequence = v.e "
+    "RETURNING agents.host_id, agents.agent_instance), "
+    "c AS (UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 AND (SELECT count(*) FROM m) > 0 RETURNING last_id), "
+    "w AS (INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, ingest_id, report, summary, writer) "
+    "SELECT v.h, v.i, v.s, v.st, %s, c.last_id, v.r, v.j, %s "
+    "FROM c, unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[], %b::bytea[], %b::text[]) AS v(h, i, s, st, r, j) "
+    "WHERE (v.h, v.i) IN (SELECT m.host_id, m.agent_instance FROM m) "
+    "ON CONFLICT (host_id) DO UPDATE SET "
+    "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
+    "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id, summary = excluded.summary, "
+    "departed_at = NULL, writer = excluded.writer WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id) "
+    "SELECT 0, m.host_id, m.agent_instance FROM m "
+    "UNION ALL SELECT 1, w.host_id, NULL FROM w "
+    "UNION ALL SELECT 2 / (SELECT count(*) FROM c), NULL, NULL FROM (SELECT 1 FROM m LIMIT 1) AS moved")
 
 
 # --- arrays in PostgreSQL's binary wire format (array_send/array_recv) ---
@@ -273,18 +319,6 @@ def encode_summary(h: HostSummary, row_sample_time: float) -> str:
                        h.lost_unexplained_2m, h.known_bug_vms, h.causes, h.problem, h.lost_by_cause], separators=(",", ":"))
 
 
-def _int(v: object) -> int:
-    if type(v) is not int:
-        raise ValueError(f"expected an integer, got {type(v).__name__}")
-    return v
-
-
-def _str(v: object) -> str:
-    if type(v) is not str:
-        raise ValueError(f"expected a string, got {type(v).__name__}")
-    return v
-
-
 def _pairs(v: object, kind: type) -> tuple[tuple[Any, Any], ...]:
     if type(v) is not list:
         raise ValueError("expected a list")
@@ -305,15 +339,21 @@ def decode_summary(f: FollowedHost) -> HostSummary | None:
         d = json.loads(f.summary)
         if type(d) is not list or len(d) != 18:
             return None
-        inst, seq, row_st, st = d[0], d[1], d[2], d[3]
+        (inst, seq, row_st, st, kernel, era, labels, version, vms, capacity, observed, lost, explained, unexplained, known_bug,
+         causes, problem, by_cause) = d
         if (inst, seq, row_st) != (f.agent_instance, f.sequence, f.sample_time) or type(st) not in (int, float):
+            return None
+        # Every follower decodes every other replica's rows: the types are checked by two chained
+        # comparisons rather than a call per field (bool is no int here: type(True) is bool).
+        if not (int is type(era) is type(vms) is type(capacity) is type(observed) is type(lost) is type(explained)
+                is type(unexplained) is type(known_bug) and str is type(kernel) is type(version) is type(problem)):
             return None
         return HostSummary(
             host_id=f.host_id, agent_instance=f.agent_instance, sequence=f.sequence, sample_time=float(st), received=f.received,
-            kernel_release=shared(_str(d[4])), era=_int(d[5]), labels=shared(_pairs(d[6], str)), agent_version=shared(_str(d[7])),
-            vms=_int(d[8]), capacity_2m=_int(d[9]), observed_2m=_int(d[10]), lost_2m=_int(d[11]), lost_explained_2m=_int(d[12]),
-            lost_unexplained_2m=_int(d[13]), known_bug_vms=_int(d[14]), causes=shared(_pairs(d[15], int)),
-            spool_dropped_total=f.spool_dropped_total, problem=_str(d[16]), lost_by_cause=_pairs(d[17], int))
+            kernel_release=shared(kernel), era=era, labels=shared(_pairs(labels, str)), agent_version=shared(version),
+            vms=vms, capacity_2m=capacity, observed_2m=observed, lost_2m=lost, lost_explained_2m=explained,
+            lost_unexplained_2m=unexplained, known_bug_vms=known_bug, causes=shared(_pairs(causes, int)),
+            spool_dropped_total=f.spool_dropped_total, problem=problem, lost_by_cause=_pairs(by_cause, int))
     except (ValueError, TypeError, RecursionError):
         return None
 
@@ -330,7 +370,11 @@ class PgStore(GroupCommitWriter):
         self._max_batch = max_batch
         self._commit_delay = commit_delay_seconds
         self._init_writer()
-        self._known_agents: set[tuple[str, str]] = set()  # agents rows known to exist (rows are never deleted)
+        # (host, instance) -> its mark as this process last committed or read it (writer thread only). The
+        # rows exist (they are never deleted but by hand) and marks only grow, so a report at or below it is
+        # a DUPLICATE; a commit planned against it moves it only if the database still holds that value.
+        self._marks: dict[tuple[str, str], int] = {}
+        self.writer_id = uuid.uuid4().hex  # this process, in the hosts rows it writes (followers skip their own)
         self.commits_total = 0
         self.reports_committed_total = 0
         self.retries_total = 0
@@ -399,21 +443,34 @@ class PgStore(GroupCommitWriter):
         for more (one transaction stamps all its hosts with one id, so a page may end inside it). A host
         changed several times shows only its current row. See the module doc for why a follower that
         asks from the last change it has seen misses nothing."""
+        return self.follow_page(after_ingest_id, after_host_id, limit)[0]
+
+    def follow_page(self, after_ingest_id: int, after_host_id: str | None, limit: int,
+                    skip_writer: str | None = None) -> tuple[list[FollowedHost], tuple[int, str] | None, bool]:
+        """One page of `reports_since`, without the rows whose report the process `skip_writer` wrote
+        (a follower's own process: its fleet view holds them already); (the changes, the (ingest id, host
+        id) of the page's last row, skipped or not: the next page starts after it; whether the page was
+        full: more may follow)."""
         if after_host_id is None:
-            where, args = "h.ingest_id > %s", (after_ingest_id, limit)
+            where, args = "h.ingest_id > %s", (skip_writer, after_ingest_id, limit)
         else:
-            where, args = "(h.ingest_id, h.host_id) > (%s, %s)", (after_ingest_id, after_host_id, limit)  # type: ignore[assignment]
+            where, args = "(h.ingest_id, h.host_id) > (%s, %s)", (skip_writer, after_ingest_id, after_host_id, limit)  # type: ignore[assignment]
         with self._pool.connection() as c:
+            # A skipped row is read for its key only: its report, summary and agent are not sent.
             rows = c.execute(
-                "SELECT h.host_id, h.agent_instance, h.sequence, h.sample_time, h.received, "
-                "CASE WHEN h.summary IS NULL THEN h.report END, h.ingest_id, "
+                "SELECT h.ingest_id, h.host_id, h.writer IS NOT NULL AND h.writer = %s AS own, h.agent_instance, h.sequence, "
+                "h.sample_time, h.received, CASE WHEN h.summary IS NULL THEN h.report END, "
                 "COALESCE(a.spool_dropped_total, 0), h.departed_at, h.summary FROM hosts h LEFT JOIN agents a "
                 "ON a.host_id = h.host_id AND a.agent_instance = h.agent_instance "
                 f"WHERE {where} ORDER BY h.ingest_id, h.host_id LIMIT %s", args,
             ).fetchall()
-        return [FollowedHost(int(iid), h, inst, int(seq), float(st), float(rcv), None if blob is None else bytes(blob), int(dropped),
-                             None if gone is None else float(gone), summary)
-                for h, inst, seq, st, rcv, blob, iid, dropped, gone, summary in rows]
+        if not rows:
+            return [], None, False
+        last = rows[-1]
+        return ([FollowedHost(int(iid), h, inst, int(seq), float(st), float(rcv), None if blob is None else bytes(blob), int(dropped),
+                              None if gone is None else float(gone), summary)
+                 for iid, h, own, inst, seq, st, rcv, blob, dropped, gone, summary in rows if not own],
+                (int(last[0]), last[1]), len(rows) >= limit)
 
     def ingest_high_water(self) -> int:
         """The highest ingest id committed: every change up to it is visible now, so a follower that
@@ -500,31 +557,113 @@ class PgStore(GroupCommitWriter):
         wake_waiters(jobs, [exc] * len(jobs), set_exception)
 
     def _commit(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
+        """Commit a group: what it can in one statement (`_commit_fast`), the rest in a transaction that
+        locks the marks (`_commit_locked`). Each report's result is what applying the group's reports
+        one by one in order would give: reports of different agents do not affect each other's result,
+        and an agent's reports all go the same way, in their order."""
         if self._conn.closed or self._conn.broken:
             self._conn = self._connect()  # the server restarted or the connection dropped: a new session
-        for attempt in range(RETRIES):
+        marks = self._marks
+        # The fast path takes an agent whose mark this process knows, of a host that only this agent
+        # instance reports for in the group (two instances of one host in one group compete for its row:
+        # that rare case, at an agent's restart, goes the locking way).
+        instance_of: dict[str, str] = {}
+        slow_hosts: set[str] = set()
+        for b in batches:
+            for item in b:
+                r = item.report
+                host = r.host_id
+                if instance_of.setdefault(host, r.agent_instance) != r.agent_instance or (host, r.agent_instance) not in marks:
+                    slow_hosts.add(host)
+        if not slow_hosts:
+            results, failed = self._retrying(lambda: self._commit_fast(batches))
+            if not failed:
+                return results
+            slow_hosts = {h for h, _ in failed}
+        else:
+            planned_slow = frozenset(slow_hosts)  # `part` holds a result for every other report, in order
+            fast = [[item for item in b if item.report.host_id not in planned_slow] for b in batches]
+            part, failed = self._retrying(lambda: self._commit_fast(fast))
+            results = [self._scatter(b, p, lambda h: h not in planned_slow) for b, p in zip(batches, part)]
+            slow_hosts.update(h for h, _ in failed)  # their results above are void: replaced below
+        # The agents whose marks moved meanwhile (another replica applied some of their reports) or that
+        # this process has not seen yet: lock, read, decide, write.
+        slow = [[item for item in b if item.report.host_id in slow_hosts] for b in batches]
+        locked = self._retrying(lambda: self._commit_locked(slow))
+        return [self._scatter(b, p, slow_hosts.__contains__, into=r) for b, p, r in zip(batches, locked, results)]
+
+    @staticmethod
+    def _scatter(batch: list[Incoming], part: list[ApplyResult], take: Callable[[str], bool],
+                 into: list[ApplyResult] | None = None) -> list[ApplyResult]:
+        """`into` (a message's results) with the results `part` of its reports whose host `take`s, in order."""
+        out = list(into) if into is not None else [ApplyResult(ingest_pb2.ACK_STATUS_UNSPECIFIED, False)] * len(batch)
+        it = iter(part)
+        for k, item in enumerate(batch):
+            if take(item.report.host_id):
+                out[k] = next(it)
+        return out
+
+    def _retrying(self, attempt: Callable[[], _T]) -> _T:
+        """`attempt` again after a serialization failure or deadlock (nothing of it was stored)."""
+        for n in range(RETRIES):
             try:
-                with self._conn.transaction():
-                    results, reports, keys = self._apply(batches)
+                return attempt()
             except _RETRYABLE:
                 self.retries_total += 1
-                if attempt == RETRIES - 1:
+                if n == RETRIES - 1:
                     raise
-                time.sleep(0.01 * (attempt + 1))
-                continue
-            self._known_agents.update(keys)  # only rows a committed transaction made are known to exist
-            self.commits_total += 1
-            self.reports_committed_total += reports
-            return results
+                time.sleep(0.01 * (n + 1))
         raise AssertionError("unreachable")
 
-    def _apply(self, batches: list[list[Incoming]]) -> tuple[list[list[ApplyResult]], int, list[tuple[str, str]]]:
+    def _commit_fast(self, batches: list[list[Incoming]]) -> tuple[list[list[ApplyResult]], set[tuple[str, str]]]:
+        """The group in one autocommitted statement (_FAST_COMMIT), planned against the marks this process
+        knows. Returns the results and the agents whose marks had moved meanwhile: nothing of theirs was
+        written, and their results here are void (the caller commits them again the locking way)."""
+        now = time.time()
+        marks = self._marks
+        plan = plan_commit(batches, marks, {})  # each host's newest in the group; the upsert decides against the row
+        results = plan.results
+        if not plan.agents:
+            # Every report is at or below a mark the database committed: marks only grow, so DUPLICATE.
+            return results, set()
+        rows = sorted(plan.agents.items())
+        host_arrays, summaries = self._host_arrays(plan, now)
+        try:
+            out = self._conn.execute(_FAST_COMMIT, (
+                now, text_array([h for (h, _), _ in rows]), text_array([i for (_, i), _ in rows]),
+                int8_array([marks[k] for k, _ in rows]), int8_array([v[0] for _, v in rows]),
+                int8_array([v[1] for _, v in rows]), int8_array([v[2] for _, v in rows]),
+                now, self.writer_id, *host_arrays), binary=True).fetchall()
+        except pg_errors.DivisionByZero:
+            raise RuntimeError(f"PostgreSQL store {self.where}: the ingest_clock row is missing") from None
+        moved = {(h, i) for kind, h, i in out if kind == 0}
+        failed = set(plan.agents).difference(moved)
+        for key in moved:
+            marks[key] = plan.marks[key]
+        for key in failed:
+            del marks[key]  # read again, under its row lock, by the locking path
+        self.commits_total += 1
+        self.reports_committed_total += sum(1 for b in batches for item in b
+                                            if (item.report.host_id, item.report.agent_instance) not in failed)
+        self._settle_latest(plan, {h for kind, h, _ in out if kind == 1}, summaries)
+        return results, failed
+
+    def _commit_locked(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
+        with self._conn.transaction():
+            results, reports, marks = self._apply(batches)
+        self._marks.update(marks)  # only marks a committed transaction wrote or read
+        self.commits_total += 1
+        self.reports_committed_total += reports
+        return results
+
+    def _apply(self, batches: list[list[Incoming]]) -> tuple[list[list[ApplyResult]], int, dict[tuple[str, str], int]]:
         """Inside one transaction: lock the marks, decide, write. The results are the same as applying the
-        reports one by one in order against the marks and latest reports committed before."""
+        reports one by one in order against the marks and latest reports committed before. Also returns
+        every agent's mark as this transaction leaves it."""
         c = self._conn
         now = time.time()
         keys = sorted({(i.report.host_id, i.report.agent_instance) for b in batches for i in b})
-        new_keys = [k for k in keys if k not in self._known_agents]
+        new_keys = [k for k in keys if k not in self._marks]
         if new_keys:
             self._insert_marks(new_keys, now)
         known_marks, known_latest = self._lock_marks(keys)
@@ -537,9 +676,10 @@ class PgStore(GroupCommitWriter):
             known_latest.update(more_latest)
 
         plan = plan_commit(batches, known_marks, known_latest)
-        results, agents, hosts, latest_slots = plan.results, plan.agents, plan.hosts, plan.latest_slots
+        results, agents, hosts = plan.results, plan.agents, plan.hosts
+        known_marks.update(plan.marks)
         if not agents:
-            return results, sum(len(b) for b in batches), keys  # all duplicates: nothing to write
+            return results, sum(len(b) for b in batches), known_marks  # all duplicates: nothing to write
         # One statement per transaction, whatever the number of agents (arrays, not a row per call): the
         # statement is prepared once per connection, and no Python call is made per row.
         rows = sorted(agents.items())
@@ -547,10 +687,23 @@ class PgStore(GroupCommitWriter):
                  int8_array([v[0] for _, v in rows]), int8_array([v[1] for _, v in rows]), int8_array([v[2] for _, v in rows]))
         if not hosts:
             c.execute(_UPDATE_MARKS, marks)  # applied, but none newer than its host's stored report: no clock
-            return results, sum(len(b) for b in batches), keys
+            return results, sum(len(b) for b in batches), known_marks
+        host_arrays, summaries = self._host_arrays(plan, now)
+        # Last, so that the clock row is held for as short a time as possible: taking it orders the commits
+        # that stamp ingest ids (see the module doc). Binary: the reports go as they are, not escaped into text.
+        stored = {h for (h,) in c.execute(_WRITE, (*marks, now, self.writer_id, *host_arrays), binary=True).fetchall()}
+        if not stored and c.execute("SELECT 1 FROM ingest_clock WHERE id = 1").fetchone() is None:
+            raise RuntimeError(f"PostgreSQL store {self.where}: the ingest_clock row is missing")
+        self._settle_latest(plan, stored, summaries)
+        return results, sum(len(b) for b in batches), known_marks
+
+    @staticmethod
+    def _host_arrays(plan: CommitPlan, now: float) -> tuple[tuple[PgArray, ...], dict[str, HostSummary]]:
+        """The hosts rows a commit upserts, as arrays (host, instance, sequence, sample time, report,
+        summary), and the summaries made for them (their reports' ingest totals, received `now`)."""
         cols: tuple[list[str], list[str], list[int], list[float], list[bytes], list[str | None]] = ([], [], [], [], [], [])
         summaries: dict[str, HostSummary] = {}
-        for host, (item, st) in sorted(hosts.items()):
+        for host, (item, st) in sorted(plan.hosts.items()):
             r = item.report
             cols[0].append(host)
             cols[1].append(r.agent_instance)
@@ -562,17 +715,19 @@ class PgStore(GroupCommitWriter):
             else:
                 summaries[host] = summary = summarise(r, now, item.spool_dropped_total, item.totals)
                 cols[5].append(encode_summary(summary, st))
-        # Last, so that the clock row is held for as short a time as possible: taking it orders the commits
-        # that stamp ingest ids (see the module doc). Binary: the reports go as they are, not escaped into text.
-        stored = {h for (h,) in c.execute(_WRITE, (*marks, now, text_array(cols[0]), text_array(cols[1]), int8_array(cols[2]),
-                                                   float8_array(cols[3]), bytea_array(cols[4]), text_array(cols[5])),
-                                          binary=True).fetchall()}
-        if not stored and c.execute("SELECT 1 FROM ingest_clock WHERE id = 1").fetchone() is None:
-            raise RuntimeError(f"PostgreSQL store {self.where}: the ingest_clock row is missing")
-        for host, slots in latest_slots.items():
+        return ((text_array(cols[0]), text_array(cols[1]), int8_array(cols[2]), float8_array(cols[3]), bytea_array(cols[4]),
+                 text_array(cols[5])), summaries)
+
+    @staticmethod
+    def _settle_latest(plan: CommitPlan, stored: set[str], summaries: dict[str, HostSummary]) -> None:
+        """Correct the plan's results by what the hosts upsert did (`stored`: the hosts whose row now holds
+        this commit's report)."""
+        results = plan.results
+        for host, slots in plan.latest_slots.items():
             if host not in stored:
-                # Another replica committed a newer report of the host after we read its sample time: ours
-                # is applied (its mark moved) but is not the host's latest state.
+                # Another replica committed a newer report of the host after we read its sample time (or
+                # before, on the fast path, which reads none): ours is applied (its mark moved) but is not
+                # the host's latest state.
                 for b, i in slots:
                     results[b][i] = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, False)
             elif host in summaries:
@@ -580,7 +735,6 @@ class PgStore(GroupCommitWriter):
                 # view as it is (received: this transaction's time, as in the row) instead of making it again.
                 b, i = slots[-1]
                 results[b][i] = ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True, summary=summaries[host])
-        return results, sum(len(b) for b in batches), keys
 
     def _insert_marks(self, keys: list[tuple[str, str]], now: float) -> None:
         """A mark row to lock for agents never seen: concurrent first inserts of the same agent on two
@@ -678,7 +832,8 @@ class PgDepartedLog(QueuedWrites):
             if carried:
                 if need_clock:  # some host returns: its row changes for followers
                     rows = c.execute("UPDATE hosts SET stream_epoch = stream_epoch + 1, departed_at = NULL, ingest_id = "
-                                     "CASE WHEN departed_at IS NULL THEN ingest_id ELSE %s END WHERE host_id = ANY(%s) "
+                                     "CASE WHEN departed_at IS NULL THEN ingest_id ELSE %s END, writer = CASE WHEN departed_at IS NULL "
+                                     "THEN writer END WHERE host_id = ANY(%s) "
                                      "RETURNING host_id, stream_epoch", (ingest_id, carried)).fetchall()
                 else:  # nothing a follower shows changes: no ingest id, no wait for the clock row
                     rows = c.execute("UPDATE hosts SET stream_epoch = stream_epoch + 1 WHERE host_id = ANY(%s) AND departed_at IS NULL "
@@ -696,9 +851,9 @@ class PgDepartedLog(QueuedWrites):
             known = [(at, ingest_id, h, epochs.get(h, self._epochs.get(h))) for h, at in departs if h in epochs or h in self._epochs]
             if known:
                 # Only if no stream started carrying the host since ours did: a rotating agent is no departure.
-                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s WHERE host_id = %s AND stream_epoch = %s", known)
+                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s, writer = NULL WHERE host_id = %s AND stream_epoch = %s", known)
             if unknown:
-                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s WHERE host_id = %s", unknown)
+                c.cursor().executemany("UPDATE hosts SET departed_at = %s, ingest_id = %s, writer = NULL WHERE host_id = %s", unknown)
         return epochs
 
 
