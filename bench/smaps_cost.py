@@ -371,6 +371,9 @@ def main() -> int:
         results["ratio_drain_smaps_vs_cat"] = per_round("drain_smaps", "cat_smaps") if rounds["drain_smaps"] else None
         results["ratio_count_widened_vs_cat_widened"] = per_round("count_widened", "cat_widened") if rounds["count_widened"] else None
         results["ratio_count_smaps_vs_cat"] = per_round("count_smaps", "cat_smaps") if rounds["count_smaps"] else None
+        # The agent against the least an exact scan must do (read + line count): what is left is the scan's own work.
+        results["ratio_widened_vs_count_widened"] = per_round("agent_widened", "count_widened") if rounds["count_widened"] else None
+        results["ratio_smaps_vs_count_smaps"] = per_round("agent_smaps", "count_smaps") if rounds["count_smaps"] else None
         results["widened_dir"] = f"{widened_path.parent} ({fs_type(widened_path.parent)})"
         results["ratio_discovery_vs_agent_smaps"] = per_round("discovery", "agent_smaps")
         results["ratio_sample_vs_cat"] = per_round("agent_sample", "cat_sample")
