@@ -11,9 +11,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from eptwatch.v1 import ingest_pb2, report_pb2
+
+T = TypeVar("T")
 
 # Why a commit failed (the reason label of eptwatch_server_store_commit_failures_total).
 DISK_FULL = "disk_full"  # SQLITE_FULL: the state directory's filesystem is full
@@ -80,25 +82,68 @@ def sample_seconds(report: report_pb2.HostReport) -> float:
 Job = tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]]
 
 
-def next_group(jobs_queue: queue.SimpleQueue[Job | None], first: Job, max_batch: int, commit_delay: float) -> tuple[list[Job], int, bool]:
-    """The messages one transaction commits: `first` and what else is queued, up to `max_batch` reports;
-    (jobs, reports, whether the stop marker was met). Group commit (like PostgreSQL's commit_delay):
-    under a light load each commit would hold a report or two, so waiting `commit_delay` lets one fsync
-    and one wake-up serve more of them (under a heavy load the wait costs latency only)."""
-    jobs = [first]
-    count = len(first[0])
-    if commit_delay:
-        time.sleep(commit_delay)
-    while count < max_batch:
+def drain(jobs_queue: queue.SimpleQueue[T | None] | queue.Queue[T | None], first: T, limit: float,
+          size: Callable[[T], int]) -> tuple[list[T], int, bool]:
+    """`first` and what else is queued now, until the sizes reach `limit`; (items, their total size,
+    whether the stop marker (None) was met: it is taken off the queue, and nothing after it)."""
+    items = [first]
+    total = size(first)
+    while total < limit:
         try:
             nxt = jobs_queue.get_nowait()
         except queue.Empty:
             break
         if nxt is None:
-            return jobs, count, True
-        jobs.append(nxt)
-        count += len(nxt[0])
-    return jobs, count, False
+            return items, total, True
+        items.append(nxt)
+        total += size(nxt)
+    return items, total, False
+
+
+def next_group(jobs_queue: queue.SimpleQueue[Job | None] | queue.Queue[Job | None], first: Job, max_batch: int, commit_delay: float) -> tuple[list[Job], int, bool]:
+    """The messages one transaction commits: `first` and what else is queued, up to `max_batch` reports;
+    (jobs, reports, whether the stop marker was met). Group commit (like PostgreSQL's commit_delay):
+    under a light load each commit would hold a report or two, so waiting `commit_delay` lets one fsync
+    and one wake-up serve more of them (under a heavy load the wait costs latency only)."""
+    if commit_delay:
+        time.sleep(commit_delay)
+    return drain(jobs_queue, first, max_batch, _job_size)
+
+
+def _job_size(job: Job) -> int:
+    return len(job[0])
+
+
+class QueueThread(Generic[T]):
+    """A daemon thread that takes items off a queue in batches (`drain`) until it meets the stop marker:
+    `_stop_thread` queues that marker after everything queued before it and waits, so what was queued is
+    handled first. Subclasses handle a batch in `_handle`."""
+
+    _queue: queue.SimpleQueue[T | None] | queue.Queue[T | None]
+    _thread: threading.Thread | None = None
+
+    def _start_thread(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            stop = self._handle(first)
+            if stop:
+                return
+
+    def _handle(self, first: T) -> bool:
+        """Handle `first` and what gathered behind it; True where the stop marker was met."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -167,7 +212,7 @@ def plan_commit(batches: Sequence[Sequence[Incoming]], known_marks: Mapping[tupl
     return CommitPlan(results, marks, latest, agents, hosts, latest_slots)
 
 
-class GroupCommitWriter:
+class GroupCommitWriter(QueueThread[Job]):
     """The writer thread both stores run: `submit` queues a message's reports from the event loop, the
     thread takes what has gathered (`next_group`) and hands it to `_commit_group`, which must wake every
     job's waiter (a result or an exception each); `_stop_writer` lets what is queued commit, then stops."""
@@ -176,8 +221,8 @@ class GroupCommitWriter:
     _commit_delay: float
 
     def _init_writer(self) -> None:
-        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # a put from the event loop is cheap
-        self._thread: threading.Thread | None = None
+        self._queue = queue.SimpleQueue()  # a put from the event loop is cheap
+        self._thread = None
 
     def submit(self, items: Sequence[Incoming]) -> asyncio.Future[list[ApplyResult]]:
         """Queue `items` for the next transaction; the future resolves (await it) once it has committed."""
@@ -187,30 +232,21 @@ class GroupCommitWriter:
         return fut
 
     def _start_writer(self, name: str) -> None:
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._start_thread(name)
 
     def _stop_writer(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        self._stop_thread()
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            jobs, count, stop = next_group(self._queue, first, self._max_batch, self._commit_delay)
-            self._commit_group(jobs, count)
-            if stop:
-                return
+    def _handle(self, first: Job) -> bool:
+        jobs, count, stop = next_group(self._queue, first, self._max_batch, self._commit_delay)
+        self._commit_group(jobs, count)
+        return stop
 
     def _commit_group(self, jobs: list[Job], count: int) -> None:
         raise NotImplementedError
 
 
-class QueuedWrites:
+class QueuedWrites(QueueThread[tuple[str, float | None]]):
     """A small writer thread fed by a queue: `record` only queues, the thread writes what has gathered
     in one batch (in order) through `_write_batch`, and `close` writes what is queued, then stops. Both stores'
     departed logs use it, so that a departure never waits on the ingest path."""
@@ -218,12 +254,11 @@ class QueuedWrites:
     _thread_name = "eptwatch-queued-writer"
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[str, float | None] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._queue = queue.Queue()
+        self._thread = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
-        self._thread.start()
+        self._start_thread(self._thread_name)
 
     def record(self, host_id: str, departed_at: float | None) -> None:
         """Queue a departure (`departed_at`) or a return (None); written in order."""
@@ -231,33 +266,19 @@ class QueuedWrites:
 
     def close(self) -> None:
         """Writes what is queued, then stops."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        self._stop_thread()
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            items = [first]
-            stop = False
-            while True:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                items.append(nxt)
-            self._write_batch(items)
-            if stop:
-                return
+    def _handle(self, first: tuple[str, float | None]) -> bool:
+        items, _, stop = drain(self._queue, first, float("inf"), _one)
+        self._write_batch(items)
+        return stop
 
     def _write_batch(self, items: list[tuple[str, float | None]]) -> None:
         raise NotImplementedError
+
+
+def _one(_: object) -> int:
+    return 1
 
 
 def wake_waiters(jobs: list[tuple[list[Incoming], asyncio.AbstractEventLoop, asyncio.Future[list[ApplyResult]]]],
