@@ -59,31 +59,17 @@ class SharedFleetState(FleetState):
     (`apply_followed`), here as on every other replica, within the staleness bound."""
 
     def _returned(self, host_id: str, tell: bool = True) -> None:
-        super()._returned(host_id, False)  # the store hears of streams starting instead (stream_carries)
+        super()._returned(host_id, False)  # the store hears of streams starting instead (_first_stream)
 
-    def stream_carries(self, host_id: str) -> None:
-        with self._lock:
-            n = self._streams.get(host_id, 0)
-            self._streams[host_id] = n + 1
-            if host_id in self._departed:
-                self._departed.discard(host_id)
-                h = self._hosts.get(host_id)
-                if h is not None and host_id not in self._invalid:
-                    self._count(h)
-                self._view = None
-            if n == 0 and self._on_departed is not None:
-                self._on_departed(host_id, None)
+    def _first_stream(self, host_id: str) -> None:
+        if self._on_departed is not None:
+            self._on_departed(host_id, None)
 
-    def stream_ended(self, host_ids: Iterable[str], clean: bool) -> None:
-        with self._lock:
-            for h in host_ids:
-                n = self._streams.get(h, 0) - 1
-                if n > 0:
-                    self._streams[h] = n
-                    continue
-                self._streams.pop(h, None)
-                if clean and h in self._hosts and self._on_departed is not None:
-                    self._on_departed(h, self._clock())
+    def _last_stream_closed(self, host_id: str) -> None:
+        # Not departed here: the store decides (another replica may carry the host now), and says so
+        # through the follower.
+        if self._on_departed is not None:
+            self._on_departed(host_id, self._clock())
 
     def apply_followed(self, summary: HostSummary | None, host_id: str, departed_at: float | None) -> None:
         """A change of a host's row in the store: its latest report (None: the one held already) and
@@ -96,17 +82,12 @@ class SharedFleetState(FleetState):
             if departed_at is None:
                 if host_id in self._departed:
                     self._departed.discard(host_id)
-                    h = self._hosts.get(host_id)
-                    if h is not None and host_id not in self._invalid:
-                        self._count(h)
+                    self._count_again(host_id)
             elif host_id in self._streams:
                 if self._on_departed is not None:
                     self._on_departed(host_id, None)
-            elif host_id in self._hosts and host_id not in self._departed:
-                if self._counted(host_id):
-                    self._rollups.add(self._hosts[host_id], -1)
-                self._stale.discard(host_id)
-                self._departed.add(host_id)
+            else:
+                self._depart(host_id)
             self._view = None
 
 

@@ -594,27 +594,38 @@ class FleetState:
             if tell and self._on_departed is not None:
                 self._on_departed(host_id, None)
 
+    def _depart(self, host_id: str) -> None:
+        """Show a known host as departed and take it out of the rollups. Called with the lock held."""
+        if host_id in self._hosts and host_id not in self._departed:
+            if self._counted(host_id):
+                self._rollups.add(self._hosts[host_id], -1)
+            self._stale.discard(host_id)
+            self._departed.add(host_id)
+
+    def _count_again(self, host_id: str) -> None:
+        """A host just taken off the departed: back in the rollups (unless its report is invalid). Lock held."""
+        h = self._hosts.get(host_id)
+        if h is not None and host_id not in self._invalid:
+            self._count(h)
+
     def mark_departed(self, host_ids: Iterable[str]) -> None:
         """Hosts known to have departed (loaded from the store at start-up): shown as departed, not counted,
         until they report again. Not told to `on_departed`: they are durable already."""
         with self._lock:
             for h in host_ids:
-                if h in self._hosts and h not in self._departed:
-                    if self._counted(h):
-                        self._rollups.add(self._hosts[h], -1)
-                    self._stale.discard(h)
-                    self._departed.add(h)
+                self._depart(h)
             self._view = None
 
     def stream_carries(self, host_id: str) -> None:
         with self._lock:
-            self._streams[host_id] = self._streams.get(host_id, 0) + 1
+            n = self._streams.get(host_id, 0)
+            self._streams[host_id] = n + 1
             if host_id in self._departed:
                 self._returned(host_id)
-                h = self._hosts.get(host_id)
-                if h is not None and host_id not in self._invalid:
-                    self._count(h)
+                self._count_again(host_id)
                 self._view = None
+            if n == 0:
+                self._first_stream(host_id)
 
     def stream_ended(self, host_ids: Iterable[str], clean: bool) -> None:
         with self._lock:
@@ -624,15 +635,20 @@ class FleetState:
                     self._streams[h] = n
                     continue
                 self._streams.pop(h, None)
-                if clean and h in self._hosts and h not in self._departed:
-                    # the agent closed its stream: it moves on or shuts down
-                    if self._counted(h):
-                        self._rollups.add(self._hosts[h], -1)
-                    self._stale.discard(h)
-                    self._departed.add(h)
-                    if self._on_departed is not None:
-                        self._on_departed(h, self._clock())
+                if clean and h in self._hosts:
+                    self._last_stream_closed(h)  # the agent closed its stream: it moves on or shuts down
             self._view = None
+
+    def _first_stream(self, host_id: str) -> None:
+        """A stream started carrying a host that no stream here carried. Lock held. (A shared store's
+        fleet tells the store: SharedFleetState.)"""
+
+    def _last_stream_closed(self, host_id: str) -> None:
+        """The last stream carrying a known host here ended cleanly: it departed. Lock held."""
+        if host_id not in self._departed:
+            self._depart(host_id)
+            if self._on_departed is not None:
+                self._on_departed(host_id, self._clock())
 
     def hosts(self) -> dict[str, HostSummary]:
         with self._lock:
