@@ -216,20 +216,8 @@ class Rollup:
         self.lost_unexplained_2m += sign * h.lost_unexplained_2m
         self.known_bug_vms += sign * h.known_bug_vms
         self.spool_dropped += sign * h.spool_dropped_total
-        causes = self.causes
-        for c, n in h.causes:
-            m = causes[c] + sign * n
-            if m:
-                causes[c] = m
-            else:
-                del causes[c]
-        lost = self.lost_by_cause
-        for c, n in h.lost_by_cause:
-            m = lost[c] + sign * n
-            if m:
-                lost[c] = m
-            else:
-                del lost[c]
+        _add_counts(self.causes, h.causes, sign)
+        _add_counts(self.lost_by_cause, h.lost_by_cause, sign)
 
     def replace(self, old: HostSummary, new: HostSummary) -> None:
         """The same as add(old, -1) then add(new), in one pass: a host's next report replacing its last in
@@ -360,21 +348,21 @@ def judge_kernels(kernels: list[KernelRollup], cfg: FleetConfig) -> None:
         k.evidence = "; ".join(reasons)
 
 
+def _add_counts(counts: Counter[int], pairs: tuple[tuple[int, int], ...], sign: int) -> None:
+    """Adds `sign` times each (cause, count) of `pairs` to `counts`; a count reaching 0 is dropped. Plain
+    dict methods: Counter's own __missing__ and __delitem__ are Python functions."""
+    for c, n in pairs:
+        m = dict.get(counts, c, 0) + sign * n
+        if m:
+            counts[c] = m
+        else:
+            dict.pop(counts, c, None)
+
+
 def _move_counts(counts: Counter[int], old: tuple[tuple[int, int], ...], new: tuple[tuple[int, int], ...]) -> None:
-    """Takes `old`'s counts away from `counts` and adds `new`'s; a count reaching 0 is dropped, as in
-    Rollup.add. Plain dict methods: Counter's own __missing__ and __delitem__ are Python functions."""
-    for c, n in old:
-        m = dict.get(counts, c, 0) - n
-        if m:
-            counts[c] = m
-        else:
-            dict.pop(counts, c, None)
-    for c, n in new:
-        m = dict.get(counts, c, 0) + n
-        if m:
-            counts[c] = m
-        else:
-            dict.pop(counts, c, None)
+    """Takes `old`'s counts away from `counts` and adds `new`'s, as Rollup.add(old, -1) then add(new) do."""
+    _add_counts(counts, old, -1)
+    _add_counts(counts, new, 1)
 
 
 _Snapshot = tuple[Rollup, list[KernelRollup], dict[tuple[str, str], Rollup]]
