@@ -84,8 +84,10 @@ class ServerConfig:
     stream_idle_timeout_seconds: float = 300.0
     max_message_bytes: int = 16 * 1024 * 1024
     sqlite_synchronous: str = "FULL"
-    # Group commit: how long the store waits after the first report of a transaction for more to join it.
+    # Group commit: how long the store waits after the first report of a transaction for more to join it,
+    # when a stream waits on the ack (commit delay), and when none does (gather: paced agents).
     store_commit_delay_seconds: float = 0.005
+    store_commit_gather_seconds: float = 0.05
     shutdown_grace_seconds: float = 10.0
     # Fleet view (rollups, staleness)
     report_interval_seconds: float = 30.0
@@ -142,6 +144,8 @@ class ServerConfig:
             raise ValueError(f"sqlite_synchronous: expected FULL, NORMAL or EXTRA, got {self.sqlite_synchronous!r}")
         if not 0 <= self.store_commit_delay_seconds <= 1:
             raise ValueError("store_commit_delay_seconds: expected 0 to 1 (seconds)")
+        if not 0 <= self.store_commit_gather_seconds <= 1:
+            raise ValueError("store_commit_gather_seconds: expected 0 to 1 (seconds)")
 
 
 def grpc_server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
@@ -166,7 +170,8 @@ class Aggregator:
         self.cfg = cfg
         # --state: a directory (SQLite) or a postgresql:// URL (a store several replicas share).
         self.store = open_store(cfg.state_dir, synchronous=cfg.sqlite_synchronous,
-                                commit_delay_seconds=cfg.store_commit_delay_seconds)
+                                commit_delay_seconds=cfg.store_commit_delay_seconds,
+                                gather_delay_seconds=cfg.store_commit_gather_seconds)
         self.follower: StoreFollower | None = None
         self._follow_task: asyncio.Task[None] | None = None
         self.departed: DepartedLog | PgDepartedLog

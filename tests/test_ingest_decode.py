@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from pathlib import Path
 
@@ -99,9 +100,130 @@ def test_group_commit_delay_puts_concurrent_reports_in_one_transaction(tmp_path:
 def test_commit_delay_is_bounded(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="commit delay"):
         Store(tmp_path, commit_delay_seconds=5)
+    with pytest.raises(ValueError, match="gather delay"):
+        Store(tmp_path, gather_delay_seconds=-0.1)
     from eptwatch.server.app import ServerConfig
     with pytest.raises(ValueError, match="store_commit_delay_seconds"):
         ServerConfig(insecure_plaintext=True, insecure_no_auth=True, store_commit_delay_seconds=-1)
+    with pytest.raises(ValueError, match="store_commit_gather_seconds"):
+        ServerConfig(insecure_plaintext=True, insecure_no_auth=True, store_commit_gather_seconds=2)
+
+
+class _WatchedHurry(threading.Event):
+    """The writer's hurry event, recording each group-commit wait: entered, and how it ended (True:
+    woken by a hurried message; False: the gather delay ran out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = 0
+        self.ended: list[bool] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.entered += 1
+        got = super().wait(timeout)
+        self.ended.append(got)
+        return got
+
+
+@pytest.mark.parametrize("hurried_last", [False, True])
+def test_group_commit_gathers_paced_messages_until_a_sender_waits(tmp_path: Path, hurried_last: bool) -> None:
+    """Messages whose senders wait on nothing (paced agents) gather for the whole gather delay and
+    commit together; a message submitted with `hurry` (its stream has an earlier one unacknowledged)
+    ends the wait at once, and commits with the gathered ones."""
+    async def run() -> tuple[int, int, _WatchedHurry]:
+        # The longest gather allowed: the unhurried case takes that second; the others must be queued inside it.
+        store = Store(tmp_path / "st", commit_delay_seconds=0.0, gather_delay_seconds=1.0)
+        watched = store._hurry = _WatchedHurry()
+        store.start()
+        try:
+            loop = asyncio.get_running_loop()
+            first = store.submit([Incoming(pb.HostReport.FromString(_report("h0", 1)), None, 0)])
+            await until(lambda: watched.entered == 1)  # the writer holds h0 and waits for more
+            more = [store.submit([Incoming(pb.HostReport.FromString(_report(f"h{k}", 1)), None, 0)], loop=loop)
+                    for k in (1, 2)]
+            more.append(store.submit([Incoming(pb.HostReport.FromString(_report("h3", 1)), None, 0)],
+                                     hurry=hurried_last, loop=loop))
+            await asyncio.gather(first, *more)
+            return store.commits_total, store.reports_committed_total, watched
+        finally:
+            store.close()
+
+    commits, reports, watched = asyncio.run(run())
+    assert reports == 4 and commits == 1  # all four in the one transaction
+    assert watched.ended == [hurried_last]  # woken by the hurried message, or the gather delay ran out
+
+
+def test_no_gather_wait_when_it_is_not_longer_than_the_commit_delay(tmp_path: Path) -> None:
+    """gather <= delay: the writer never waits on the hurry event (a hurried message changes nothing)."""
+    async def run() -> _WatchedHurry:
+        store = Store(tmp_path / "st", commit_delay_seconds=0.01, gather_delay_seconds=0.0)
+        watched = store._hurry = _WatchedHurry()
+        store.start()
+        try:
+            for k in range(3):
+                await store.submit([Incoming(pb.HostReport.FromString(_report(f"h{k}", 1)), None, 0)], hurry=k == 1)
+            return watched
+        finally:
+            store.close()
+
+    watched = asyncio.run(run())
+    assert watched.entered == 0 and not watched.is_set()
+
+
+def test_a_stream_that_sends_ahead_hurries_its_commit() -> None:
+    """A message is submitted with `hurry` exactly when an earlier message of its stream is still
+    unacknowledged (the agent sends ahead: its throughput waits on the commit); a paced stream's next
+    message, sent after the acks, is not."""
+    from eptwatch.server.fleet.state import FleetConfig, FleetState
+    from eptwatch.server.ingest.servicer import IngestServicer
+    from eptwatch.server.store.commit import ApplyResult
+
+    submitted: list[tuple[asyncio.Future, int, bool]] = []
+
+    class _ManualStore:
+        def submit(self, items, hurry=False, loop=None):  # type: ignore[no-untyped-def]
+            assert loop is asyncio.get_running_loop()
+            fut = asyncio.get_running_loop().create_future()
+            submitted.append((fut, len(items), hurry))
+            return fut
+
+    def resolve(k: int) -> None:
+        fut, n, _ = submitted[k]
+        fut.set_result([ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True)] * n)
+
+    async def run() -> list[int]:
+        fleet = FleetState(FleetConfig())
+        servicer = IngestServicer(_ManualStore(), fleet, None, 60.0)  # type: ignore[arg-type]
+        now = int(time.time())
+        acked: list[int] = []
+
+        def message(seq: int):  # type: ignore[no-untyped-def]
+            r = pb.HostReport.FromString(_report("hv-ahead-1", seq))
+            r.sample_time.FromSeconds(now)
+            return decode_agent_message(encode_agent_message([r.SerializeToString()], 0))
+
+        async def requests():  # type: ignore[no-untyped-def]
+            yield message(1)  # nothing outstanding: not hurried
+            await until(lambda: len(submitted) == 1)
+            yield message(2)  # 1 is not acknowledged yet: hurried
+            await until(lambda: len(submitted) == 2)
+            yield message(3)  # 1 and 2 still outstanding: hurried
+            await until(lambda: len(submitted) == 3)
+            for k in range(3):
+                resolve(k)
+            await until(lambda: len(acked) == 3)  # every ack is out: the agent waits for its next sample
+            yield message(4)  # paced: not hurried
+            await until(lambda: len(submitted) == 4)
+            resolve(3)
+            await until(lambda: len(acked) == 4)
+
+        async for m in servicer.Stream(requests(), context=_Context()):  # type: ignore[arg-type]
+            acked.extend(a.sequence for a in m.acks)
+        return acked
+
+    acked = asyncio.run(run())
+    assert acked == [1, 2, 3, 4]
+    assert [h for _, _, h in submitted] == [False, True, True, False]
 
 
 def test_a_commit_is_applied_even_if_its_stream_is_cancelled_while_waiting(tmp_path: Path) -> None:
@@ -132,8 +254,8 @@ def test_a_commit_is_applied_even_if_its_stream_is_cancelled_while_waiting(tmp_p
         submitted: list[asyncio.Future] = []
         real_submit = store.submit
 
-        def submit(items):  # type: ignore[no-untyped-def]
-            submitted.append(real_submit(items))
+        def submit(items, hurry=False, loop=None):  # type: ignore[no-untyped-def]
+            submitted.append(real_submit(items, hurry, loop))
             return submitted[-1]
 
         store.submit = submit  # type: ignore[method-assign]
@@ -190,7 +312,7 @@ def test_the_stores_summary_of_the_stored_report_goes_into_the_fleet_view_as_it_
     calls: list[str] = []
 
     class _Store:
-        def submit(self, items):  # type: ignore[no-untyped-def]
+        def submit(self, items, hurry=False, loop=None):  # type: ignore[no-untyped-def]
             fut = asyncio.get_running_loop().create_future()
             fut.set_result([ApplyResult(ingest_pb2.ACK_STATUS_APPLIED, True, summary=from_store if store_summarises else None)
                             for _ in items])
@@ -236,7 +358,7 @@ def test_the_handler_wakes_when_a_pending_commit_lands_and_acks_in_order() -> No
     pending: list[tuple[asyncio.Future, int]] = []
 
     class _LateStore:
-        def submit(self, items):  # type: ignore[no-untyped-def]
+        def submit(self, items, hurry=False, loop=None):  # type: ignore[no-untyped-def]
             fut = asyncio.get_running_loop().create_future()
             pending.append((fut, len(items)))
             return fut

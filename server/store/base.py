@@ -33,7 +33,8 @@ class StoreBase(Protocol):
     reports is durable, with one ApplyResult per report in order: APPLIED if its sequence is above the
     instance's high-water mark, DUPLICATE (with that mark) otherwise, exactly as if the reports were
     applied one by one; a report the database refuses is REJECTED alone, with its reason. A failure of
-    the store itself fails the future with a StoreError, and nothing in it was stored.
+    the store itself fails the future with a StoreError, and nothing in it was stored. `hurry`: the
+    sender waits on the ack, so the group commit waits the short delay only (GroupCommitWriter).
     """
 
     commits_total: int  # transactions committed by this process (a /metrics counter)
@@ -48,7 +49,8 @@ class StoreBase(Protocol):
 
     def close(self) -> None: ...
 
-    def submit(self, items: Sequence[Incoming]) -> asyncio.Future[list[ApplyResult]]: ...
+    def submit(self, items: Sequence[Incoming], hurry: bool = False,
+               loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[list[ApplyResult]]: ...
 
     def report_reader(self) -> LatestReports: ...
 
@@ -72,14 +74,16 @@ def redact_dsn(dsn: str) -> str:
     return _KV_PASSWORD.sub(r"\1***", dsn)
 
 
-def open_store(state: str, *, synchronous: str = "FULL", commit_delay_seconds: float = 0.0) -> StoreBase:
+def open_store(state: str, *, synchronous: str = "FULL", commit_delay_seconds: float = 0.0,
+               gather_delay_seconds: float = 0.0) -> StoreBase:
     """The store `--state` names: PostgreSQL for a postgresql:// URL, else SQLite in that directory."""
     if is_postgres_url(state):
         from eptwatch.server.store.postgres import (
             PgStore,  # imported only when asked for: the SQLite default needs no driver
         )
 
-        return PgStore(state, commit_delay_seconds=commit_delay_seconds)
+        return PgStore(state, commit_delay_seconds=commit_delay_seconds, gather_delay_seconds=gather_delay_seconds)
     from eptwatch.server.store.sqlite import Store
 
-    return Store(Path(state), synchronous=synchronous, commit_delay_seconds=commit_delay_seconds)
+    return Store(Path(state), synchronous=synchronous, commit_delay_seconds=commit_delay_seconds,
+                 gather_delay_seconds=gather_delay_seconds)

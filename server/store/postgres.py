@@ -362,14 +362,11 @@ class PgStore(GroupCommitWriter):
     """Owns a writer connection and a small pool for reads. `submit` from the event loop; SQL runs on
     the writer thread (writes) or the caller's thread (reads, through the pool)."""
 
-    def __init__(self, dsn: str, max_batch: int = 2000, commit_delay_seconds: float = 0.0) -> None:
-        if not 0.0 <= commit_delay_seconds <= 1.0:
-            raise ValueError(f"commit delay: expected 0 to 1 s, got {commit_delay_seconds!r}")
+    def __init__(self, dsn: str, max_batch: int = 2000, commit_delay_seconds: float = 0.0,
+                 gather_delay_seconds: float = 0.0) -> None:
+        self._init_writer(max_batch, commit_delay_seconds, gather_delay_seconds)
         self._dsn = dsn
         self.where = redact_dsn(dsn)  # what logs and errors may say
-        self._max_batch = max_batch
-        self._commit_delay = commit_delay_seconds
-        self._init_writer()
         # (host, instance) -> its mark as this process last committed or read it (writer thread only). The
         # rows exist (they are never deleted but by hand) and marks only grow, so a report at or below it is
         # a DUPLICATE; a commit planned against it moves it only if the database still holds that value.

@@ -9,8 +9,9 @@ applied then.
 
 Group commit: stream handlers enqueue batches; the writer thread takes everything queued, applies it
 in one transaction and one fsync, then wakes every waiter. Under load, batches grow and the fsync cost
-is shared. The writer waits `commit_delay_seconds` after a transaction's first batch for more to
-join it (0: a lone report commits at once).
+is shared. The writer waits after a transaction's first batch for more to join it: `gather_delay_seconds`
+while no queued message's sender waits on its ack, `commit_delay_seconds` once one does
+(`GroupCommitWriter`; 0 and 0: a lone report commits at once).
 
 Failure isolation: if a group's transaction fails for a reason that may lie in one report (a value
 SQLite cannot hold, say), the group is retried one message at a time and a failing message one report
@@ -84,18 +85,14 @@ class Store(GroupCommitWriter):
     """Owns the SQLite file. `apply` is awaited from the event loop; all SQL runs on the writer thread."""
 
     def __init__(self, state_dir: Path, synchronous: str = "FULL", max_batch: int = 2000,
-                 commit_delay_seconds: float = 0.0) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / "eptwatch.sqlite3"
+                 commit_delay_seconds: float = 0.0, gather_delay_seconds: float = 0.0) -> None:
         if synchronous not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"synchronous: expected FULL, NORMAL or EXTRA, got {synchronous!r}")
-        self._synchronous = synchronous
-        self._max_batch = max_batch
-        if not 0.0 <= commit_delay_seconds <= 1.0:
-            raise ValueError(f"commit delay: expected 0 to 1 s, got {commit_delay_seconds!r}")
-        self._commit_delay = commit_delay_seconds
         # SimpleQueue: a put from the event loop costs a tenth of queue.Queue's (no Condition in Python).
-        self._init_writer()
+        self._init_writer(max_batch, commit_delay_seconds, gather_delay_seconds)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "eptwatch.sqlite3"
+        self._synchronous = synchronous
         self._marks: dict[tuple[str, str], int] = {}
         self._latest: dict[str, float] = {}  # host -> sample_time of its stored report (writer thread)
         self._instances: dict[str, str] = {}  # host -> agent instance of its stored report (writer thread)
