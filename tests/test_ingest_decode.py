@@ -396,3 +396,30 @@ def test_the_handler_wakes_when_a_pending_commit_lands_and_acks_in_order() -> No
     assert [s for acks, _ in got for s in acks] == [1, 2, 3]
     assert got[-1][1] == 3 and all(applied >= max(acks) for acks, applied in got)
     assert servicer.counters.reports_applied_total == 3
+
+
+def test_the_server_serves_with_its_collector_thresholds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`eptwatch-server` raises the cyclic collector's thresholds before it serves (cli.GC_THRESHOLDS:
+    the default collected about once per backlog message), and not before its configuration is checked."""
+    import gc
+
+    from eptwatch.server import app, cli
+
+    seen: list[tuple[int, ...]] = []
+
+    class _Aggregator:
+        def __init__(self, cfg: object) -> None:
+            seen.append(gc.get_threshold())  # while configuring: CPython's own
+
+        async def serve_forever(self) -> None:
+            seen.append(gc.get_threshold())
+
+    before = gc.get_threshold()
+    monkeypatch.setattr(app, "Aggregator", _Aggregator)
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert cli.main(["--state", str(tmp_path / "st"), "--insecure-plaintext", "--insecure-no-auth"]) == 0
+    finally:
+        gc.set_threshold(*before)
+    assert seen == [(700, 10, 10), cli.GC_THRESHOLDS]
+    assert cli.GC_THRESHOLDS[0] > 700

@@ -202,7 +202,7 @@ class IngestServicer:
         stream = _StreamState(asyncio.get_running_loop())
         reader = asyncio.create_task(self._read(request_iterator, principal, stream))
         try:
-            queue, ready = stream.queue, stream.ready
+            queue, ready, landed = stream.queue, stream.ready, stream.landed
             while True:
                 if not queue:
                     ready.clear()
@@ -220,9 +220,10 @@ class IngestServicer:
                 if head.future is not None and not head.future.done():
                     # Not `await future`: if this stream is cancelled (the agent went away) the store's
                     # future must live on, so that its done-callback applies the commit. That callback
-                    # sets `ready` (cheaper than asyncio.wait, which this path took per message).
-                    ready.clear()
-                    await ready.wait()
+                    # sets `landed` (cheaper than asyncio.wait, which this path took per message). The
+                    # reader's `ready` does not wake this wait: what it adds queues behind the head.
+                    landed.clear()
+                    await landed.wait()
                     continue
                 failure = _store_failure(head)
                 if failure is not None:
@@ -336,11 +337,11 @@ class IngestServicer:
         # ahead (a backlog, a busy host) and the commit's latency bounds its throughput. A paced agent's
         # lone report lets the store gather a larger group (GroupCommitWriter).
         future = self.store.submit([inc for _, inc, _ in accepted], hurry=bool(stream.queue), loop=stream.loop)
-        ready = stream.ready
+        landed = stream.landed
 
         def committed(f: asyncio.Future[list[ApplyResult]]) -> None:
             self._applied(accepted, f)
-            ready.set()  # the handler sends the acks (if the stream is still there)
+            landed.set()  # the handler sends the acks (if the stream is still there)
 
         future.add_done_callback(committed)
         return _Admitted(acks, accepted, future)
@@ -455,12 +456,13 @@ class _Signal:
 
 
 class _StreamState:
-    __slots__ = ("loop", "queue", "ready", "room", "carried", "departing", "rewind_logged")
+    __slots__ = ("loop", "queue", "ready", "landed", "room", "carried", "departing", "rewind_logged")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: deque[_Admitted | _Refusal | BaseException | object] = deque()
-        self.ready = _Signal(loop)  # the reader added something, or a queued message's commit ended
+        self.ready = _Signal(loop)  # the reader added something
+        self.landed = _Signal(loop)  # a queued message's commit ended
         self.room = _Signal(loop)  # the handler took something
         self.carried: set[str] = set()
         self.departing = False
