@@ -202,7 +202,7 @@ class IngestServicer:
         stream = _StreamState(asyncio.get_running_loop())
         reader = asyncio.create_task(self._read(request_iterator, principal, stream))
         try:
-            queue, ready, landed = stream.queue, stream.ready, stream.landed
+            queue, ready = stream.queue, stream.ready
             while True:
                 if not queue:
                     ready.clear()
@@ -220,10 +220,9 @@ class IngestServicer:
                 if head.future is not None and not head.future.done():
                     # Not `await future`: if this stream is cancelled (the agent went away) the store's
                     # future must live on, so that its done-callback applies the commit. That callback
-                    # sets `landed` (cheaper than asyncio.wait, which this path took per message). The
-                    # reader's `ready` does not wake this wait: what it adds queues behind the head.
-                    landed.clear()
-                    await landed.wait()
+                    # sets `ready` (cheaper than asyncio.wait, which this path took per message).
+                    ready.clear()
+                    await ready.wait()
                     continue
                 failure = _store_failure(head)
                 if failure is not None:
@@ -279,7 +278,8 @@ class IngestServicer:
                 # report's bytes) while waiting for room or for the next message.
                 del got
                 queue.append(item)
-                ready.set()
+                if not (isinstance(item, _Admitted) and item.future is not None and not item.future.done()):
+                    ready.set()  # else its commit wakes the handler when it lands (one wake-up per message)
                 if isinstance(item, _Refusal):
                     return
                 while len(queue) >= READ_AHEAD_MESSAGES or stream.queued_reports() >= READ_AHEAD_REPORTS:
@@ -337,11 +337,11 @@ class IngestServicer:
         # ahead (a backlog, a busy host) and the commit's latency bounds its throughput. A paced agent's
         # lone report lets the store gather a larger group (GroupCommitWriter).
         future = self.store.submit([inc for _, inc, _ in accepted], hurry=bool(stream.queue), loop=stream.loop)
-        landed = stream.landed
+        ready = stream.ready
 
         def committed(f: asyncio.Future[list[ApplyResult]]) -> None:
             self._applied(accepted, f)
-            landed.set()  # the handler sends the acks (if the stream is still there)
+            ready.set()  # the handler sends the acks (if the stream is still there)
 
         future.add_done_callback(committed)
         return _Admitted(acks, accepted, future)
@@ -456,13 +456,14 @@ class _Signal:
 
 
 class _StreamState:
-    __slots__ = ("loop", "queue", "ready", "landed", "room", "carried", "departing", "rewind_logged")
+    __slots__ = ("loop", "queue", "ready", "room", "carried", "departing", "rewind_logged")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: deque[_Admitted | _Refusal | BaseException | object] = deque()
-        self.ready = _Signal(loop)  # the reader added something
-        self.landed = _Signal(loop)  # a queued message's commit ended
+        # Wakes the handler: the reader added what the handler can act on now (a refusal, the end, a
+        # message with nothing to commit), or a queued message's commit ended.
+        self.ready = _Signal(loop)
         self.room = _Signal(loop)  # the handler took something
         self.carried: set[str] = set()
         self.departing = False
