@@ -21,8 +21,9 @@ PROG = "eptwatch-server"
 # report (protobuf wrappers, tuples, futures) and a backlog keeps thousands of reports queued until their
 # commit: at CPython's default (700, 10, 10) the collector ran about once per 50-report message and
 # rescanned the queued ones each time (9% of the event loop's samples in backlog-50). At these values
-# the aggregator did about a fifth more reports per core-second in hot-50 and backlog-50, and the same in
-# the paced fleet (docs/benchmarks.md); cyclic garbage, which ingest hardly makes, waits a little longer.
+# the aggregator did about a third more reports per core-second in hot-50 and backlog-50 (medians of three
+# interleaved pairs) and the same in the paced fleet (docs/benchmarks.md); cyclic garbage, which ingest
+# hardly makes, waits a little longer.
 GC_THRESHOLDS = (50_000, 20, 100)
 
 # Also taken from EPTWATCH_<KEY> (a mounted Secret): state_dir may be a postgresql:// URL with a password.
