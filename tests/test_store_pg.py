@@ -574,6 +574,28 @@ def test_a_known_agents_commit_is_one_statement_and_a_moved_mark_sends_it_the_lo
         b.close()
 
 
+def test_the_mark_cache_keeps_one_instance_per_host_and_an_old_instance_stays_exactly_once(pg_dsn: str) -> None:
+    """An agent that restarts reports as a new instance: the process's cache of marks drops the host's old
+    instance, so it grows with hosts, not with restarts. The old instance, should it send again, is
+    judged by the database's mark: its resend is a DUPLICATE, a later report is APPLIED once."""
+    st = PgStore(pg_dsn)
+    st.start()
+    try:
+        for k in range(30):  # 30 restarts of one host's agent, each instance sending two reports
+            assert _run_stream(st, "hv-r", f"i{k}", [1, 2], 1) == {1: APPLIED, 2: APPLIED}
+        assert set(st._marks) == {("hv-r", "i29")}
+        assert _run_stream(st, "hv-s", "j", [1], 1) == {1: APPLIED}
+        assert set(st._marks) == {("hv-r", "i29"), ("hv-s", "j")}
+        # i3 comes back (a restored spool, say): its resend and its next report, each once.
+        assert _run_stream(st, "hv-r", "i3", [2, 3], 1) == {2: DUPLICATE, 3: APPLIED}
+        assert _run_stream(st, "hv-r", "i3", [3, 4], 2) == {3: DUPLICATE, 4: APPLIED}
+        assert set(st._marks) == {("hv-r", "i3"), ("hv-s", "j")}
+        agents = {a.agent_instance: (a.last_sequence, a.applied_total) for a in st.load_agents() if a.host_id == "hv-r"}
+        assert len(agents) == 30 and agents["i3"] == (4, 4) and agents["i29"] == (2, 2)
+    finally:
+        st.close()
+
+
 def test_a_follower_skips_its_own_process_commits_but_not_its_departures(pg_dsn: str) -> None:
     """A process's follower is not sent the rows its own ingest wrote (its fleet view has them), and its
     cursor still moves past them; a departure its own departed log wrote is followed like any change."""

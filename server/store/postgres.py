@@ -371,6 +371,10 @@ class PgStore(GroupCommitWriter):
         # rows exist (they are never deleted but by hand) and marks only grow, so a report at or below it is
         # a DUPLICATE; a commit planned against it moves it only if the database still holds that value.
         self._marks: dict[tuple[str, str], int] = {}
+        # host -> the agent instance whose mark `_marks` holds. An agent that restarts reports as a new
+        # instance: its host's old entry is dropped then, so the cache grows with hosts, not with restarts
+        # (the old instance, should it send again, goes the locking way once).
+        self._instance_of: dict[str, str] = {}
         self.writer_id = uuid.uuid4().hex  # this process, in the hosts rows it writes (followers skip their own)
         self.commits_total = 0
         self.reports_committed_total = 0
@@ -636,19 +640,30 @@ class PgStore(GroupCommitWriter):
         moved = {(h, i) for kind, h, i in out if kind == 0}
         failed = set(plan.agents).difference(moved)
         for key in moved:
-            marks[key] = plan.marks[key]
+            self._remember(key, plan.marks[key])
         for key in failed:
-            del marks[key]  # read again, under its row lock, by the locking path
+            marks.pop(key, None)  # read again, under its row lock, by the locking path
         self.commits_total += 1
         self.reports_committed_total += sum(1 for b in batches for item in b
                                             if (item.report.host_id, item.report.agent_instance) not in failed)
         self._settle_latest(plan, {h for kind, h, _ in out if kind == 1}, summaries)
         return results, failed
 
+    def _remember(self, key: tuple[str, str], mark: int) -> None:
+        """Cache an agent's committed mark, dropping its host's other instance (one per host is kept)."""
+        host, instance = key
+        old = self._instance_of.get(host)
+        if old != instance:
+            if old is not None:
+                self._marks.pop((host, old), None)
+            self._instance_of[host] = instance
+        self._marks[key] = mark
+
     def _commit_locked(self, batches: list[list[Incoming]]) -> list[list[ApplyResult]]:
         with self._conn.transaction():
             results, reports, marks = self._apply(batches)
-        self._marks.update(marks)  # only marks a committed transaction wrote or read
+        for key, mark in marks.items():  # only marks a committed transaction wrote or read
+            self._remember(key, mark)
         self.commits_total += 1
         self.reports_committed_total += reports
         return results
