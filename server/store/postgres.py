@@ -146,16 +146,21 @@ _UPDATE_MARKS = _MARKS_SET
 # the marks' UPDATE, which nothing reads, after it: those rows are locked already). That is the order
 # PgDepartedLog takes them in (clock, then hosts rows). With no clock row (deleted by hand), nothing is
 # inserted: _apply then checks for the row.
-_WRITE = (
-    f"WITH m AS ({_MARKS_SET}), "
-    "c AS (UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id) "
+# The hosts upsert both ways share: each host's row takes the commit's report (received, ingest id from
+# the clock `c`, writer) unless the row holds a newer one. `{where}` narrows the rows (the fast path's to
+# the agents whose marks moved).
+_HOSTS_UPSERT = (
     "INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, ingest_id, report, summary, writer) "
     "SELECT v.h, v.i, v.s, v.st, %s, c.last_id, v.r, v.j, %s "
     "FROM c, unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[], %b::bytea[], %b::text[]) AS v(h, i, s, st, r, j) "
-    "ON CONFLICT (host_id) DO UPDATE SET "
+    "{where}ON CONFLICT (host_id) DO UPDATE SET "
     "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
     "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id, summary = excluded.summary, "
     "departed_at = NULL, writer = excluded.writer WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id")
+_WRITE = (
+    f"WITH m AS ({_MARKS_SET}), "
+    "c AS (UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 RETURNING last_id) "
+    + _HOSTS_UPSERT.format(where=""))
 # The fast path (`PgStore._commit_fast`): the whole commit in ONE autocommitted statement, one round trip.
 # The database decides exactly-once by compare-and-set on each agent's mark: a mark moves only from the
 # value this process last committed or read for it (`PgStore._marks`), and the reports the process
@@ -175,14 +180,7 @@ _FAST_COMMIT = (
     "WHERE agents.host_id = v.h AND agents.agent_instance = v.i AND agents.last_sequence = v.e "
     "RETURNING agents.host_id, agents.agent_instance), "
     "c AS (UPDATE ingest_clock SET last_id = last_id + 1 WHERE id = 1 AND (SELECT count(*) FROM m) > 0 RETURNING last_id), "
-    "w AS (INSERT INTO hosts (host_id, agent_instance, sequence, sample_time, received, ingest_id, report, summary, writer) "
-    "SELECT v.h, v.i, v.s, v.st, %s, c.last_id, v.r, v.j, %s "
-    "FROM c, unnest(%b::text[], %b::text[], %b::bigint[], %b::float8[], %b::bytea[], %b::text[]) AS v(h, i, s, st, r, j) "
-    "WHERE (v.h, v.i) IN (SELECT m.host_id, m.agent_instance FROM m) "
-    "ON CONFLICT (host_id) DO UPDATE SET "
-    "agent_instance = excluded.agent_instance, sequence = excluded.sequence, sample_time = excluded.sample_time, "
-    "received = excluded.received, report = excluded.report, ingest_id = excluded.ingest_id, summary = excluded.summary, "
-    "departed_at = NULL, writer = excluded.writer WHERE excluded.sample_time >= hosts.sample_time RETURNING host_id) "
+    "w AS (" + _HOSTS_UPSERT.format(where="WHERE (v.h, v.i) IN (SELECT m.host_id, m.agent_instance FROM m) ") + ") "
     "SELECT 0, m.host_id, m.agent_instance FROM m "
     "UNION ALL SELECT 1, w.host_id, NULL FROM w "
     "UNION ALL SELECT 2 / (SELECT count(*) FROM c), NULL, NULL FROM (SELECT 1 FROM m LIMIT 1) AS moved")
