@@ -1,6 +1,6 @@
 """What both stores share: the records ingest hands them and gets back, how a transaction decides
-exactly-once (`plan_commit`), how the writer thread gathers a group (`next_group`) and wakes its
-waiters (`wake_waiters`), the failure reasons, and the small queued writer their departed logs use.
+exactly-once (`plan_commit`), how the writer thread gathers a group (`GroupCommitWriter`, `drain`) and
+wakes its waiters (`wake_waiters`), the failure reasons, and the small queued writer their departed logs use.
 Store-agnostic: no SQL here."""
 
 from __future__ import annotations
@@ -98,12 +98,6 @@ def drain(jobs_queue: queue.SimpleQueue[T | None] | queue.Queue[T | None], first
         items.append(nxt)
         total += size(nxt)
     return items, total, False
-
-
-def next_group(jobs_queue: queue.SimpleQueue[Job | None] | queue.Queue[Job | None], first: Job, max_batch: int) -> tuple[list[Job], int, bool]:
-    """The messages one transaction commits: `first` and what else is queued, up to `max_batch` reports;
-    (jobs, reports, whether the stop marker was met). The writer waits before it (`GroupCommitWriter`)."""
-    return drain(jobs_queue, first, max_batch, _job_size)
 
 
 def _job_size(job: Job) -> int:
@@ -210,7 +204,7 @@ def plan_commit(batches: Sequence[Sequence[Incoming]], known_marks: Mapping[tupl
 
 class GroupCommitWriter(QueueThread[Job]):
     """The writer thread both stores run: `submit` queues a message's reports from the event loop, the
-    thread takes what has gathered (`next_group`) and hands it to `_commit_group`, which must wake every
+    thread takes what has gathered (`drain`) and hands it to `_commit_group`, which must wake every
     job's waiter (a result or an exception each); `_stop_writer` lets what is queued commit, then stops.
 
     Group commit (like PostgreSQL's commit_delay): after a transaction's first message the writer waits
@@ -234,6 +228,7 @@ class GroupCommitWriter(QueueThread[Job]):
         self._max_batch = max_batch
         self._commit_delay = commit_delay_seconds
         self._gather_delay = max(gather_delay_seconds, commit_delay_seconds)
+        self._gathers = self._gather_delay > commit_delay_seconds  # else `hurry` changes nothing
         self._queue = queue.SimpleQueue()  # a put from the event loop is cheap
         self._hurry = threading.Event()  # a queued message's stream waits on its ack: commit soon
         self._thread = None
@@ -247,7 +242,7 @@ class GroupCommitWriter(QueueThread[Job]):
             loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[ApplyResult]] = loop.create_future()
         self._queue.put((list(items), loop, fut))
-        if hurry and self._gather_delay > self._commit_delay and not self._hurry.is_set():
+        if hurry and self._gathers and not self._hurry.is_set():
             self._hurry.set()
         return fut
 
@@ -259,7 +254,7 @@ class GroupCommitWriter(QueueThread[Job]):
 
     def _handle(self, first: Job) -> bool:
         self._wait_for_more()
-        jobs, count, stop = next_group(self._queue, first, self._max_batch)
+        jobs, count, stop = drain(self._queue, first, self._max_batch, _job_size)  # up to max_batch reports
         self._commit_group(jobs, count)
         return stop
 
@@ -268,7 +263,7 @@ class GroupCommitWriter(QueueThread[Job]):
         if self._gather_delay <= 0.0:
             return
         started = time.monotonic()
-        if self._gather_delay > self._commit_delay and not self._hurry.is_set():
+        if self._gathers and not self._hurry.is_set():
             self._hurry.wait(self._gather_delay)  # returns early when a hurried message is queued
         # Cleared before the queue is drained: a hurried message queued after this commits with the next
         # group, which then waits the short delay only.
