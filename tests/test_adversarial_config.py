@@ -257,6 +257,11 @@ def test_server_config_not_yaml_is_still_one_line(tmp_path: Path) -> None:
     ("max_concurrent_streams: -1\n", "max_concurrent_streams"),
     ("top_n_worst_hosts: -1\n", "top_n_worst_hosts"),
     ("regression_unexplained_ratio: .nan\n", "regression_unexplained_ratio"),
+    ("store_commit_gather_seconds: .nan\n", "store_commit_gather_seconds"),
+    ("store_commit_gather_seconds: 1e400\n", "store_commit_gather_seconds"),
+    ("store_commit_gather_seconds: 2\n", "store_commit_gather_seconds"),
+    ("store_commit_gather_seconds: -0.01\n", "store_commit_gather_seconds"),
+    ("store_commit_gather_seconds: soon\n", "store_commit_gather_seconds"),
 ])
 def test_server_nonsense_values(tmp_path: Path, text: str, key: str) -> None:
     cfg = tmp_path / "server.yaml"
